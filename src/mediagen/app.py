@@ -1,0 +1,76 @@
+"""The FastAPI application factory: resources built in the lifespan, on the server's event loop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import Redis
+
+from mediagen import __version__, services
+from mediagen.broker import Dispatcher
+from mediagen.db import Database
+from mediagen.http import BodySizeLimit, install_error_handlers
+from mediagen.logging import configure_logging, log_event
+from mediagen.routes import router
+from mediagen.settings import Settings, get_settings
+from mediagen.storage import Storage
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    db: Database
+    redis: Redis
+    dispatcher: Dispatcher
+    storage: Storage
+
+
+def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if configure_logs:
+            configure_logging(settings.log_level)
+        redis = services.redis_client(settings)
+        state = ApiState(
+            settings=settings,
+            db=services.database(settings),
+            redis=redis,
+            dispatcher=services.dispatcher(settings, redis),
+            storage=services.storage(settings),
+        )
+        app.state.api = state
+        log_event(
+            "api.started",
+            replicate="fake" if settings.uses_fake_replicate else "replicate",
+            storage=settings.storage_backend,
+        )
+        try:
+            yield
+        finally:
+            await state.db.dispose()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="mediagen",
+        version=__version__,
+        description="Text prompts in, stored images out, through Replicate: asynchronously, without losing work.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            expose_headers=["Location", "Retry-After"],
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,103 @@
+"""`python -m mediagen.dev` (what `make run` runs): the whole service on one machine, no setup.
+
+Starts what is not configured: embedded PostgreSQL unless DATABASE_URL is set, embedded Redis unless
+REDIS_URL is set, the fake Replicate unless REPLICATE_API_TOKEN is set; migrates; then runs the API
+(port 8000) and a worker. Data stays in `.mediagen/` and `media/`. Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mediagen.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
+from mediagen.logging import configure_logging, log_event, redact
+
+
+def migrate(database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parents[2]
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+def main() -> None:
+    configure_logging(os.environ.get("MEDIAGEN_LOG_LEVEL", "INFO"))
+    data_dir = Path(os.environ.get("MEDIAGEN_DATA_DIR", ".mediagen"))
+    host = os.environ.get("MEDIAGEN_HOST", "127.0.0.1")
+    port = int(os.environ.get("MEDIAGEN_PORT", "8000"))
+    env = dict(os.environ)
+    closers = []
+    children: list[subprocess.Popen[bytes]] = []
+
+    def stop(*_: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        for close in reversed(closers):
+            close()
+        log_event("dev.stopped")
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        if not env.get("DATABASE_URL"):
+            pg = EmbeddedPostgres(data_dir / "postgres")
+            closers.append(pg.close)
+            env["DATABASE_URL"] = pg.url
+            log_event("dev.embedded_postgres", url=redact(pg.url))
+        if not env.get("REDIS_URL"):
+            redis = EmbeddedRedis(data_dir / "redis", port=int(env.get("MEDIAGEN_EMBEDDED_REDIS_PORT", "6390")))
+            closers.append(redis.close)
+            env["REDIS_URL"] = redis.url
+            log_event("dev.embedded_redis", url=redis.url)
+        if not env.get("REPLICATE_API_TOKEN"):
+            fake_port = int(env.get("FAKE_REPLICATE_PORT", "0")) or free_port()
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "mediagen.fake_replicate", "--host", "127.0.0.1", "--port", str(fake_port)],
+                    env=env,
+                )
+            )
+            env["REPLICATE_BASE_URL"] = f"http://127.0.0.1:{fake_port}"
+            log_event("dev.fake_replicate", url=env["REPLICATE_BASE_URL"])
+        migrate(env["DATABASE_URL"])
+        log_event("dev.migrated")
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "mediagen.app:create_app", "--host", host,
+                 "--port", str(port), "--no-access-log", "--log-level", "warning"],
+                env=env,
+            )
+        )
+        children.append(subprocess.Popen([sys.executable, "-m", "mediagen.worker"], env=env))
+        for _ in range(100):
+            if port_open(host, port):
+                break
+            time.sleep(0.1)
+        log_event("dev.ready", api=f"http://{host}:{port}", docs=f"http://{host}:{port}/docs")
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        log_event("dev.child_exited", codes=[child.poll() for child in children])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+if __name__ == "__main__":
+    main()

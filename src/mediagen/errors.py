@@ -1,0 +1,113 @@
+"""The whole error tree of mediagen, in one place.
+
+    MediagenError
+    ├── ProviderError                 the image provider (Replicate) said no, or could not be reached
+    │   ├── TransientProviderError    worth another attempt: timeouts, connection errors, 429, 5xx
+    │   │   └── UnknownCreateOutcome  the create request may or may not have made a prediction
+    │   └── PermanentProviderError    retrying cannot help: 401, 402, 404, 422, a refused prediction
+    ├── OutputError                   the prediction's images could not be fetched
+    │   ├── OutputDownloadFailed      transient (a timeout, a 5xx): retry, resuming the same prediction
+    │   └── OutputRejected            permanent: not an image, too large, a host we do not trust
+    ├── StorageError                  the image store
+    │   ├── StorageUnavailable        transient
+    │   └── StorageMisconfigured      permanent
+    ├── JobDeadlineExceeded           the job ran past its deadline (permanent)
+    ├── JobCanceled                   the job was canceled while it ran
+    ├── LeaseLost                     another worker took the job over (this worker must stop quietly)
+    └── WorkerStopping                this worker is shutting down: hand the job back
+
+Domain errors the API maps to HTTP answers:
+
+    JobNotFound (404) · JobConflict (409) · DependencyUnavailable (503)
+
+Every error carries `error_class` (a stable name for logs, the database and metrics) and, where there
+was one, `http_status` and `retry_after` (the provider's hint, in seconds).
+"""
+
+from __future__ import annotations
+
+
+class MediagenError(Exception):
+    transient: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+        error_class: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.retry_after = retry_after
+        self.error_class = error_class or type(self).__name__
+
+
+class ProviderError(MediagenError):
+    pass
+
+
+class TransientProviderError(ProviderError):
+    transient = True
+
+
+class UnknownCreateOutcome(TransientProviderError):
+    """The create request was sent but no answer came back: a prediction may exist."""
+
+
+class PermanentProviderError(ProviderError):
+    pass
+
+
+class OutputError(MediagenError):
+    pass
+
+
+class OutputDownloadFailed(OutputError):
+    transient = True
+
+
+class OutputRejected(OutputError):
+    pass
+
+
+class StorageError(MediagenError):
+    pass
+
+
+class StorageUnavailable(StorageError):
+    transient = True
+
+
+class StorageMisconfigured(StorageError):
+    pass
+
+
+class JobDeadlineExceeded(MediagenError):
+    pass
+
+
+class JobCanceled(MediagenError):
+    pass
+
+
+class LeaseLost(MediagenError):
+    pass
+
+
+class JobNotFound(MediagenError):
+    pass
+
+
+class JobConflict(MediagenError):
+    pass
+
+
+class DependencyUnavailable(MediagenError):
+    transient = True
+
+
+class WorkerStopping(MediagenError):
+    pass

@@ -1,0 +1,123 @@
+"""HTTP plumbing shared by the routes: fast JSON responses, the body-size limit, error answers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import sqlalchemy.exc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mediagen.errors import DependencyUnavailable, JobConflict, JobNotFound
+from mediagen.logging import log_event
+
+RETRY_AFTER_SECONDS = "5"
+
+
+class FastJSON(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, default=str)
+
+
+def error(status: int, code: str, detail: Any = None, headers: dict[str, str] | None = None) -> FastJSON:
+    return FastJSON({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+class BodySizeLimit:
+    """Answers 413 to a body over `max_bytes`, declared or streamed, before any route reads it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error(413, "request_too_large", f"the body must be at most {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc if part != "body") or "body"
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {"field": _field(tuple(item.get("loc", ()))), "message": item.get("msg", "invalid"), "type": item.get("type")}
+        for item in exc.errors()
+    ]
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return error(422, "validation_failed", {"message": summary, "fields": problems})
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    log_event("api.dependency_unavailable", logging.WARNING, path=request.url.path, error=type(exc).__name__)
+    return error(
+        503,
+        "service_unavailable",
+        "the database is not reachable; try again shortly",
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error(404, "not_found", str(exc))
+
+
+async def _conflict(request: Request, exc: Exception) -> Response:
+    return error(409, "conflict", str(exc))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log_event("api.unexpected_error", logging.ERROR, path=request.url.path, exc_info=exc)
+    return error(500, "internal_error", "an unexpected error; it has been logged")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(JobNotFound, _not_found)
+    app.add_exception_handler(JobConflict, _conflict)
+    for kind in (
+        DependencyUnavailable,
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.InterfaceError,
+        sqlalchemy.exc.TimeoutError,
+        ConnectionError,
+        TimeoutError,
+        OSError,
+    ):
+        app.add_exception_handler(kind, _unavailable)
+    app.add_exception_handler(Exception, _unexpected)

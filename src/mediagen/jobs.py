@@ -1,0 +1,459 @@
+"""The domain verbs on jobs, shared by the API and the worker.
+
+Every state change is one conditional UPDATE, so a duplicate or late message changes nothing and two
+workers can never both hold a job:
+
+    queued ──claim──▶ running ──ok──▶ succeeded
+       ▲                 │  └──permanent error, attempts exhausted, deadline──▶ failed
+       └──due── retrying ◀┘ transient error
+    queued | retrying | running ──cancel──▶ canceled
+
+`running` carries a lease (`lease_until`, renewed in bulk by each worker, see mediagen.leases) and a
+`claim_token`; a worker's writes count only while its token is the job's. Functions take a connection
+inside a transaction and never commit (see mediagen.db).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from sqlalchemy import Row, and_, func, insert, select, text, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mediagen.models import TERMINAL, Attempt, AttemptOutcome, Job, JobStatus, Output
+
+# --- submit and read ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: uuid.UUID
+    prompt: str
+    parameters: dict[str, Any]
+    model: str
+    max_attempts: int
+    deadline_seconds: float
+    owner: str = ""
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+_CREATE_SQL = text(
+    """
+    INSERT INTO jobs (id, status, prompt, parameters, model, owner, idempotency_key, request_hash,
+                      max_attempts, deadline_at, dispatched_at)
+    SELECT n.id, 'queued', n.prompt, CAST(n.parameters AS jsonb), n.model, n.owner, n.idempotency_key,
+           n.request_hash, n.max_attempts, now() + make_interval(secs => n.deadline), now()
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:prompts AS text[]), CAST(:parameters AS text[]),
+                CAST(:models AS text[]), CAST(:owners AS text[]), CAST(:keys AS text[]),
+                CAST(:hashes AS text[]), CAST(:max_attempts AS int[]), CAST(:deadlines AS float8[]))
+         AS n(id, prompt, parameters, model, owner, idempotency_key, request_hash, max_attempts, deadline)
+    """
+)
+
+
+async def create_jobs(conn: AsyncConnection, jobs: Sequence[NewJob]) -> None:
+    """Insert new `queued` jobs (one statement for any number of them), marked as dispatched now."""
+    await conn.execute(
+        _CREATE_SQL,
+        {
+            "ids": [job.id for job in jobs],
+            "prompts": [job.prompt for job in jobs],
+            "parameters": [orjson.dumps(job.parameters).decode() for job in jobs],
+            "models": [job.model for job in jobs],
+            "owners": [job.owner for job in jobs],
+            "keys": [job.idempotency_key for job in jobs],
+            "hashes": [job.request_hash for job in jobs],
+            "max_attempts": [job.max_attempts for job in jobs],
+            "deadlines": [float(job.deadline_seconds) for job in jobs],
+        },
+    )
+
+
+@dataclass(frozen=True)
+class JobStatusView:
+    id: uuid.UUID
+    status: str
+    attempts: int
+    error_class: str | None
+    error_message: str | None
+    output_keys: list[str]
+
+
+_STATUS_SQL = text(
+    """
+    SELECT j.id, j.status, j.attempts, j.error_class, j.error_message,
+           CASE WHEN j.status = 'succeeded' THEN
+             ARRAY(SELECT o.storage_key FROM outputs o WHERE o.job_id = j.id ORDER BY o.index)
+           END AS output_keys
+    FROM jobs j WHERE j.id = :id AND (CAST(:owner AS text) IS NULL OR j.owner = :owner)
+    """
+)
+
+
+async def get_status(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None = None) -> JobStatusView | None:
+    row = (await conn.execute(_STATUS_SQL, {"id": job_id, "owner": owner})).first()
+    if row is None:
+        return None
+    return JobStatusView(row.id, row.status, row.attempts, row.error_class, row.error_message, row.output_keys or [])
+
+
+@dataclass
+class JobDetail:
+    job: Row[Any]
+    attempts: list[Row[Any]] = field(default_factory=list)
+    outputs: list[Row[Any]] = field(default_factory=list)
+
+
+async def get_detail(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None = None) -> JobDetail | None:
+    query = select(Job.__table__).where(Job.id == job_id)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    job = (await conn.execute(query)).first()
+    if job is None:
+        return None
+    attempts = (
+        await conn.execute(
+            select(Attempt.__table__).where(Attempt.job_id == job_id).order_by(Attempt.number)
+        )
+    ).all()
+    outputs = (
+        await conn.execute(select(Output.__table__).where(Output.job_id == job_id).order_by(Output.index))
+    ).all()
+    return JobDetail(job, list(attempts), list(outputs))
+
+
+async def list_jobs(
+    conn: AsyncConnection,
+    *,
+    status: str | None,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+    owner: str | None = None,
+) -> list[Row[Any]]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    query = select(Job.__table__).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    if before is not None:
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(*before))
+    return list((await conn.execute(query)).all())
+
+
+# --- the worker's side ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker now holds, for attempt number `attempt`."""
+
+    job_id: uuid.UUID
+    token: uuid.UUID
+    attempt: int
+    attempt_id: int
+    prompt: str
+    parameters: dict[str, Any]
+    model: str
+    max_attempts: int
+    deadline_at: datetime
+    resume_prediction_id: str | None
+    """A prediction an earlier attempt started and that has not failed: wait on it, do not create."""
+    reconcile_since: datetime | None
+    """An earlier create's outcome is unknown: look for its prediction before creating again."""
+    abandoned_attempt: int | None
+    """The number of an earlier attempt whose worker vanished, closed by this claim."""
+
+
+_CLAIM_SQL = text(
+    """
+    UPDATE jobs SET status = 'running', attempts = attempts + 1, claim_token = :token,
+           lease_until = now() + make_interval(secs => :lease), started_at = coalesce(started_at, now()),
+           next_attempt_at = NULL, updated_at = now()
+    WHERE id = :id AND NOT cancel_requested AND (
+          status = 'queued'
+       OR (status = 'retrying' AND next_attempt_at <= now() + interval '250 milliseconds')
+       OR (status = 'running' AND lease_until < now()))
+    RETURNING id, attempts, prompt, parameters, model, max_attempts, deadline_at
+    """
+)
+
+_LAST_ATTEMPT_SQL = text(
+    """
+    SELECT id, number, prediction_id, prediction_status, create_sent_at, finished_at
+    FROM attempts WHERE job_id = :id ORDER BY number DESC LIMIT 1
+    """
+)
+
+_DEAD_PREDICTION = ("failed", "canceled", "aborted")
+
+
+async def claim(conn: AsyncConnection, job_id: uuid.UUID, *, lease_seconds: float) -> Claim | None:
+    """Take the job for a new attempt, or None when it is not ours to run (finished, held, not due)."""
+    token = uuid.uuid4()
+    job = (await conn.execute(_CLAIM_SQL, {"id": job_id, "token": token, "lease": lease_seconds})).first()
+    if job is None:
+        return None
+    last = (await conn.execute(_LAST_ATTEMPT_SQL, {"id": job_id})).first()
+    abandoned = None
+    resume = None
+    reconcile_since = None
+    if last is not None:
+        if last.finished_at is None:
+            abandoned = last.number
+            await conn.execute(
+                update(Attempt)
+                .where(Attempt.id == last.id)
+                .values(
+                    finished_at=func.now(),
+                    outcome=AttemptOutcome.ABANDONED.value,
+                    error_class="WorkerLost",
+                    error_message="the worker running this attempt stopped or lost its lease",
+                )
+            )
+        if last.prediction_id and last.prediction_status not in _DEAD_PREDICTION:
+            resume = last.prediction_id
+        elif last.prediction_id is None and last.create_sent_at is not None:
+            reconcile_since = last.create_sent_at
+    attempt_id = (
+        await conn.execute(
+            insert(Attempt)
+            .values(
+                job_id=job_id,
+                number=job.attempts,
+                prediction_id=resume,
+                resumed=resume is not None,
+                create_sent_at=None if resume else func.now(),
+            )
+            .returning(Attempt.id)
+        )
+    ).scalar_one()
+    return Claim(
+        job_id=job_id,
+        token=token,
+        attempt=job.attempts,
+        attempt_id=attempt_id,
+        prompt=job.prompt,
+        parameters=job.parameters,
+        model=job.model,
+        max_attempts=job.max_attempts,
+        deadline_at=job.deadline_at,
+        resume_prediction_id=resume,
+        reconcile_since=reconcile_since,
+        abandoned_attempt=abandoned,
+    )
+
+
+async def due_in(conn: AsyncConnection, job_id: uuid.UUID) -> float | None:
+    """Seconds until a `retrying` job is due (None unless it is retrying and not yet due)."""
+    row = (
+        await conn.execute(
+            text(
+                "SELECT extract(epoch FROM next_attempt_at - now()) AS due FROM jobs "
+                "WHERE id = :id AND status = 'retrying' AND NOT cancel_requested"
+            ),
+            {"id": job_id},
+        )
+    ).first()
+    return float(row.due) if row is not None and row.due is not None and row.due > 0 else None
+
+
+async def record_prediction(conn: AsyncConnection, claim: Claim, prediction_id: str, status: str) -> None:
+    """Store the prediction id the moment we have it, before any waiting (no double billing)."""
+    await conn.execute(
+        update(Attempt)
+        .where(Attempt.id == claim.attempt_id)
+        .values(prediction_id=prediction_id, prediction_status=status)
+    )
+
+
+def _held(claim: Claim) -> Any:
+    return and_(Job.id == claim.job_id, Job.claim_token == claim.token, Job.status == JobStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    index: int
+    storage_key: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+
+
+async def succeed(
+    conn: AsyncConnection, claim: Claim, outputs: Sequence[StoredOutput], prediction_status: str
+) -> bool:
+    """Close the attempt and the job as succeeded, with its outputs. False: we no longer hold it."""
+    done = await conn.execute(
+        update(Job)
+        .where(_held(claim))
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            finished_at=func.now(),
+            updated_at=func.now(),
+            lease_until=None,
+            error_class=None,
+            error_message=None,
+        )
+    )
+    if done.rowcount != 1:
+        return False
+    await _close_attempt(conn, claim, AttemptOutcome.SUCCEEDED, prediction_status=prediction_status)
+    await conn.execute(
+        insert(Output),
+        [
+            {
+                "job_id": claim.job_id,
+                "index": out.index,
+                "storage_key": out.storage_key,
+                "content_type": out.content_type,
+                "size_bytes": out.size_bytes,
+                "sha256": out.sha256,
+            }
+            for out in outputs
+        ],
+    )
+    return True
+
+
+@dataclass(frozen=True)
+class Failure:
+    error_class: str
+    message: str
+    http_status: int | None = None
+    prediction_status: str | None = None
+
+
+async def fail_attempt(
+    conn: AsyncConnection, claim: Claim, failure: Failure, *, retry_delay: float | None
+) -> bool:
+    """Close the attempt as failed; the job goes `retrying` after `retry_delay` s, or `failed` if None."""
+    if retry_delay is not None:
+        values: dict[str, Any] = {
+            "status": JobStatus.RETRYING.value,
+            "next_attempt_at": func.now() + func.make_interval(0, 0, 0, 0, 0, 0, retry_delay),
+            "dispatched_at": func.now(),
+        }
+    else:
+        values = {"status": JobStatus.FAILED.value, "finished_at": func.now()}
+    done = await conn.execute(
+        update(Job)
+        .where(_held(claim))
+        .values(
+            **values,
+            lease_until=None,
+            updated_at=func.now(),
+            error_class=failure.error_class,
+            error_message=failure.message,
+        )
+    )
+    if done.rowcount != 1:
+        return False
+    await _close_attempt(
+        conn,
+        claim,
+        AttemptOutcome.FAILED,
+        error_class=failure.error_class,
+        error_message=failure.message,
+        http_status=failure.http_status,
+        retry_delay_seconds=retry_delay,
+        prediction_status=failure.prediction_status,
+    )
+    return True
+
+
+async def release(conn: AsyncConnection, claim: Claim, reason: str) -> bool:
+    """Hand a running job back (worker shutting down): the next attempt resumes its prediction."""
+    done = await conn.execute(
+        update(Job)
+        .where(_held(claim))
+        .values(
+            status=JobStatus.RETRYING.value,
+            next_attempt_at=func.now(),
+            dispatched_at=func.now(),
+            lease_until=None,
+            updated_at=func.now(),
+        )
+    )
+    if done.rowcount != 1:
+        return False
+    await _close_attempt(
+        conn, claim, AttemptOutcome.ABANDONED, error_class="WorkerShutdown", error_message=reason
+    )
+    return True
+
+
+async def finish_canceled(conn: AsyncConnection, claim: Claim, prediction_status: str | None) -> bool:
+    done = await conn.execute(
+        update(Job)
+        .where(and_(Job.id == claim.job_id, Job.claim_token == claim.token, Job.status == "running"))
+        .values(
+            status=JobStatus.CANCELED.value,
+            finished_at=func.now(),
+            updated_at=func.now(),
+            lease_until=None,
+            error_class="JobCanceled",
+            error_message="canceled on request",
+        )
+    )
+    if done.rowcount != 1:
+        return False
+    await _close_attempt(
+        conn,
+        claim,
+        AttemptOutcome.CANCELED,
+        error_class="JobCanceled",
+        error_message="canceled on request",
+        prediction_status=prediction_status,
+    )
+    return True
+
+
+async def _close_attempt(conn: AsyncConnection, claim: Claim, outcome: AttemptOutcome, **values: Any) -> None:
+    values = {key: value for key, value in values.items() if value is not None}
+    await conn.execute(
+        update(Attempt)
+        .where(Attempt.id == claim.attempt_id)
+        .values(finished_at=func.now(), outcome=outcome.value, **values)
+    )
+
+
+async def prediction_in_use(conn: AsyncConnection, prediction_id: str) -> bool:
+    """Is this prediction already some attempt's? (Reconciliation must not adopt another job's.)"""
+    row = (
+        await conn.execute(select(Attempt.id).where(Attempt.prediction_id == prediction_id).limit(1))
+    ).first()
+    return row is not None
+
+
+def is_terminal(status: str) -> bool:
+    return status in {s.value for s in TERMINAL}
+
+
+__all__ = [
+    "Claim",
+    "Failure",
+    "JobDetail",
+    "JobStatusView",
+    "NewJob",
+    "StoredOutput",
+    "claim",
+    "create_jobs",
+    "due_in",
+    "fail_attempt",
+    "finish_canceled",
+    "get_detail",
+    "get_status",
+    "list_jobs",
+    "prediction_in_use",
+    "record_prediction",
+    "release",
+    "succeed",
+]

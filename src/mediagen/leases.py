@@ -1,0 +1,115 @@
+"""Leases on running jobs, renewed in bulk: one UPDATE per worker process per renewal, not per job.
+
+Each running job registers a `Hold`. Every `lease_seconds / 3` the keeper extends the lease of every
+job this process holds, in one statement that also reads back `cancel_requested`. A job missing from
+the answer has been taken over (its lease had expired and another worker claimed it); the keeper tells
+its runner to stop (`LeaseLost`). A cancel request is passed on the same way (`JobCanceled`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+
+from mediagen.db import Database
+from mediagen.errors import JobCanceled, LeaseLost, MediagenError
+from mediagen.logging import log_event
+
+_RENEW_SQL = text(
+    """
+    UPDATE jobs AS j SET lease_until = now() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS held(id, token)
+    WHERE j.id = held.id AND j.claim_token = held.token AND j.status = 'running'
+    RETURNING j.id, j.cancel_requested
+    """
+)
+
+
+@dataclass
+class Hold:
+    job_id: uuid.UUID
+    token: uuid.UUID
+    stop: MediagenError | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def tell(self, reason: MediagenError) -> None:
+        if self.stop is None:
+            self.stop = reason
+            self.wake.set()
+
+    def check(self) -> None:
+        """Raise the reason this job must stop, if there is one."""
+        if self.stop is not None:
+            raise self.stop
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when told to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), seconds)
+        self.check()
+
+
+class LeaseKeeper:
+    def __init__(self, db: Database, *, lease_seconds: float) -> None:
+        self.db = db
+        self.lease_seconds = lease_seconds
+        self.holds: dict[uuid.UUID, Hold] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, job_id: uuid.UUID, token: uuid.UUID) -> Hold:
+        hold = Hold(job_id, token)
+        self.holds[job_id] = hold
+        return hold
+
+    def drop(self, hold: Hold) -> None:
+        if self.holds.get(hold.job_id) is hold:
+            del self.holds[hold.job_id]
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="lease-keeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def tell_all(self, reason: MediagenError) -> None:
+        for hold in list(self.holds.values()):
+            hold.tell(reason)
+
+    async def renew(self) -> None:
+        holds = list(self.holds.values())
+        if not holds:
+            return
+        async with self.db.transaction() as conn:
+            rows = (
+                await conn.execute(
+                    _RENEW_SQL,
+                    {
+                        "lease": self.lease_seconds,
+                        "ids": [h.job_id for h in holds],
+                        "tokens": [h.token for h in holds],
+                    },
+                )
+            ).all()
+        alive = {row.id: row.cancel_requested for row in rows}
+        for hold in holds:
+            if hold.job_id not in alive:
+                if self.holds.get(hold.job_id) is hold:  # not finished in the meantime
+                    hold.tell(LeaseLost("another worker took this job over"))
+            elif alive[hold.job_id]:
+                hold.tell(JobCanceled("canceled on request"))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self.renew()
+            except Exception:
+                log_event("worker.lease.renew_failed", logging.WARNING, held=len(self.holds), exc_info=True)

@@ -1,0 +1,61 @@
+"""JSON log lines for the API and the worker.
+
+`log_event("job.attempt.failed", job_id=..., attempt=2, error_class=...)` writes one line:
+`{"ts": ..., "level": "info", "event": "job.attempt.failed", "job_id": ..., "attempt": 2, ...}`.
+Events have dotted names and carry fields; secrets are never passed in (and `redact` masks URLs').
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+import orjson
+
+_LOGGER = logging.getLogger("mediagen")
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
+
+
+def redact(text: str) -> str:
+    """Mask passwords embedded in URLs (`postgresql://user:secret@host` → `user:***@host`)."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(line, default=str).decode()
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send every logger's records, as JSON lines, to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_event(event: str, level: int = logging.INFO, *, exc_info: Any = None, **fields: Any) -> None:
+    if _LOGGER.isEnabledFor(level):
+        _LOGGER.log(level, event, extra=fields, exc_info=exc_info)
+
+
+def now() -> float:
+    return time.time()

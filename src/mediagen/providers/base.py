@@ -1,0 +1,36 @@
+"""What the worker needs from an image provider, whoever it is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+TERMINAL_PREDICTION = frozenset({"succeeded", "failed", "canceled", "aborted"})
+
+
+@dataclass(frozen=True)
+class Prediction:
+    id: str
+    status: str
+    output: Any = None
+    error: str | None = None
+    created_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_PREDICTION
+
+
+class Provider(Protocol):
+    async def create(self, model: str, input: dict[str, Any]) -> Prediction:
+        """Start a prediction. Raises TransientProviderError (incl. UnknownCreateOutcome) or Permanent."""
+
+    async def get(self, prediction_id: str) -> Prediction: ...
+
+    async def cancel(self, prediction_id: str) -> None: ...
+
+    async def find_recent(self, model: str, input: dict[str, Any], since: datetime) -> list[Prediction]:
+        """Predictions of `model` with exactly this `input`, created at or after `since`, newest first."""
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,1190 @@
+"""Fake Replicate HTTP server: the real, unmodified ``replicate==1.0.7`` client works against it.
+
+``create_app(FakeConfig(...))`` returns a Starlette app. Run it with
+``python -m mediagen.fake_replicate`` (see that module) or mount it in tests.
+Everything lives in memory on ``app.state.fake`` (one process, asyncio only). A
+prediction has no background task: its status is computed from its timestamps
+whenever it is read, so thousands of predictions in flight cost nothing.
+
+Replicate routes (see docs ``replicate-api.md`` sections 1 and 2.8)
+-------------------------------------------------------------------
+``POST /v1/models/{owner}/{name}/predictions``       body ``{"input": {...}}``
+``POST /v1/deployments/{owner}/{name}/predictions``  body ``{"input": {...}}``
+``POST /v1/predictions``                             body ``{"version", "input"}``
+    ``version`` may be a bare id or ``owner/name:id``. Create answers 201 with a
+    ``Location`` header. ``Prefer: wait[=N]`` (N <= 60, default 60) holds the
+    request until the prediction is terminal or N s pass; an unfinished
+    prediction is then returned as ``starting`` (never ``processing``), and
+    ``Preference-Applied: wait`` is sent. A model whose owner is ``missing``
+    answers 404.
+``GET /v1/predictions/{id}``, ``POST /v1/predictions/{id}/cancel``
+``GET /v1/predictions[?cursor=...]``  newest first, 100 per page, ``next`` is an absolute URL.
+``GET /v1/models/{owner}/{name}`` and ``GET /v1/models/{owner}/{name}/versions/{id}``
+``GET /v1/webhooks/default/secret``   ``{"key": "whsec_..."}`` (webhooks are never sent)
+``GET /files/{prediction_id}/{index}.png``  the output image (no auth needed)
+
+Auth: ``Authorization: Bearer X`` or ``Token X``. A missing header answers 401;
+when ``FakeConfig.api_token`` is set any other token answers 401 too.
+
+Inputs: ``prompt`` (required, non-empty string), ``width``/``height`` (int
+1..4096, default 1024), ``num_outputs`` (1..4, default 1), ``seed`` (int),
+``negative_prompt`` (string). Other keys are ignored. The output is a list of
+``num_outputs`` URLs ``{base}/files/{id}/{i}.png`` (or ``data:image/png;base64,``
+strings in ``data`` output mode). Each file is a real PNG of exactly
+width x height: a two-colour gradient chosen from a 64-entry palette by a hash of
+(prompt, seed, index), cached by (width, height, palette entry), plus a
+``tEXt`` chunk naming the prediction and index so every file's bytes differ.
+
+Timing: a prediction is ``starting`` for ``min(0.1 * latency, 0.5)`` s, then
+``processing`` (with tqdm-style progress lines in ``logs``), then terminal at
+``latency`` s. With latency 0 the create response is already terminal.
+
+Fault injection (``FakeConfig``, global and probabilistic)
+---------------------------------------------------------
+``latency`` / ``latency_jitter``  seconds from create to terminal, +- a fraction.
+``create_latency``  seconds slept before a create is handled.
+``p_create_429`` / ``p_create_500``  create answers 429 (``Retry-After`` header and
+    body ``retry_after`` = ``retry_after``) or 500; nothing is created.
+``p_get_429`` / ``p_get_503``  ``GET /v1/predictions/{id}`` and the list answer
+    429/503; state is unchanged. (The client retries GETs on 429/503 itself.)
+``p_flagged``  the prediction fails with "The input or output was flagged as
+    sensitive. (E005)".
+``p_model_error``  the prediction fails with "CUDA out of memory ... (E001)".
+``seed``  seeds the RNG used for the probabilities, ids and jitter.
+``output_mode``  ``url`` (default) or ``data``.  ``api_token``  see Auth.
+``base_url``  overrides the scheme://host[:port] used in URLs (default: the request's).
+
+Per-prompt directives (deterministic, for tests)
+------------------------------------------------
+Written anywhere in the prompt as ``[[...]]``; the prompt is otherwise used as
+given (the directives stay in ``input.prompt``). Counters are kept per exact
+prompt string, so tests with unique prompts do not interfere. ``*N`` means "the
+first N times"; without it the directive always applies.
+
+``[[create:500*N]]``  the first N creates with this prompt answer 500 (likewise
+    any 4xx/5xx code, e.g. 402, 502, 503). Nothing is created. 502 has a
+    non-JSON (HTML) gateway body, as the real one does; the others are JSON.
+``[[create:429*N:retry_after=S]]``  429 with ``Retry-After: S`` and body
+    ``retry_after`` S. Several create directives are consumed in order.
+``[[get:503*N]]``  the first N GETs of each such prediction answer 503 (also 429,
+    500, 504...). Remember the client itself retries GET on 429/503/504.
+``[[flagged]]``  the prediction ends failed with the E005 message.
+``[[fail*N]]``  the first N predictions for this prompt end failed with
+    "Prediction failed: the model timed out while starting (E6716)"; later ones succeed.
+``[[invalid]]``  create answers 422 "Input validation failed" (``input.prompt``).
+``[[latency=S]]``  per-prompt latency.
+``[[hang_create=S]]`` / ``[[hang_create=S*N]]``  the prediction IS created at once
+    but the create response is delayed S seconds (for the first N creates).
+``[[output:404]]``  the output file URLs answer 404.
+``[[output:notimage]]``  the file route answers 200 ``text/html`` ``<html>``.
+``[[output:data]]`` / ``[[output:url]]``  force the output mode for this prompt.
+
+Control and inspection routes (not Replicate's; no auth)
+--------------------------------------------------------
+``GET /_fake/config``   the live FakeConfig as JSON.
+``PUT /_fake/config``   JSON merge into the live FakeConfig (400 on unknown keys or
+    bad values); applies to requests from then on. Answers the new config.
+``POST /_fake/reset``   drop predictions and counters (config kept, RNG reseeded).
+``GET /_fake/stats``    ``{"creates": create requests, "predictions": created,
+    "by_prompt": {prompt: predictions created}, "statuses": {status: count},
+    "requests": {...}, "faults": {...}}``.
+``GET /_fake/health``   ``{"ok": true}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import colorsys
+import contextlib
+import hashlib
+import io
+import math
+import random
+import re
+import struct
+import time
+import zlib
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import orjson
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+__all__ = [
+    "Directives",
+    "FakeConfig",
+    "FakeReplicate",
+    "config_with",
+    "create_app",
+    "parse_config_value",
+    "parse_directives",
+    "render_png",
+]
+
+JSON = dict[str, Any]
+Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
+
+TERMINAL: Final = frozenset({"succeeded", "failed", "canceled"})
+PAGE_SIZE: Final = 100
+MAX_WAIT: Final = 60.0
+MAX_SIDE: Final = 4096
+PROGRESS_STEPS: Final = 4
+FLAGGED_ERROR: Final = "The input or output was flagged as sensitive. (E005)"
+CRASH_ERROR: Final = "Prediction failed: the model timed out while starting (E6716)"
+OOM_ERROR: Final = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB; GPU 0 has a total capacity of 23.69 GiB (E001)"
+)
+WEBHOOK_SECRET: Final = (
+    "whsec_" + base64.b64encode(hashlib.sha256(b"mediagen-fake-replicate-webhook").digest()).decode()
+)
+ERROR_TITLES: Final[Mapping[int, str]] = {
+    400: "Bad Request",
+    401: "Unauthenticated",
+    402: "Insufficient credit",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+BAD_GATEWAY_HTML: Final = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class FakeConfig:
+    """Fault settings of the fake server. The defaults inject no faults."""
+
+    latency: float = 1.0
+    latency_jitter: float = 0.0
+    create_latency: float = 0.0
+    p_create_500: float = 0.0
+    p_create_429: float = 0.0
+    retry_after: int = 1
+    p_get_503: float = 0.0
+    p_get_429: float = 0.0
+    p_flagged: float = 0.0
+    p_model_error: float = 0.0
+    seed: int | None = None
+    output_mode: str = "url"
+    api_token: str | None = None
+    base_url: str | None = None
+
+    def __post_init__(self) -> None:
+        _validate_config(self)
+
+
+_PROBABILITIES: Final = (
+    "p_create_500",
+    "p_create_429",
+    "p_get_503",
+    "p_get_429",
+    "p_flagged",
+    "p_model_error",
+)
+_NON_NEGATIVE: Final = ("latency", "latency_jitter", "create_latency", "retry_after")
+_FIELD_KINDS: Final[Mapping[str, str]] = {
+    "latency": "float",
+    "latency_jitter": "float",
+    "create_latency": "float",
+    "p_create_500": "float",
+    "p_create_429": "float",
+    "retry_after": "int",
+    "p_get_503": "float",
+    "p_get_429": "float",
+    "p_flagged": "float",
+    "p_model_error": "float",
+    "seed": "int?",
+    "output_mode": "str",
+    "api_token": "str?",
+    "base_url": "str?",
+}
+
+
+def _validate_config(config: FakeConfig) -> None:
+    for name in _PROBABILITIES:
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be within [0, 1], got {value!r}")
+    for name in _NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0")
+    if config.output_mode not in ("url", "data"):
+        raise ValueError("output_mode must be 'url' or 'data'")
+
+
+def _coerce(name: str, value: object) -> object:
+    """Check one JSON value against a FakeConfig field's type."""
+    kind = _FIELD_KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown config key {name!r}")
+    if value is None and kind.endswith("?"):
+        return None
+    base = kind.rstrip("?")
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected {base}, got a boolean")
+    if base == "float" and isinstance(value, (int, float)):
+        return float(value)
+    if base == "int" and isinstance(value, int):
+        return value
+    if base == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base == "str" and isinstance(value, str):
+        return value
+    raise ValueError(f"{name}: expected {kind}, got {type(value).__name__}")
+
+
+def config_with(config: FakeConfig, patch: Mapping[str, object]) -> FakeConfig:
+    """Return a copy of ``config`` with ``patch`` merged in (raises ValueError)."""
+    changes = {name: _coerce(name, value) for name, value in patch.items()}
+    return replace(config, **changes)  # type: ignore[arg-type]
+
+
+def parse_config_value(name: str, text: str) -> object:
+    """Parse a command-line or environment string for FakeConfig field ``name``."""
+    kind = _FIELD_KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown config key {name!r}")
+    if kind.endswith("?") and text.strip().lower() in ("", "none", "null"):
+        return None
+    base = kind.rstrip("?")
+    if base == "float":
+        return float(text)
+    if base == "int":
+        return int(text)
+    return text
+
+
+# --------------------------------------------------------------------------- directives
+
+
+@dataclass(frozen=True)
+class CreateFault:
+    """``[[create:STATUS*N:retry_after=S]]``; ``count`` None means always."""
+
+    status: int
+    count: int | None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class GetFault:
+    """``[[get:STATUS*N]]``; ``count`` None means always."""
+
+    status: int
+    count: int | None
+
+
+@dataclass(frozen=True)
+class Directives:
+    """Everything the ``[[...]]`` markers of one prompt ask for."""
+
+    create_faults: tuple[CreateFault, ...] = ()
+    get_faults: tuple[GetFault, ...] = ()
+    flagged: bool = False
+    fail: bool = False
+    fail_count: int | None = None
+    invalid: bool = False
+    latency: float | None = None
+    hang_create: float = 0.0
+    hang_count: int | None = None
+    output: str | None = None
+
+    @property
+    def counts_creates(self) -> bool:
+        return bool(self.create_faults)
+
+
+NO_DIRECTIVES: Final = Directives()
+_MARKER_RE: Final = re.compile(r"\[\[([^\[\]]*)\]\]")
+_NUM: Final = r"(\d+(?:\.\d+)?)"
+_CREATE_RE: Final = re.compile(rf"create:(\d{{3}})(?:\*(\d+))?(?::retry_after={_NUM})?")
+_GET_RE: Final = re.compile(r"get:(\d{3})(?:\*(\d+))?")
+_FAIL_RE: Final = re.compile(r"fail(?:\*(\d+))?")
+_LATENCY_RE: Final = re.compile(rf"latency={_NUM}")
+_HANG_RE: Final = re.compile(rf"hang_create={_NUM}(?:\*(\d+))?")
+_OUTPUT_RE: Final = re.compile(r"output:(404|notimage|data|url)")
+
+
+def _count(text: str | None) -> int | None:
+    return None if text is None else int(text)
+
+
+def _apply_marker(marker: str, fields_: dict[str, Any]) -> None:
+    """Update ``fields_`` (Directives keyword arguments) from one marker's text."""
+    if marker == "flagged":
+        fields_["flagged"] = True
+    elif marker == "invalid":
+        fields_["invalid"] = True
+    elif m := _CREATE_RE.fullmatch(marker):
+        after = float(m[3]) if m[3] is not None else None
+        fields_["create_faults"] += (CreateFault(int(m[1]), _count(m[2]), after),)
+    elif m := _GET_RE.fullmatch(marker):
+        fields_["get_faults"] += (GetFault(int(m[1]), _count(m[2])),)
+    elif m := _FAIL_RE.fullmatch(marker):
+        fields_["fail"], fields_["fail_count"] = True, _count(m[1])
+    elif m := _LATENCY_RE.fullmatch(marker):
+        fields_["latency"] = float(m[1])
+    elif m := _HANG_RE.fullmatch(marker):
+        fields_["hang_create"], fields_["hang_count"] = float(m[1]), _count(m[2])
+    elif m := _OUTPUT_RE.fullmatch(marker):
+        fields_["output"] = m[1]
+    # Unknown markers are ignored: they are just part of the prompt.
+
+
+def parse_directives(prompt: str) -> Directives:
+    """Parse the ``[[...]]`` directives of a prompt (see the module docstring)."""
+    if "[[" not in prompt:
+        return NO_DIRECTIVES
+    kwargs: dict[str, Any] = {"create_faults": (), "get_faults": ()}
+    for match in _MARKER_RE.finditer(prompt):
+        _apply_marker(match[1].strip().replace(" ", ""), kwargs)
+    return Directives(**kwargs)
+
+
+def _first_n_applies(count: int | None, index: int) -> bool:
+    """Whether a "first N times" directive applies to the ``index``-th (0-based) event."""
+    return count is None or index < count
+
+
+def _create_fault_for(faults: tuple[CreateFault, ...], attempt: int) -> CreateFault | None:
+    """The create fault (if any) for the ``attempt``-th (0-based) create of a prompt."""
+    for fault in faults:
+        if fault.count is None:
+            return fault
+        if attempt < fault.count:
+            return fault
+        attempt -= fault.count
+    return None
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _palette_entry(index: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Two colours (top, bottom) of palette entry ``index`` (deterministic)."""
+    hue = (index * 0.6180339887) % 1.0
+    top = colorsys.hsv_to_rgb(hue, 0.65, 0.95)
+    bottom = colorsys.hsv_to_rgb((hue + 0.35) % 1.0, 0.8, 0.35)
+    return (
+        (round(top[0] * 255), round(top[1] * 255), round(top[2] * 255)),
+        (round(bottom[0] * 255), round(bottom[1] * 255), round(bottom[2] * 255)),
+    )
+
+
+PALETTE_SIZE: Final = 64
+
+
+def palette_index(prompt: str, seed: int | None, index: int) -> int:
+    digest = hashlib.blake2b(f"{prompt}\0{seed}\0{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % PALETTE_SIZE
+
+
+def render_png(width: int, height: int, colour: int) -> bytes:
+    """A real width x height PNG: a vertical gradient of palette entry ``colour``."""
+    top, bottom = _palette_entry(colour)
+    strip = Image.new("RGB", (1, 256))
+    strip.putdata([tuple(top[k] + (bottom[k] - top[k]) * i // 255 for k in range(3)) for i in range(256)])
+    image = strip.resize((width, height), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def with_text_chunk(png: bytes, keyword: str, text: str) -> bytes:
+    """Insert a ``tEXt`` chunk right after IHDR (bytes 8..33 of any PNG)."""
+    data = keyword.encode("latin-1") + b"\0" + text.encode("latin-1", "replace")
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data
+    chunk += struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    return png[:33] + chunk + png[33:]
+
+
+class PngCache:
+    """LRU of rendered PNGs keyed by (width, height, palette entry), bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.renders = 0
+        self._items: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+
+    def get(self, width: int, height: int, colour: int) -> bytes:
+        key = (width, height, colour)
+        png = self._items.get(key)
+        if png is not None:
+            self._items.move_to_end(key)
+            return png
+        png = render_png(width, height, colour)
+        self.renders += 1
+        self._items[key] = png
+        self.size += len(png)
+        while self.size > self.max_bytes and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self.size -= len(dropped)
+        return png
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.size = 0
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@dataclass(frozen=True)
+class Params:
+    """The validated model inputs."""
+
+    prompt: str
+    width: int
+    height: int
+    num_outputs: int
+    seed: int | None
+
+
+class Prediction:
+    """One prediction; its status is derived from its timestamps when read."""
+
+    __slots__ = (
+        "canceled_after",
+        "created_mono",
+        "created_wall",
+        "directives",
+        "done_event",
+        "error",
+        "get_faults_left",
+        "id",
+        "input",
+        "latency",
+        "model",
+        "outcome",
+        "output_mode",
+        "params",
+        "start_delay",
+        "version",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        model: str,
+        version: str,
+        input: JSON,
+        params: Params,
+        directives: Directives,
+        output_mode: str,
+        latency: float,
+        outcome: Status,
+        error: str | None,
+    ) -> None:
+        self.id = id
+        self.model = model
+        self.version = version
+        self.input = input
+        self.params = params
+        self.directives = directives
+        self.output_mode = output_mode
+        self.created_mono = time.monotonic()
+        self.created_wall = time.time()
+        self.latency = latency
+        self.start_delay = min(0.1 * latency, 0.5)
+        self.outcome: Status = outcome
+        self.error = error
+        self.canceled_after: float | None = None
+        self.get_faults_left: list[int | None] = [f.count for f in directives.get_faults]
+        self.done_event: asyncio.Event | None = None
+
+    def elapsed(self, now: float) -> float:
+        return now - self.created_mono
+
+    def status(self, now: float) -> Status:
+        if self.canceled_after is not None:
+            return "canceled"
+        elapsed = self.elapsed(now)
+        if elapsed >= self.latency:
+            return self.outcome
+        if elapsed >= self.start_delay:
+            return "processing"
+        return "starting"
+
+    def remaining(self, now: float) -> float:
+        """Seconds until the prediction is terminal (0 if it is)."""
+        if self.canceled_after is not None:
+            return 0.0
+        return max(0.0, self.latency - self.elapsed(now))
+
+    def cancel(self, now: float) -> None:
+        if self.status(now) in TERMINAL:
+            return
+        self.canceled_after = self.elapsed(now)
+        if self.done_event is not None:
+            self.done_event.set()
+
+    async def wait(self, seconds: float) -> None:
+        """Sleep until terminal (or canceled) or ``seconds`` pass."""
+        remaining = self.remaining(time.monotonic())
+        if remaining <= 0 or seconds <= 0:
+            return
+        if self.done_event is None:
+            self.done_event = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            # A few ms of slack so the status is terminal when we wake up.
+            await asyncio.wait_for(self.done_event.wait(), timeout=min(remaining + 0.002, seconds))
+
+    def next_get_fault(self) -> int | None:
+        """Consume and return the status of the next ``[[get:...]]`` fault, if any."""
+        for i, left in enumerate(self.get_faults_left):
+            if left is None:
+                return self.directives.get_faults[i].status
+            if left > 0:
+                self.get_faults_left[i] = left - 1
+                return self.directives.get_faults[i].status
+        return None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _progress_line(step: int) -> str:
+    pct = step * 100 // PROGRESS_STEPS
+    bar = ("\u2588" * (step * 10 // PROGRESS_STEPS)).ljust(10)
+    return f"{pct:3d}%|{bar}| {step}/{PROGRESS_STEPS} [00:00<00:00, 4.00it/s]"
+
+
+def _logs(pred: Prediction, status: Status, elapsed: float) -> str:
+    if status == "starting":
+        return ""
+    seed = pred.params.seed if pred.params.seed is not None else int(pred.id[:6], 36) % 100000
+    lines = [f"Using seed: {seed}"]
+    run_time = max(pred.latency - pred.start_delay, 1e-9)
+    if status in ("succeeded",):
+        steps = PROGRESS_STEPS
+    else:
+        steps = min(PROGRESS_STEPS, int(PROGRESS_STEPS * (elapsed - pred.start_delay) / run_time))
+    lines += [_progress_line(i) for i in range(max(steps, 0) + 1)]
+    if status == "failed":
+        lines.append(f"Traceback (most recent call last):\nRuntimeError: {pred.error}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def json_response(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(
+    status: int,
+    detail: str,
+    *,
+    title: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    extra: JSON | None = None,
+) -> Response:
+    """An RFC 7807-style error body ``{"title", "detail", "status", ...extra}``."""
+    if status == 502:
+        return Response(BAD_GATEWAY_HTML, status_code=502, media_type="text/html", headers=headers)
+    body: JSON = {"title": title or ERROR_TITLES.get(status, "Error"), "detail": detail, "status": status}
+    if extra:
+        body.update(extra)
+    return json_response(body, status, headers)
+
+
+def throttled_response(retry_after: float) -> Response:
+    seconds = max(0, math.ceil(retry_after))
+    number: float = int(retry_after) if float(retry_after).is_integer() else retry_after
+    return error_response(
+        429,
+        f"Request was throttled. Your rate limit resets in ~{seconds}s.",
+        headers={"Retry-After": str(seconds)},
+        extra={"retry_after": number},
+    )
+
+
+def fault_response(status: int, retry_after: float) -> Response:
+    """The canned error for an injected status code."""
+    if status == 429:
+        return throttled_response(retry_after)
+    details = {
+        402: "You have insufficient credit to run this model. "
+        "Go to https://replicate.com/account/billing#billing to purchase credit.",
+        500: "An unexpected error occurred (injected by the fake server).",
+        503: "The service is temporarily unavailable (injected by the fake server).",
+        504: "The upstream server timed out (injected by the fake server).",
+    }
+    return error_response(status, details.get(status, f"Injected HTTP {status}."))
+
+
+def not_found() -> Response:
+    return json_response({"detail": "Not found.", "status": 404}, 404)
+
+
+def invalid_input(errors: list[tuple[str, str, str]]) -> Response:
+    """422 "Input validation failed" from (type, field, description) triples."""
+    detail = "".join(f"- {field}: {desc}\n" for _, field, desc in errors)
+    fields_ = [{"type": t, "field": f, "description": d} for t, f, d in errors]
+    return error_response(422, detail, title="Input validation failed", extra={"invalid_fields": fields_})
+
+
+def invalid_version() -> Response:
+    return error_response(
+        422,
+        "The specified version does not exist (or perhaps you don't have permission to use it?)",
+        title="Invalid version or not permitted",
+    )
+
+
+# --------------------------------------------------------------------------- input validation
+
+
+def _int_field(
+    raw: JSON, name: str, default: int, low: int, high: int, errors: list[tuple[str, str, str]]
+) -> int:
+    value = raw.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        errors.append(("type", f"input.{name}", "Invalid type. Expected: integer"))
+        return default
+    if value < low:
+        errors.append(("number_gte", f"input.{name}", f"Must be greater than or equal to {low}"))
+    elif value > high:
+        errors.append(("number_lte", f"input.{name}", f"Must be less than or equal to {high}"))
+    return value
+
+
+def validate_input(raw: object) -> tuple[Params | None, list[tuple[str, str, str]]]:
+    """Validate a create body's ``input``; returns (params, []) or (None, errors)."""
+    if not isinstance(raw, dict):
+        return None, [("type", "input", "Invalid type. Expected: object")]
+    errors: list[tuple[str, str, str]] = []
+    prompt = raw.get("prompt")
+    if prompt is None:
+        errors.append(("required", "input", "prompt is required"))
+    elif not isinstance(prompt, str):
+        errors.append(("type", "input.prompt", "Invalid type. Expected: string"))
+    elif not prompt.strip():
+        errors.append(("string_gte", "input.prompt", "String length must be greater than or equal to 1"))
+    width = _int_field(raw, "width", 1024, 1, MAX_SIDE, errors)
+    height = _int_field(raw, "height", 1024, 1, MAX_SIDE, errors)
+    num_outputs = _int_field(raw, "num_outputs", 1, 1, 4, errors)
+    seed = raw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        errors.append(("type", "input.seed", "Invalid type. Expected: integer"))
+    negative = raw.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        errors.append(("type", "input.negative_prompt", "Invalid type. Expected: string"))
+    if errors or not isinstance(prompt, str):
+        return None, errors
+    return Params(prompt, width, height, num_outputs, seed if isinstance(seed, int) else None), []
+
+
+def parse_prefer_wait(header: str | None) -> float | None:
+    """Seconds to hold a create for ``Prefer: wait[=N]``, or None without it."""
+    if not header:
+        return None
+    for token in header.split(","):
+        name, _, value = token.strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        try:
+            seconds = float(value) if value.strip() else MAX_WAIT
+        except ValueError:
+            seconds = MAX_WAIT
+        return min(max(seconds, 0.0), MAX_WAIT)
+    return None
+
+
+def model_version_id(model: str) -> str:
+    """The fixed fake version hash of a model."""
+    return hashlib.sha256(f"mediagen-fake:{model}".encode()).hexdigest()
+
+
+def _is_missing(model: str) -> bool:
+    return model.split("/", 1)[0] == "missing"
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class FakeReplicate:
+    """The server's state and request handlers (one instance per app)."""
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.images = PngCache()
+        self.predictions: dict[str, Prediction] = {}
+        self.order: list[str] = []
+        self.by_prompt: dict[str, int] = {}
+        self.create_attempts: dict[str, int] = {}
+        self.requests: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.versions: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def reset(self) -> None:
+        self.rng = random.Random(self.config.seed)
+        self.predictions.clear()
+        self.order.clear()
+        self.by_prompt.clear()
+        self.create_attempts.clear()
+        self.requests.clear()
+        self.faults.clear()
+        self.images.clear()
+
+    def base_url(self, request: Request) -> str:
+        if self.config.base_url:
+            return self.config.base_url.rstrip("/")
+        return str(request.base_url).rstrip("/")
+
+    def check_auth(self, request: Request) -> Response | None:
+        header = request.headers.get("authorization")
+        if not header:
+            return error_response(401, "You did not pass an authentication token")
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        ok = scheme.lower() in ("bearer", "token") and bool(token)
+        if ok and self.config.api_token is not None:
+            ok = token == self.config.api_token
+        return None if ok else error_response(401, "You did not pass a valid authentication token")
+
+    def chance(self, probability: float) -> bool:
+        return probability > 0 and self.rng.random() < probability
+
+    def new_id(self) -> str:
+        raw = self.rng.getrandbits(128).to_bytes(16, "big")
+        return base64.b32encode(raw).decode().lower()[:26]
+
+    def png_bytes(self, pred: Prediction, index: int) -> bytes:
+        p = pred.params
+        png = self.images.get(p.width, p.height, palette_index(p.prompt, p.seed, index))
+        return with_text_chunk(png, "Comment", f"mediagen fake replicate {pred.id} {index} seed={p.seed}")
+
+    def output(self, pred: Prediction, base: str) -> list[str]:
+        count = pred.params.num_outputs
+        if pred.output_mode == "data":
+            return [
+                "data:image/png;base64," + base64.b64encode(self.png_bytes(pred, i)).decode()
+                for i in range(count)
+            ]
+        return [f"{base}/files/{pred.id}/{i}.png" for i in range(count)]
+
+    def prediction_json(self, pred: Prediction, base: str, *, hide_running: bool = False) -> JSON:
+        """The Replicate prediction object; ``hide_running`` shows non-terminal as starting."""
+        now = time.monotonic()
+        status = pred.status(now)
+        elapsed = pred.elapsed(now)
+        if pred.canceled_after is not None:
+            elapsed = pred.canceled_after
+        if hide_running and status == "processing":
+            status = "starting"
+        terminal = status in TERMINAL
+        end = pred.canceled_after if pred.canceled_after is not None else pred.latency
+        started = status != "starting" and end >= pred.start_delay
+        return {
+            "id": pred.id,
+            "model": pred.model,
+            "version": pred.version,
+            "input": pred.input,
+            "output": self.output(pred, base) if status == "succeeded" else None,
+            "logs": _logs(pred, status, elapsed),
+            "error": pred.error if status == "failed" else None,
+            "status": status,
+            "source": "api",
+            "data_removed": False,
+            "created_at": _iso(pred.created_wall),
+            "started_at": _iso(pred.created_wall + pred.start_delay) if started else None,
+            "completed_at": _iso(pred.created_wall + end) if terminal else None,
+            "metrics": {"predict_time": round(max(end - pred.start_delay, 0.0), 6)} if terminal else {},
+            "urls": {
+                "get": f"{base}/v1/predictions/{pred.id}",
+                "cancel": f"{base}/v1/predictions/{pred.id}/cancel",
+            },
+        }
+
+    def lookup(self, request: Request) -> Prediction | None:
+        return self.predictions.get(str(request.path_params["prediction_id"]))
+
+    def get_fault(self, pred: Prediction | None) -> Response | None:
+        """An injected error for a GET (directive first, then probabilistic)."""
+        status = pred.next_get_fault() if pred is not None else None
+        if status is None and self.chance(self.config.p_get_503):
+            status = 503
+        if status is None and self.chance(self.config.p_get_429):
+            status = 429
+        if status is None:
+            return None
+        self.faults[f"get_{status}"] += 1
+        return fault_response(status, self.config.retry_after)
+
+    # ------------------------------------------------------------------ create
+
+    async def create_for_model(self, request: Request) -> Response:
+        model = f"{request.path_params['owner']}/{request.path_params['name']}"
+        return await self.create(request, model)
+
+    async def create_for_version(self, request: Request) -> Response:
+        return await self.create(request, None)
+
+    async def create(self, request: Request, model: str | None) -> Response:
+        """Shared create path; ``model`` is None on the version route."""
+        denied = self.check_auth(request)
+        if denied is not None:
+            return denied
+        self.requests["creates"] += 1
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return error_response(400, "The request body is not valid JSON.")
+        if not isinstance(body, dict):
+            return error_response(400, "The request body must be a JSON object.")
+        if self.config.create_latency > 0:
+            await asyncio.sleep(self.config.create_latency)
+        resolved = self.resolve_model(model, body)
+        if isinstance(resolved, Response):
+            return resolved
+        return await self.create_resolved(request, body, *resolved)
+
+    def resolve_model(self, model: str | None, body: JSON) -> tuple[str, str] | Response:
+        """(model, version) for a create, or an error response."""
+        if model is not None:
+            if _is_missing(model):
+                return error_response(404, f"Model {model} not found.")
+            version = model_version_id(model)
+            self.versions.setdefault(version, model)
+            return model, version
+        ref = body.get("version")
+        if not isinstance(ref, str) or not ref.strip():
+            return invalid_version()
+        if ":" in ref:
+            named, _, version_id = ref.partition(":")
+            if _is_missing(named):
+                return error_response(404, f"Model {named} not found.")
+            return named, version_id
+        return self.versions.get(ref, "fake/model"), ref
+
+    def global_create_fault(self) -> Response | None:
+        if self.chance(self.config.p_create_429):
+            self.faults["create_429"] += 1
+            return throttled_response(self.config.retry_after)
+        if self.chance(self.config.p_create_500):
+            self.faults["create_500"] += 1
+            return fault_response(500, self.config.retry_after)
+        return None
+
+    def directive_create_fault(self, prompt: str, directives: Directives) -> Response | None:
+        if not directives.counts_creates:
+            return None
+        attempt = self.create_attempts.get(prompt, 0)
+        self.create_attempts[prompt] = attempt + 1
+        fault = _create_fault_for(directives.create_faults, attempt)
+        if fault is None:
+            return None
+        self.faults[f"create_{fault.status}"] += 1
+        after = fault.retry_after if fault.retry_after is not None else self.config.retry_after
+        return fault_response(fault.status, after)
+
+    async def create_resolved(self, request: Request, body: JSON, model: str, version: str) -> Response:
+        fault = self.global_create_fault()
+        if fault is not None:
+            return fault
+        raw_input = body.get("input")
+        params, errors = validate_input(raw_input)
+        if params is None or not isinstance(raw_input, dict):
+            return invalid_input(errors)
+        directives = parse_directives(params.prompt)
+        if directives.invalid:
+            return invalid_input([("invalid", "input.prompt", "Prompt rejected by [[invalid]] directive")])
+        fault = self.directive_create_fault(params.prompt, directives)
+        if fault is not None:
+            return fault
+        index = self.by_prompt.get(params.prompt, 0)
+        pred = self.new_prediction(model, version, raw_input, params, directives, index)
+        if directives.hang_create > 0 and _first_n_applies(directives.hang_count, index):
+            await asyncio.sleep(directives.hang_create)
+        return await self.create_reply(request, pred)
+
+    def outcome(self, directives: Directives, index: int) -> tuple[Status, str | None]:
+        if directives.flagged:
+            return "failed", FLAGGED_ERROR
+        if directives.fail and _first_n_applies(directives.fail_count, index):
+            return "failed", CRASH_ERROR
+        if self.chance(self.config.p_flagged):
+            return "failed", FLAGGED_ERROR
+        if self.chance(self.config.p_model_error):
+            return "failed", OOM_ERROR
+        return "succeeded", None
+
+    def latency_for(self, directives: Directives) -> float:
+        if directives.latency is not None:
+            return directives.latency
+        latency, jitter = self.config.latency, self.config.latency_jitter
+        if jitter > 0 and latency > 0:
+            latency *= 1.0 + self.rng.uniform(-jitter, jitter)
+        return max(latency, 0.0)
+
+    def new_prediction(
+        self, model: str, version: str, raw_input: JSON, params: Params, directives: Directives, index: int
+    ) -> Prediction:
+        outcome, error = self.outcome(directives, index)
+        mode = directives.output if directives.output in ("data", "url") else self.config.output_mode
+        pred = Prediction(
+            id=self.new_id(),
+            model=model,
+            version=version,
+            input=raw_input,
+            params=params,
+            directives=directives,
+            output_mode=mode,
+            latency=self.latency_for(directives),
+            outcome=outcome,
+            error=error,
+        )
+        self.predictions[pred.id] = pred
+        self.order.append(pred.id)
+        self.by_prompt[params.prompt] = index + 1
+        return pred
+
+    async def create_reply(self, request: Request, pred: Prediction) -> Response:
+        base = self.base_url(request)
+        headers = {"Location": f"{base}/v1/predictions/{pred.id}"}
+        wait = parse_prefer_wait(request.headers.get("prefer"))
+        if wait is not None:
+            await pred.wait(wait)
+            headers["Preference-Applied"] = "wait"
+        body = self.prediction_json(pred, base, hide_running=wait is not None)
+        return json_response(body, 201, headers)
+
+    # ------------------------------------------------------------------ read / cancel
+
+    async def get_prediction(self, request: Request) -> Response:
+        denied = self.check_auth(request)
+        if denied is not None:
+            return denied
+        self.requests["gets"] += 1
+        pred = self.lookup(request)
+        if pred is None:
+            return not_found()
+        fault = self.get_fault(pred)
+        if fault is not None:
+            return fault
+        return json_response(self.prediction_json(pred, self.base_url(request)))
+
+    async def cancel_prediction(self, request: Request) -> Response:
+        denied = self.check_auth(request)
+        if denied is not None:
+            return denied
+        self.requests["cancels"] += 1
+        pred = self.lookup(request)
+        if pred is None:
+            return not_found()
+        pred.cancel(time.monotonic())
+        return json_response(self.prediction_json(pred, self.base_url(request)))
+
+    async def list_predictions(self, request: Request) -> Response:
+        denied = self.check_auth(request)
+        if denied is not None:
+            return denied
+        self.requests["lists"] += 1
+        fault = self.get_fault(None)
+        if fault is not None:
+            return fault
+        end = len(self.order)
+        cursor = request.query_params.get("cursor")
+        if cursor:
+            if not cursor.isdigit():
+                return error_response(400, "Invalid cursor.")
+            end = min(int(cursor), end)
+        start = max(0, end - PAGE_SIZE)
+        base = self.base_url(request)
+        results = [self.prediction_json(self.predictions[i], base) for i in reversed(self.order[start:end])]
+        next_url = f"{base}/v1/predictions?cursor={start}" if start > 0 else None
+        return json_response({"next": next_url, "previous": None, "results": results})
+
+    # ------------------------------------------------------------------ models, versions, webhooks
+
+    def version_json(self, version_id: str) -> JSON:
+        uri_list = {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"}
+        inputs = {
+            "type": "object",
+            "title": "Input",
+            "required": ["prompt"],
+            "properties": {
+                "prompt": {"type": "string", "title": "Prompt"},
+                "width": {"type": "integer", "default": 1024, "minimum": 1, "maximum": MAX_SIDE},
+                "height": {"type": "integer", "default": 1024, "minimum": 1, "maximum": MAX_SIDE},
+                "num_outputs": {"type": "integer", "default": 1, "minimum": 1, "maximum": 4},
+                "seed": {"type": "integer"},
+                "negative_prompt": {"type": "string"},
+            },
+        }
+        return {
+            "id": version_id,
+            "created_at": "2024-08-01T00:00:00.000000Z",
+            "cog_version": "0.9.0",
+            "openapi_schema": {
+                "openapi": "3.0.2",
+                "info": {"title": "Cog", "version": "0.1.0"},
+                "paths": {},
+                "components": {"schemas": {"Input": inputs, "Output": uri_list}},
+            },
+        }
+
+    async def get_version(self, request: Request) -> Response:
+        denied = self.check_auth(request)
+        if denied is not None:
+            return denied
+        model = f"{request.path_params['owner']}/{request.path_params['name']}"
+        if _is_missing(model):
+            return not_found()
+        version_id = str(request.path_params["version_id"])
+        self.versions.setdefault(version_id, model)
+        return json_response(self.version_json(version_id))
+
+    async def get_model(self, request: Request) -> Response:
+        denied = self.check_auth(request)
+        if denied is not None:
+            return denied
+        owner, name = str(request.path_params["owner"]), str(request.path_params["name"])
+        model = f"{owner}/{name}"
+        if _is_missing(model):
+            return not_found()
+        version = model_version_id(model)
+        self.versions.setdefault(version, model)
+        return json_response(
+            {
+                "url": f"https://replicate.com/{model}",
+                "owner": owner,
+                "name": name,
+                "description": "A fake text-to-image model served by mediagen's fake Replicate.",
+                "visibility": "public",
+                "github_url": None,
+                "paper_url": None,
+                "license_url": None,
+                "run_count": self.requests["creates"],
+                "cover_image_url": None,
+                "default_example": None,
+                "latest_version": self.version_json(version),
+            }
+        )
+
+    async def webhook_secret(self, request: Request) -> Response:
+        denied = self.check_auth(request)
+        return denied if denied is not None else json_response({"key": WEBHOOK_SECRET})
+
+    # ------------------------------------------------------------------ files
+
+    async def get_file(self, request: Request) -> Response:
+        self.requests["files"] += 1
+        pred = self.lookup(request)
+        index = int(request.path_params["index"])
+        if pred is None or pred.status(time.monotonic()) != "succeeded":
+            return not_found()
+        if not 0 <= index < pred.params.num_outputs or pred.directives.output == "404":
+            return not_found()
+        if pred.directives.output == "notimage":
+            return Response(b"<html>", media_type="text/html")
+        return Response(self.png_bytes(pred, index), media_type="image/png")
+
+    # ------------------------------------------------------------------ control
+
+    async def get_config(self, request: Request) -> Response:
+        return json_response(asdict(self.config))
+
+    async def put_config(self, request: Request) -> Response:
+        try:
+            patch = orjson.loads(await request.body())
+            if not isinstance(patch, dict):
+                raise ValueError("the body must be a JSON object")
+            new = config_with(self.config, patch)
+        except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+            return error_response(400, str(exc))
+        if new.seed != self.config.seed:
+            self.rng = random.Random(new.seed)
+        self.config = new
+        return json_response(asdict(new))
+
+    async def post_reset(self, request: Request) -> Response:
+        self.reset()
+        return json_response({"ok": True})
+
+    def status_counts(self) -> dict[str, int]:
+        now = time.monotonic()
+        return dict(Counter(pred.status(now) for pred in self.predictions.values()))
+
+    async def get_stats(self, request: Request) -> Response:
+        return json_response(
+            {
+                "creates": self.requests["creates"],
+                "predictions": len(self.predictions),
+                "by_prompt": self.by_prompt,
+                "statuses": self.status_counts(),
+                "requests": dict(self.requests),
+                "faults": dict(self.faults),
+                "image_renders": self.images.renders,
+            }
+        )
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"ok": True})
+
+    # ------------------------------------------------------------------ routing
+
+    def routes(self) -> list[Route]:
+        pid = "/v1/predictions/{prediction_id}"
+        return [
+            Route("/v1/models/{owner}/{name}/predictions", self.create_for_model, methods=["POST"]),
+            Route("/v1/deployments/{owner}/{name}/predictions", self.create_for_model, methods=["POST"]),
+            Route("/v1/predictions", self.create_for_version, methods=["POST"]),
+            Route("/v1/predictions", self.list_predictions, methods=["GET"]),
+            Route(pid, self.get_prediction, methods=["GET"]),
+            Route(pid + "/cancel", self.cancel_prediction, methods=["POST"]),
+            Route("/v1/models/{owner}/{name}", self.get_model, methods=["GET"]),
+            Route("/v1/models/{owner}/{name}/versions/{version_id}", self.get_version, methods=["GET"]),
+            Route("/v1/webhooks/default/secret", self.webhook_secret, methods=["GET"]),
+            Route("/files/{prediction_id}/{index:int}.png", self.get_file, methods=["GET"]),
+            Route("/_fake/config", self.get_config, methods=["GET"]),
+            Route("/_fake/config", self.put_config, methods=["PUT"]),
+            Route("/_fake/reset", self.post_reset, methods=["POST"]),
+            Route("/_fake/stats", self.get_stats, methods=["GET"]),
+            Route("/_fake/health", self.health, methods=["GET"]),
+        ]
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        return not_found()
+    detail = exc.detail if isinstance(exc, HTTPException) else "Internal server error."
+    return error_response(status, str(detail), headers=getattr(exc, "headers", None))
+
+
+def create_app(config: FakeConfig | None = None) -> Starlette:
+    """Build the fake Replicate app; its state is ``app.state.fake`` (a FakeReplicate)."""
+    fake = FakeReplicate(config or FakeConfig())
+    app = Starlette(routes=fake.routes(), exception_handlers={HTTPException: _http_exception})
+    app.state.fake = fake
+    return app

@@ -1,0 +1,185 @@
+"""Replicate through the real `replicate` client, turned into mediagen's typed errors.
+
+What this adapter does that the client does not (see shared/replicate-api.md):
+
+* create, then poll ourselves (never `run()`, which treats `processing` as done and hides the id);
+* keep the 429 hint: `ReplicateError` drops `Retry-After` and the body's `retry_after`, so a thin
+  transport under the client's own `RetryTransport` notes them for the call in flight;
+* tell a create that surely failed (connection refused) from one whose outcome is unknown (a read
+  timeout after the request went out): only the latter may have started a paid prediction;
+* one client, one connection pool per worker process, built on the worker's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from datetime import datetime
+from typing import Any
+
+import httpx
+import replicate
+from pydantic.v1 import ValidationError as ClientValidationError
+from replicate.exceptions import ReplicateError
+
+from mediagen.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
+from mediagen.providers.base import Prediction
+
+_TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_retry_hint: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "replicate_retry_hint", default=None
+)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+class _HintingTransport(httpx.AsyncBaseTransport):
+    """Notes Retry-After (header or `retry_after` in the body) of 429/503 answers for the caller."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        hint = _retry_hint.get()
+        if hint is not None and response.status_code in (429, 503):
+            seconds = _parse_retry_after(response.headers.get("retry-after"))
+            if seconds is None and response.status_code == 429:
+                await response.aread()
+                try:
+                    seconds = _parse_retry_after(str(response.json().get("retry_after")))
+                except ValueError:
+                    seconds = None
+            if seconds is not None:
+                hint["retry_after"] = seconds
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _created_at(value: Any) -> datetime | None:
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return value if isinstance(value, datetime) else None
+
+
+def _prediction(obj: Any) -> Prediction:
+    return Prediction(
+        id=obj.id,
+        status=obj.status,
+        output=obj.output,
+        error=str(obj.error) if obj.error else None,
+        created_at=_created_at(obj.created_at),
+    )
+
+
+def _detail(error: ReplicateError) -> str:
+    parts = [part for part in (error.title, error.detail) if part]
+    return ": ".join(parts) if parts else f"HTTP {error.status}"
+
+
+class ReplicateProvider:
+    def __init__(
+        self,
+        *,
+        api_token: str | None,
+        base_url: str | None,
+        timeout_seconds: float = 30.0,
+        max_connections: int = 200,
+    ) -> None:
+        self.timeout_seconds = timeout_seconds
+        inner = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            retries=0,
+        )
+        self._transport = _HintingTransport(inner)
+        self.client = replicate.Client(
+            api_token=api_token,
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout_seconds, connect=5.0, pool=timeout_seconds),
+            transport=self._transport,
+        )
+
+    async def _call(self, coro_factory: Any, *, creating: bool = False) -> Any:
+        hint: dict[str, float] = {}
+        token = _retry_hint.set(hint)
+        try:
+            return await coro_factory()
+        except ReplicateError as error:
+            status = error.status or 0
+            transient = status in _TRANSIENT_STATUS or status >= 500
+            kind = TransientProviderError if transient else PermanentProviderError
+            raise kind(
+                _detail(error),
+                http_status=status or None,
+                retry_after=hint.get("retry_after"),
+                error_class=f"Replicate{status}" if status else "ReplicateError",
+            ) from error
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+            # The request never left: no prediction can exist because of it.
+            raise TransientProviderError(
+                f"cannot reach Replicate: {type(error).__name__}", error_class=type(error).__name__
+            ) from error
+        except httpx.TransportError as error:
+            kind = UnknownCreateOutcome if creating else TransientProviderError
+            raise kind(
+                f"Replicate did not answer: {type(error).__name__}", error_class=type(error).__name__
+            ) from error
+        except ClientValidationError as error:
+            # An answer the client cannot parse, e.g. the `aborted` status 1.0.7 does not know.
+            raise TransientProviderError(
+                f"unexpected answer from Replicate: {error}", error_class="ProviderResponseInvalid"
+            ) from error
+        finally:
+            _retry_hint.reset(token)
+
+    async def create(self, model: str, input: dict[str, Any]) -> Prediction:
+        # The client sends create with no timeout at all (timeout=None): bound it ourselves. A create
+        # cut off this way may have started a prediction, hence UnknownCreateOutcome.
+        async def bounded() -> Any:
+            try:
+                return await asyncio.wait_for(
+                    self.client.predictions.async_create(model=model, input=input), self.timeout_seconds
+                )
+            except TimeoutError as error:
+                raise httpx.ReadTimeout("create timed out") from error
+
+        return _prediction(await self._call(bounded, creating=True))
+
+    async def get(self, prediction_id: str) -> Prediction:
+        return _prediction(await self._call(lambda: self.client.predictions.async_get(prediction_id)))
+
+    async def cancel(self, prediction_id: str) -> None:
+        await self._call(lambda: self.client.predictions.async_cancel(prediction_id))
+
+    async def find_recent(self, model: str, input: dict[str, Any], since: datetime) -> list[Prediction]:
+        found: list[Prediction] = []
+        cursor: Any = ...
+        for _ in range(20):  # at most 2,000 recent predictions
+            page = await self._call(lambda c=cursor: self.client.predictions.async_list(cursor=c))
+            older = False
+            for obj in page.results:
+                created = _created_at(obj.created_at)
+                if created is not None and created < since:
+                    older = True
+                    continue
+                if obj.model == model and (obj.input or {}) == input:
+                    found.append(_prediction(obj))
+            if older or not page.next:
+                break
+            cursor = page.next
+        return found
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

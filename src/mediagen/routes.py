@@ -1,0 +1,271 @@
+"""The HTTP API: thin routes over mediagen.jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import random
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.responses import FileResponse, Response
+from sqlalchemy import text
+
+from mediagen import jobs
+from mediagen.errors import JobNotFound
+from mediagen.http import FastJSON, error
+from mediagen.logging import log_event
+from mediagen.models import JobStatus
+from mediagen.schemas import (
+    ErrorResponse,
+    GenerateAccepted,
+    GenerateRequest,
+    JobPage,
+    JobStatusResponse,
+    JobView,
+)
+from mediagen.storage import CONTENT_TYPES, is_valid_key
+from mediagen.storage.local import LocalStorage
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+}
+
+
+def api(request: Request) -> Any:
+    return request.app.state.api
+
+
+Api = Annotated[Any, Depends(api)]
+
+
+def media_url(state: Any, key: str) -> str:
+    return f"{state.settings.public_base_url}/media/{key}"
+
+
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=GenerateAccepted,
+    responses={**_ERRORS, 413: {"model": ErrorResponse}},
+    summary="Submit a prompt; answers at once with the job id",
+)
+async def generate(body: GenerateRequest, state: Api) -> Response:
+    settings = state.settings
+    params = body.parameters.model_dump()
+    model = params.pop("model") or settings.default_model
+    if model not in settings.allowed_models:
+        return error(
+            422,
+            "validation_failed",
+            {
+                "message": f"parameters.model: {model!r} is not allowed; use one of {settings.allowed_models}",
+                "fields": [{"field": "parameters.model", "message": "not an allowed model", "type": "model"}],
+            },
+        )
+    if params["seed"] is None:
+        # A seed of our own makes the input unique, so an unknown create can be found again safely.
+        params["seed"] = random.randrange(2**32)
+    job = jobs.NewJob(
+        id=uuid.uuid4(),
+        prompt=body.prompt,
+        parameters=params,
+        model=model,
+        max_attempts=settings.max_attempts,
+        deadline_seconds=settings.job_deadline_seconds,
+    )
+    async with state.db.transaction() as conn:
+        await jobs.create_jobs(conn, [job])
+    try:
+        await state.dispatcher.send([job.id])
+    except Exception as exc:
+        # The job is committed: the worker's recovery sweep will send it within seconds.
+        log_event("job.dispatch.deferred", logging.WARNING, job_id=str(job.id), error=type(exc).__name__)
+    log_event("job.submitted", job_id=str(job.id), model=model)
+    location = f"/status/{job.id}"
+    return FastJSON(
+        {"job_id": str(job.id), "status": JobStatus.QUEUED.value, "status_url": location},
+        status_code=202,
+        headers={"Location": location},
+    )
+
+
+@router.get(
+    "/status/{job_id}",
+    response_model=JobStatusResponse,
+    responses=_ERRORS,
+    summary="Where a job is: status, attempts, error, result URLs",
+)
+async def status(job_id: uuid.UUID, state: Api) -> Response:
+    async with state.db.connect() as conn:
+        view = await jobs.get_status(conn, job_id)
+    if view is None:
+        raise JobNotFound(f"no job {job_id}")
+    return FastJSON(
+        {
+            "job_id": str(view.id),
+            "status": view.status,
+            "attempts": view.attempts,
+            "error": view.error_message if view.status == JobStatus.FAILED.value else None,
+            "result_urls": [media_url(state, key) for key in view.output_keys],
+        }
+    )
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="The full job")
+async def job_detail(job_id: uuid.UUID, state: Api) -> Response:
+    async with state.db.connect() as conn:
+        detail = await jobs.get_detail(conn, job_id)
+    if detail is None:
+        raise JobNotFound(f"no job {job_id}")
+    job = detail.job
+    return FastJSON(
+        {
+            "job_id": str(job.id),
+            "status": job.status,
+            "prompt": job.prompt,
+            "parameters": job.parameters,
+            "model": job.model,
+            "attempts": job.attempts,
+            "max_attempts": job.max_attempts,
+            "error_class": job.error_class,
+            "error": job.error_message,
+            "created_at": job.created_at,
+            "updated_at": job.updated_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "next_attempt_at": job.next_attempt_at,
+            "deadline_at": job.deadline_at,
+            "attempt_history": [
+                {
+                    "number": a.number,
+                    "started_at": a.started_at,
+                    "finished_at": a.finished_at,
+                    "outcome": a.outcome,
+                    "error_class": a.error_class,
+                    "error_message": a.error_message,
+                    "http_status": a.http_status,
+                    "prediction_id": a.prediction_id,
+                    "resumed": a.resumed,
+                    "retry_delay_seconds": a.retry_delay_seconds,
+                }
+                for a in detail.attempts
+            ],
+            "outputs": [
+                {
+                    "index": o.index,
+                    "url": media_url(state, o.storage_key),
+                    "content_type": o.content_type,
+                    "size_bytes": o.size_bytes,
+                    "sha256": o.sha256,
+                }
+                for o in detail.outputs
+            ],
+        }
+    )
+
+
+def _encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
+    try:
+        created, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+
+
+@router.get("/jobs", response_model=JobPage, responses=_ERRORS, summary="Jobs, newest first")
+async def list_jobs(
+    state: Api,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+) -> Response:
+    before = None
+    if cursor is not None:
+        before = _decode_cursor(cursor)
+        if before is None:
+            return error(422, "validation_failed", {"message": "cursor: not a cursor from this API",
+                                                    "fields": [{"field": "cursor", "message": "invalid"}]})
+    async with state.db.connect() as conn:
+        rows = await jobs.list_jobs(conn, status=status.value if status else None, limit=limit + 1, before=before)
+    page, more = rows[:limit], len(rows) > limit
+    return FastJSON(
+        {
+            "items": [
+                {
+                    "job_id": str(r.id),
+                    "status": r.status,
+                    "prompt": r.prompt,
+                    "model": r.model,
+                    "attempts": r.attempts,
+                    "error": r.error_message,
+                    "created_at": r.created_at,
+                    "finished_at": r.finished_at,
+                }
+                for r in page
+            ],
+            "next_cursor": _encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+        }
+    )
+
+
+@router.get(
+    "/media/{key:path}",
+    responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+    summary="An image's bytes",
+)
+async def media(key: str, state: Api) -> Response:
+    if not is_valid_key(key):
+        return error(404, "not_found", "no such image")
+    storage = state.storage
+    if isinstance(storage, LocalStorage):
+        path = storage.path(key)
+        if not await asyncio.to_thread(path.is_file):
+            return error(404, "not_found", "no such image")
+        return FileResponse(
+            path,
+            media_type=CONTENT_TYPES[key.rsplit(".", 1)[1]],
+            headers={"Cache-Control": "public, max-age=31536000, immutable"},
+        )
+    return error(404, "not_found", "no such image")
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The database and the broker are reachable")
+async def readyz(state: Api) -> Response:
+    checks: dict[str, str] = {}
+
+    async def database() -> None:
+        async with state.db.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def broker() -> None:
+        await state.redis.ping()
+
+    for name, probe in (("database", database), ("broker", broker), ("storage", state.storage.check)):
+        try:
+            await asyncio.wait_for(probe(), timeout=2.0)
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"unavailable: {type(exc).__name__}"
+    ready = all(value == "ok" for value in checks.values())
+    return FastJSON(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+        headers=None if ready else {"Retry-After": "5"},
+    )

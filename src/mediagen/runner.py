@@ -1,0 +1,302 @@
+"""One attempt of one job, start to finish: claim, resume or create, wait, store, record.
+
+The attempt protocol (no lost job, no double billing):
+
+1. Claim the job (a conditional UPDATE) and open an attempt row in the same transaction. Nothing
+   claimed: someone else holds it, or it is finished, or it is not due yet. Stop.
+2. If an earlier attempt started a prediction that has not itself failed, resume it (GET). If an
+   earlier create's outcome is unknown, look for its prediction in Replicate's recent list first.
+   Only otherwise create one, and store its id at once, before any waiting.
+3. Wait by polling in growing steps on the event loop (no thread is held busy); the lease is renewed
+   for all running jobs at once by mediagen.leases.
+4. Download each image at once, check it, store it atomically; then close the attempt and the job in
+   one transaction, guarded by our claim token.
+5. On error, mediagen.retry decides: retry (job `retrying`, a delayed message) or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mediagen import jobs
+from mediagen.broker import Dispatcher
+from mediagen.db import Database
+from mediagen.errors import (
+    JobCanceled,
+    JobDeadlineExceeded,
+    LeaseLost,
+    MediagenError,
+    WorkerStopping,
+    PermanentProviderError,
+    TransientProviderError,
+)
+from mediagen.leases import Hold, LeaseKeeper
+from mediagen.logging import log_event
+from mediagen.outputs import Downloader, store_outputs
+from mediagen.providers.base import Prediction, Provider
+from mediagen.retry import RetryPolicy, prediction_failure_is_transient
+from mediagen.storage import Storage
+
+# Sends from inside a job's own message go through the delay queue: an immediate send would reuse
+# the Redis id of the message still being processed and be deleted by its acknowledgement.
+MIN_RESEND_DELAY = 1.0
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process builds once, on its event loop, and every job shares."""
+
+    db: Database
+    provider: Provider
+    storage: Storage
+    downloader: Downloader
+    dispatcher: Dispatcher
+    leases: LeaseKeeper
+    policy: RetryPolicy
+    lease_seconds: float
+    poll_initial: float = 0.25
+    poll_max: float = 2.0
+
+
+def model_input(claim: jobs.Claim) -> dict[str, Any]:
+    params = claim.parameters
+    data: dict[str, Any] = {"prompt": claim.prompt}
+    for key in ("width", "height", "num_outputs", "seed", "negative_prompt"):
+        if params.get(key) is not None:
+            data[key] = params[key]
+    return data
+
+
+async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
+    async with ctx.db.transaction() as conn:
+        claim = await jobs.claim(conn, job_id, lease_seconds=ctx.lease_seconds)
+        early = None if claim is not None else await jobs.due_in(conn, job_id)
+    if claim is None:
+        if early is not None:  # a delayed message that arrived before its time
+            await ctx.dispatcher.send([job_id], delay=max(early, MIN_RESEND_DELAY))
+        return
+    if claim.abandoned_attempt is not None:
+        log_event(
+            "job.attempt.failed",
+            job_id=str(job_id),
+            attempt=claim.abandoned_attempt,
+            error_class="WorkerLost",
+            error="the worker running this attempt stopped or lost its lease",
+        )
+    log_event(
+        "job.attempt.started",
+        job_id=str(job_id),
+        attempt=claim.attempt,
+        resumed_prediction=claim.resume_prediction_id,
+    )
+    hold = ctx.leases.hold(job_id, claim.token)
+    try:
+        await _attempt(ctx, claim, hold)
+    finally:
+        ctx.leases.drop(hold)
+
+
+async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
+    started = time.monotonic()
+    prediction: Prediction | None = None
+    try:
+        if claim.attempt > claim.max_attempts:
+            raise PermanentProviderError(
+                f"gave up after {claim.max_attempts} attempts", error_class="AttemptsExhausted"
+            )
+        _check_deadline(claim)
+        prediction = await _start_or_resume(ctx, claim)
+        prediction = await _wait(ctx, claim, hold, prediction)
+        if prediction.status != "succeeded":
+            raise _prediction_failure(prediction)
+        outputs = await store_outputs(ctx.downloader, ctx.storage, claim.job_id, prediction.output)
+        async with ctx.db.transaction() as conn:
+            held = await jobs.succeed(conn, claim, outputs, prediction.status)
+        if held:
+            log_event(
+                "job.attempt.succeeded",
+                job_id=str(claim.job_id),
+                attempt=claim.attempt,
+                prediction_id=prediction.id,
+                outputs=len(outputs),
+                seconds=round(time.monotonic() - started, 3),
+            )
+            log_event("job.succeeded", job_id=str(claim.job_id), attempt=claim.attempt)
+        else:
+            _log_lost(claim)
+    except LeaseLost:
+        _log_lost(claim)
+    except JobCanceled:
+        await _cancel(ctx, claim, prediction)
+    except WorkerStopping as stopping:
+        await _release(ctx, claim, stopping.message)
+    except asyncio.CancelledError:
+        await _release(ctx, claim, "the worker was stopped")
+        raise
+    except Exception as error:
+        await _fail(ctx, claim, prediction, error)
+
+
+def _check_deadline(claim: jobs.Claim) -> None:
+    if datetime.now(UTC) >= claim.deadline_at:
+        raise JobDeadlineExceeded("the job did not finish before its deadline")
+
+
+async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> Prediction:
+    if claim.resume_prediction_id is not None:
+        return await ctx.provider.get(claim.resume_prediction_id)
+    data = model_input(claim)
+    if claim.reconcile_since is not None:
+        adopted = await _reconcile(ctx, claim, data)
+        if adopted is not None:
+            return adopted
+    prediction = await ctx.provider.create(claim.model, data)
+    async with ctx.db.transaction() as conn:
+        await jobs.record_prediction(conn, claim, prediction.id, prediction.status)
+    return prediction
+
+
+async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]) -> Prediction | None:
+    """An earlier create may have started a prediction we never heard of: find it and adopt it."""
+    assert claim.reconcile_since is not None
+    candidates = await ctx.provider.find_recent(claim.model, data, claim.reconcile_since)
+    for candidate in candidates:
+        if candidate.status in ("failed", "canceled", "aborted"):
+            continue
+        async with ctx.db.transaction() as conn:
+            if await jobs.prediction_in_use(conn, candidate.id):
+                continue
+            await jobs.record_prediction(conn, claim, candidate.id, candidate.status)
+        log_event(
+            "job.prediction.adopted", job_id=str(claim.job_id), attempt=claim.attempt, prediction_id=candidate.id
+        )
+        return candidate
+    return None
+
+
+async def _wait(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction: Prediction) -> Prediction:
+    delay = ctx.poll_initial
+    while not prediction.done:
+        hold.check()
+        _check_deadline(claim)
+        await hold.sleep(delay)
+        delay = min(delay * 2, ctx.poll_max)
+        prediction = await ctx.provider.get(prediction.id)
+    return prediction
+
+
+def _prediction_failure(prediction: Prediction) -> MediagenError:
+    """A prediction that ended failed is the model's verdict (permanent unless an infrastructure
+    fault); one canceled or aborted by someone else is worth a new prediction."""
+    message = prediction.error or f"the prediction ended {prediction.status}"
+    if prediction.status == "failed":
+        kind = TransientProviderError if prediction_failure_is_transient(message) else PermanentProviderError
+        return kind(message, error_class="PredictionFailed")
+    return TransientProviderError(message, error_class="PredictionCanceled")
+
+
+async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None, error: Exception) -> None:
+    if isinstance(error, MediagenError):
+        failure = jobs.Failure(error.error_class, error.message, error.http_status)
+    else:
+        failure = jobs.Failure(type(error).__name__, str(error) or type(error).__name__)
+    if prediction is not None and prediction.done:
+        # Recorded so that the next attempt knows whether this prediction can be resumed.
+        failure = jobs.Failure(failure.error_class, failure.message, failure.http_status, prediction.status)
+    decision = ctx.policy.decide(error, claim.attempt)
+    retry_delay = decision.delay if decision.retry else None
+    level = logging.ERROR if not isinstance(error, MediagenError) else logging.INFO
+    log_event(
+        "job.attempt.failed",
+        level,
+        job_id=str(claim.job_id),
+        attempt=claim.attempt,
+        error_class=failure.error_class,
+        error=failure.message,
+        http_status=failure.http_status,
+        prediction_id=prediction.id if prediction else claim.resume_prediction_id,
+        exc_info=not isinstance(error, MediagenError),
+    )
+    try:
+        async with ctx.db.transaction() as conn:
+            held = await jobs.fail_attempt(conn, claim, failure, retry_delay=retry_delay)
+    except Exception:
+        # The database is unreachable: leave the job to its lease; the sweep will hand it back.
+        log_event("job.attempt.unrecorded", logging.WARNING, job_id=str(claim.job_id), attempt=claim.attempt)
+        return
+    if not held:
+        _log_lost(claim)
+        return
+    if retry_delay is not None:
+        log_event(
+            "job.retry.scheduled",
+            job_id=str(claim.job_id),
+            attempt=claim.attempt,
+            next_attempt=claim.attempt + 1,
+            delay_seconds=retry_delay,
+            error_class=failure.error_class,
+        )
+        await _send_quietly(ctx, claim.job_id, max(retry_delay, MIN_RESEND_DELAY))
+    else:
+        if prediction is not None and not prediction.done:
+            await _cancel_prediction(ctx, claim, prediction)
+        log_event(
+            "job.failed",
+            job_id=str(claim.job_id),
+            attempt=claim.attempt,
+            error_class=failure.error_class,
+            error=failure.message,
+        )
+
+
+async def _cancel_prediction(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction) -> str | None:
+    """Stop paying for a prediction we no longer want; its status if that worked."""
+    try:
+        await ctx.provider.cancel(prediction.id)
+    except MediagenError as error:
+        log_event("job.prediction.cancel_failed", logging.WARNING, job_id=str(claim.job_id), error=error.message)
+        return None
+    log_event("job.prediction.canceled", job_id=str(claim.job_id), prediction_id=prediction.id)
+    return "canceled"
+
+
+async def _cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None) -> None:
+    status = None
+    if prediction is not None and not prediction.done:
+        status = await _cancel_prediction(ctx, claim, prediction)
+    async with ctx.db.transaction() as conn:
+        held = await jobs.finish_canceled(conn, claim, status)
+    if held:
+        log_event("job.attempt.failed", job_id=str(claim.job_id), attempt=claim.attempt, error_class="JobCanceled",
+                  error="canceled on request")
+        log_event("job.canceled", job_id=str(claim.job_id), attempt=claim.attempt)
+
+
+async def _release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
+    try:
+        async with ctx.db.transaction() as conn:
+            held = await jobs.release(conn, claim, reason)
+    except Exception:
+        return  # the lease will expire and the sweep hands the job back
+    if held:
+        log_event("job.attempt.failed", job_id=str(claim.job_id), attempt=claim.attempt, error_class="WorkerShutdown",
+                  error=reason)
+        await _send_quietly(ctx, claim.job_id, MIN_RESEND_DELAY)
+
+
+async def _send_quietly(ctx: WorkerContext, job_id: uuid.UUID, delay: float) -> None:
+    try:
+        await ctx.dispatcher.send([job_id], delay=delay)
+    except Exception:
+        # Redis is down: the job is recorded as due in PostgreSQL and the sweep will send it.
+        log_event("job.dispatch.deferred", logging.WARNING, job_id=str(job_id))
+
+
+def _log_lost(claim: jobs.Claim) -> None:
+    log_event("job.attempt.superseded", job_id=str(claim.job_id), attempt=claim.attempt)

@@ -1,0 +1,69 @@
+"""Building the shared resources (database, Redis, provider, storage) from settings, once per process."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from mediagen.broker import Dispatcher
+from mediagen.db import Database
+from mediagen.outputs import Downloader
+from mediagen.providers.replicate import ReplicateProvider
+from mediagen.settings import Settings
+from mediagen.storage import Storage
+from mediagen.storage.local import LocalStorage
+
+REPLICATE_DELIVERY = "replicate.delivery"
+
+
+def require(value: str | None, name: str) -> str:
+    if not value:
+        raise SystemExit(f"{name} is not set (make run sets it for the embedded servers)")
+    return value
+
+
+def database(settings: Settings) -> Database:
+    return Database(require(settings.database_url, "DATABASE_URL"), pool_size=settings.db_pool_size)
+
+
+def redis_client(settings: Settings, *, max_connections: int = 64) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        require(settings.redis_url, "REDIS_URL"),
+        max_connections=max_connections,
+        timeout=2,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+    )
+    return Redis(connection_pool=pool)
+
+
+def dispatcher(settings: Settings, redis: Redis) -> Dispatcher:
+    return Dispatcher(redis, namespace=settings.redis_namespace, queue_name=settings.queue_name)
+
+
+def storage(settings: Settings) -> Storage:
+    if settings.storage_backend == "local":
+        return LocalStorage(settings.media_dir)
+    raise SystemExit(f"storage backend {settings.storage_backend!r} is not available yet")
+
+
+def provider(settings: Settings) -> ReplicateProvider:
+    token = settings.replicate_api_token.get_secret_value() if settings.replicate_api_token else None
+    return ReplicateProvider(
+        # The fake accepts any token, and the client sends none without one.
+        api_token=token or "fake-replicate-token",
+        base_url=settings.replicate_base_url,
+        timeout_seconds=settings.replicate_timeout_seconds,
+        max_connections=settings.replicate_max_connections,
+    )
+
+
+def downloader(settings: Settings) -> Downloader:
+    hosts = [REPLICATE_DELIVERY, *settings.download_allowed_hosts]
+    if settings.replicate_base_url:
+        base_host = urlsplit(settings.replicate_base_url).hostname
+        if base_host:
+            hosts.append(base_host)
+    token = settings.replicate_api_token.get_secret_value() if settings.replicate_api_token else None
+    return Downloader(allowed_hosts=hosts, max_bytes=settings.max_output_bytes, auth_token=token)

