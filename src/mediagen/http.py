@@ -45,19 +45,28 @@ class BodySizeLimit:
                 await self._too_large(scope, receive, send)
                 return
         seen = 0
+        exceeded = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge
             return message
 
+        async def unless_exceeded(message: Message) -> None:
+            # Frameworks turn an error while reading the body into their own 400: drop that answer.
+            if not exceeded:
+                await send(message)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, unless_exceeded)
         except _TooLarge:
+            pass
+        if exceeded:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,0 +1,169 @@
+"""Bad input gets a clear 4xx, never a 500; the read routes answer what the job row says."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import submit, unique
+
+
+def fields_of(response: httpx.Response) -> list[str]:
+    body = response.json()
+    assert body["error"] == "validation_failed"
+    assert body["detail"]["message"]
+    return [item["field"] for item in body["detail"]["fields"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": 42}, "prompt"),
+        ({"prompt": "ok", "colour": "red"}, "colour"),
+        ({"prompt": "ok", "parameters": {"width": 100}}, "parameters.width"),
+        ({"prompt": "ok", "parameters": {"width": 4096}}, "parameters.width"),
+        ({"prompt": "ok", "parameters": {"height": 32}}, "parameters.height"),
+        ({"prompt": "ok", "parameters": {"width": "512"}}, "parameters.width"),
+        ({"prompt": "ok", "parameters": {"num_outputs": 5}}, "parameters.num_outputs"),
+        ({"prompt": "ok", "parameters": {"num_outputs": 0}}, "parameters.num_outputs"),
+        ({"prompt": "ok", "parameters": {"seed": -1}}, "parameters.seed"),
+        ({"prompt": "ok", "parameters": {"steps": 4}}, "parameters.steps"),
+        ({"prompt": "ok", "parameters": {"model": "someone/unknown"}}, "parameters.model"),
+        ({"prompt": "ok", "parameters": "wide"}, "parameters"),
+    ],
+)
+async def test_bad_input_gets_a_422_naming_the_field(api: httpx.AsyncClient, body: dict[str, Any], field: str) -> None:
+    response = await api.post("/generate", json=body)
+
+    assert response.status_code == 422
+    assert field in fields_of(response)
+
+
+async def test_malformed_json_gets_a_422(api: httpx.AsyncClient) -> None:
+    response = await api.post("/generate", content=b'{"prompt": ', headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 422
+    assert response.json()["error"] == "validation_failed"
+
+
+async def test_an_oversized_body_gets_a_413(api: httpx.AsyncClient) -> None:
+    response = await api.post("/generate", json={"prompt": "x" * 100_000})
+
+    assert response.status_code == 413
+    assert response.json()["error"] == "request_too_large"
+
+
+async def test_a_streamed_oversized_body_gets_a_413(api: httpx.AsyncClient) -> None:
+    async def chunks() -> Any:
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = await api.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 413
+
+
+async def test_a_rejected_submission_leaves_no_job_behind(api: httpx.AsyncClient, db: Any) -> None:
+    from sqlalchemy import text
+
+    prompt = unique("never stored")
+    response = await api.post("/generate", json={"prompt": prompt, "parameters": {"width": 7}})
+
+    assert response.status_code == 422
+    async with db.connect() as conn:
+        count = (await conn.execute(text("SELECT count(*) FROM jobs WHERE prompt = :p"), {"p": prompt})).scalar()
+    assert count == 0
+
+
+async def test_submit_answers_202_with_the_job_id_and_its_location(api: httpx.AsyncClient) -> None:
+    response = await api.post("/generate", json={"prompt": unique("a fox"), "parameters": {"width": 64, "height": 64}})
+
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "queued"
+    assert response.headers["location"] == f"/status/{body['job_id']}"
+    status = (await api.get(response.headers["location"])).json()
+    assert status["job_id"] == body["job_id"] and status["status"] in ("queued", "running", "succeeded")
+
+
+async def test_the_seed_is_chosen_and_recorded_when_absent(api: httpx.AsyncClient) -> None:
+    job_id = await submit(api, unique("a seed"), width=64, height=64)
+
+    job = (await api.get(f"/jobs/{job_id}")).json()
+
+    assert isinstance(job["parameters"]["seed"], int)
+    assert job["model"] == "black-forest-labs/flux-schnell"
+    assert job["parameters"]["width"] == 64 and job["parameters"]["num_outputs"] == 1
+
+
+async def test_an_unknown_job_is_404_and_a_malformed_id_is_422(api: httpx.AsyncClient) -> None:
+    for path in ("/status/{}", "/jobs/{}"):
+        assert (await api.get(path.format(uuid.uuid4()))).status_code == 404
+        assert (await api.get(path.format("not-a-uuid"))).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/media/../../etc/passwd",
+        "/media/%2e%2e/%2e%2e/etc/passwd",
+        "/media/..%2f..%2fetc%2fpasswd",
+        f"/media/{uuid.uuid4()}/0.png",
+        "/media/whatever.png",
+    ],
+)
+async def test_media_never_serves_outside_its_folder(api: httpx.AsyncClient, path: str) -> None:
+    response = await api.get(path)
+
+    assert response.status_code == 404
+
+
+async def test_jobs_are_listed_newest_first_across_pages(api: httpx.AsyncClient) -> None:
+    ids = [await submit(api, unique(f"page {i}"), width=64, height=64) for i in range(5)]
+
+    seen: list[str] = []
+    cursor = None
+    for _ in range(50):
+        params: dict[str, Any] = {"limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await api.get("/jobs", params=params)).json()
+        seen += [item["job_id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None or set(ids) <= set(seen):
+            break
+
+    positions = [seen.index(job_id) for job_id in ids]
+    assert positions == sorted(positions, reverse=True)
+    assert len(seen) == len(set(seen))
+
+
+async def test_jobs_can_be_filtered_by_status(api: httpx.AsyncClient) -> None:
+    page = (await api.get("/jobs", params={"status": "failed", "limit": 200})).json()
+
+    assert all(item["status"] == "failed" for item in page["items"])
+    assert (await api.get("/jobs", params={"status": "lost"})).status_code == 422
+    assert (await api.get("/jobs", params={"cursor": "garbage!"})).status_code == 422
+    assert (await api.get("/jobs", params={"limit": 0})).status_code == 422
+
+
+async def test_health_and_readiness(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    ready = await api.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+async def test_the_openapi_document_describes_the_routes(api: httpx.AsyncClient) -> None:
+    schema = (await api.get("/openapi.json")).json()
+
+    assert {"/generate", "/status/{job_id}", "/jobs/{job_id}", "/jobs", "/healthz", "/readyz"} <= set(schema["paths"])
