@@ -222,22 +222,38 @@ def worker(service_env: dict[str, str], workdir: Path) -> Iterator[Process]:
     stop(process.proc, timeout=40)
 
 
-@pytest.fixture(scope="session")
-def api_url(service_env: dict[str, str], workdir: Path) -> Iterator[str]:
+def start_api(env: dict[str, str], log_path: Path, **overrides: str) -> Process:
     port = free_port()
-    log = open(workdir / "api.log", "wb")  # noqa: SIM115
+    log = open(log_path, "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "mediagen.app:create_app", "--port", str(port),
-         "--no-access-log"],
-        env=service_env,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "mediagen.app:create_app",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ],
+        env={**env, **overrides},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/healthz", proc)
-    yield url
-    stop(proc)
-    log.close()
+    try:
+        wait_http(f"{url}/healthz", proc)
+    except RuntimeError:
+        stop(proc)
+        raise RuntimeError(f"API did not start:\n{log_path.read_text()[-3000:]}") from None
+    return Process(proc, log_path, {"url": url})
+
+
+@pytest.fixture(scope="session")
+def api_url(service_env: dict[str, str], workdir: Path) -> Iterator[str]:
+    process = start_api(service_env, workdir / "api.log")
+    yield process.extra["url"]
+    stop(process.proc)
 
 
 @pytest.fixture
@@ -254,7 +270,11 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 
 
 async def wait_for_job(
-    api: httpx.AsyncClient, job_id: str, *, timeout: float = 20.0, until: tuple[str, ...] = ("succeeded", "failed", "canceled")
+    api: httpx.AsyncClient,
+    job_id: str,
+    *,
+    timeout: float = 20.0,
+    until: tuple[str, ...] = ("succeeded", "failed", "canceled"),
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:

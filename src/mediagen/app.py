@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from mediagen import __version__, services
+from mediagen.auth import KeyRing
 from mediagen.broker import Dispatcher
 from mediagen.db import Database
 from mediagen.http import BodySizeLimit, install_error_handlers
@@ -27,6 +28,7 @@ class ApiState:
     redis: Redis
     dispatcher: Dispatcher
     storage: Storage
+    keyring: KeyRing
 
 
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
@@ -43,12 +45,16 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             redis=redis,
             dispatcher=services.dispatcher(settings, redis),
             storage=services.storage(settings),
+            keyring=KeyRing([key.get_secret_value() for key in settings.api_keys]),
         )
         app.state.api = state
         log_event(
             "api.started",
             replicate="fake" if settings.uses_fake_replicate else "replicate",
             storage=settings.storage_backend,
+            auth="api keys"
+            if state.keyring.enabled
+            else "none: MEDIAGEN_API_KEYS is not set, every caller sees every job",
         )
         try:
             yield

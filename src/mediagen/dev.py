@@ -69,7 +69,15 @@ def main() -> None:
             fake_port = int(env.get("FAKE_REPLICATE_PORT", "0")) or free_port()
             children.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "mediagen.fake_replicate", "--host", "127.0.0.1", "--port", str(fake_port)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "mediagen.fake_replicate",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(fake_port),
+                    ],
                     env=env,
                 )
             )
@@ -79,8 +87,20 @@ def main() -> None:
         log_event("dev.migrated")
         children.append(
             subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "mediagen.app:create_app", "--host", host,
-                 "--port", str(port), "--no-access-log", "--log-level", "warning"],
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "mediagen.app:create_app",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
                 env=env,
             )
         )

@@ -88,9 +88,7 @@ def _config_values(args: argparse.Namespace, environ: Mapping[str, str]) -> dict
     return values
 
 
-def build_settings(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
-) -> ServerSettings:
+def build_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
     """Parse flags and ``FAKE_REPLICATE_*`` variables (flags win)."""
     env = os.environ if environ is None else environ
     parser = _parser()

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mediagen.auth import Unauthorized
 from mediagen.errors import DependencyUnavailable, JobConflict, JobNotFound
 from mediagen.logging import log_event
 
@@ -85,7 +86,11 @@ def _field(loc: tuple[Any, ...]) -> str:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     problems = [
-        {"field": _field(tuple(item.get("loc", ()))), "message": item.get("msg", "invalid"), "type": item.get("type")}
+        {
+            "field": _field(tuple(item.get("loc", ()))),
+            "message": item.get("msg", "invalid"),
+            "type": item.get("type"),
+        }
         for item in exc.errors()
     ]
     summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
@@ -110,6 +115,10 @@ async def _conflict(request: Request, exc: Exception) -> Response:
     return error(409, "conflict", str(exc))
 
 
+async def _unauthorized(request: Request, exc: Exception) -> Response:
+    return error(401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"})
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log_event("api.unexpected_error", logging.ERROR, path=request.url.path, exc_info=exc)
     return error(500, "internal_error", "an unexpected error; it has been logged")
@@ -119,6 +128,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(JobNotFound, _not_found)
     app.add_exception_handler(JobConflict, _conflict)
+    app.add_exception_handler(Unauthorized, _unauthorized)
     for kind in (
         DependencyUnavailable,
         sqlalchemy.exc.OperationalError,

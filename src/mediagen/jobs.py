@@ -26,6 +26,7 @@ import orjson
 from sqlalchemy import Row, and_, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mediagen.errors import JobConflict, JobNotFound
 from mediagen.models import TERMINAL, Attempt, AttemptOutcome, Job, JobStatus, Output
 
 # --- submit and read ----------------------------------------------------------------------------
@@ -54,13 +55,18 @@ _CREATE_SQL = text(
                 CAST(:models AS text[]), CAST(:owners AS text[]), CAST(:keys AS text[]),
                 CAST(:hashes AS text[]), CAST(:max_attempts AS int[]), CAST(:deadlines AS float8[]))
          AS n(id, prompt, parameters, model, owner, idempotency_key, request_hash, max_attempts, deadline)
+    ON CONFLICT (owner, idempotency_key) DO NOTHING
+    RETURNING id
     """
 )
 
 
-async def create_jobs(conn: AsyncConnection, jobs: Sequence[NewJob]) -> None:
-    """Insert new `queued` jobs (one statement for any number of them), marked as dispatched now."""
-    await conn.execute(
+async def create_jobs(conn: AsyncConnection, jobs: Sequence[NewJob]) -> set[uuid.UUID]:
+    """Insert new `queued` jobs (one statement for any number), marked as dispatched now.
+
+    Returns the ids inserted: a job whose (owner, idempotency key) exists already is not.
+    """
+    result = await conn.execute(
         _CREATE_SQL,
         {
             "ids": [job.id for job in jobs],
@@ -74,6 +80,45 @@ async def create_jobs(conn: AsyncConnection, jobs: Sequence[NewJob]) -> None:
             "deadlines": [float(job.deadline_seconds) for job in jobs],
         },
     )
+    return {row.id for row in result}
+
+
+async def find_by_idempotency_key(
+    conn: AsyncConnection, owner: str, key: str
+) -> tuple[uuid.UUID, str | None, str] | None:
+    """(job id, request hash, status) of the job submitted earlier with this key."""
+    row = (
+        await conn.execute(
+            select(Job.id, Job.request_hash, Job.status).where(Job.owner == owner, Job.idempotency_key == key)
+        )
+    ).first()
+    return (row.id, row.request_hash, row.status) if row is not None else None
+
+
+_CANCEL_SQL = text(
+    """
+    UPDATE jobs SET cancel_requested = true, updated_at = now(),
+           status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
+           finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
+           error_class = CASE WHEN status = 'running' THEN error_class ELSE 'JobCanceled' END,
+           error_message = CASE WHEN status = 'running' THEN error_message ELSE 'canceled on request' END
+    WHERE id = :id AND status IN ('queued', 'retrying', 'running')
+      AND (CAST(:owner AS text) IS NULL OR owner = :owner)
+    RETURNING status
+    """
+)
+
+
+async def request_cancel(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None = None) -> str:
+    """Cancel a job: waiting ones end `canceled` now; a running one is asked to stop (its worker
+    cancels the prediction at Replicate). Returns the job's status after the request."""
+    row = (await conn.execute(_CANCEL_SQL, {"id": job_id, "owner": owner})).first()
+    if row is not None:
+        return str(row.status)
+    view = await get_status(conn, job_id, owner)
+    if view is None:
+        raise JobNotFound(f"no job {job_id}")
+    raise JobConflict(f"job {job_id} is already {view.status}")
 
 
 @dataclass(frozen=True)
@@ -119,13 +164,9 @@ async def get_detail(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None
     if job is None:
         return None
     attempts = (
-        await conn.execute(
-            select(Attempt.__table__).where(Attempt.job_id == job_id).order_by(Attempt.number)
-        )
+        await conn.execute(select(Attempt.__table__).where(Attempt.job_id == job_id).order_by(Attempt.number))
     ).all()
-    outputs = (
-        await conn.execute(select(Output.__table__).where(Output.job_id == job_id).order_by(Output.index))
-    ).all()
+    outputs = (await conn.execute(select(Output.__table__).where(Output.job_id == job_id).order_by(Output.index))).all()
     return JobDetail(job, list(attempts), list(outputs))
 
 
@@ -287,9 +328,7 @@ class StoredOutput:
     sha256: str
 
 
-async def succeed(
-    conn: AsyncConnection, claim: Claim, outputs: Sequence[StoredOutput], prediction_status: str
-) -> bool:
+async def succeed(conn: AsyncConnection, claim: Claim, outputs: Sequence[StoredOutput], prediction_status: str) -> bool:
     """Close the attempt and the job as succeeded, with its outputs. False: we no longer hold it."""
     done = await conn.execute(
         update(Job)
@@ -331,9 +370,7 @@ class Failure:
     prediction_status: str | None = None
 
 
-async def fail_attempt(
-    conn: AsyncConnection, claim: Claim, failure: Failure, *, retry_delay: float | None
-) -> bool:
+async def fail_attempt(conn: AsyncConnection, claim: Claim, failure: Failure, *, retry_delay: float | None) -> bool:
     """Close the attempt as failed; the job goes `retrying` after `retry_delay` s, or `failed` if None."""
     if retry_delay is not None:
         values: dict[str, Any] = {
@@ -384,9 +421,7 @@ async def release(conn: AsyncConnection, claim: Claim, reason: str) -> bool:
     )
     if done.rowcount != 1:
         return False
-    await _close_attempt(
-        conn, claim, AttemptOutcome.ABANDONED, error_class="WorkerShutdown", error_message=reason
-    )
+    await _close_attempt(conn, claim, AttemptOutcome.ABANDONED, error_class="WorkerShutdown", error_message=reason)
     return True
 
 
@@ -427,9 +462,7 @@ async def _close_attempt(conn: AsyncConnection, claim: Claim, outcome: AttemptOu
 
 async def prediction_in_use(conn: AsyncConnection, prediction_id: str) -> bool:
     """Is this prediction already some attempt's? (Reconciliation must not adopt another job's.)"""
-    row = (
-        await conn.execute(select(Attempt.id).where(Attempt.prediction_id == prediction_id).limit(1))
-    ).first()
+    row = (await conn.execute(select(Attempt.id).where(Attempt.prediction_id == prediction_id).limit(1))).first()
     return row is not None
 
 
@@ -447,6 +480,8 @@ __all__ = [
     "claim",
     "create_jobs",
     "due_in",
+    "find_by_idempotency_key",
+    "request_cancel",
     "fail_attempt",
     "finish_canceled",
     "get_detail",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ _RENEW_SQL = text(
     RETURNING j.id, j.cancel_requested
     """
 )
+
+
+_CANCELED_SQL = text("SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND cancel_requested")
 
 
 @dataclass
@@ -106,10 +110,27 @@ class LeaseKeeper:
             elif alive[hold.job_id]:
                 hold.tell(JobCanceled("canceled on request"))
 
+    async def watch_cancels(self) -> None:
+        """Tell running jobs whose cancel was requested (a cheap read, done every second)."""
+        holds = list(self.holds.values())
+        if not holds:
+            return
+        async with self.db.connect() as conn:
+            rows = (await conn.execute(_CANCELED_SQL, {"ids": [h.job_id for h in holds]})).all()
+        for row in rows:
+            hold = self.holds.get(row.id)
+            if hold is not None:
+                hold.tell(JobCanceled("canceled on request"))
+
     async def _run(self) -> None:
+        last_renewal = time.monotonic()
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+            await asyncio.sleep(min(1.0, self.lease_seconds / 3))
             try:
-                await self.renew()
+                if time.monotonic() - last_renewal >= self.lease_seconds / 3:
+                    last_renewal = time.monotonic()
+                    await self.renew()
+                else:
+                    await self.watch_cancels()
             except Exception:
                 log_event("worker.lease.renew_failed", logging.WARNING, held=len(self.holds), exc_info=True)

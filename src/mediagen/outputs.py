@@ -94,7 +94,8 @@ class Downloader:
                     raise OutputRejected(f"output download redirected (HTTP {response.status_code})")
                 if response.status_code >= 400:
                     raise OutputDownloadFailed(
-                        f"output download failed: HTTP {response.status_code}", http_status=response.status_code
+                        f"output download failed: HTTP {response.status_code}",
+                        http_status=response.status_code,
                     )
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -123,9 +124,7 @@ class Downloader:
         await self.client.aclose()
 
 
-async def store_outputs(
-    downloader: Downloader, storage: Storage, job_id: uuid.UUID, output: Any
-) -> list[StoredOutput]:
+async def store_outputs(downloader: Downloader, storage: Storage, job_id: uuid.UUID, output: Any) -> list[StoredOutput]:
     urls = output_urls(output)
     if not urls:
         raise OutputRejected("the prediction succeeded without any output")

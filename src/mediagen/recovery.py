@@ -87,9 +87,7 @@ class Sweeper:
         for row in expired:
             log_event("job.failed", job_id=str(row.id), error_class="JobDeadlineExceeded", swept=True)
         async with self.db.transaction() as conn:
-            stale = (
-                await conn.execute(_STALE_SQL, {"stale": self.stale_seconds, "batch": self.batch})
-            ).all()
+            stale = (await conn.execute(_STALE_SQL, {"stale": self.stale_seconds, "batch": self.batch})).all()
         waiting = [row.id for row in stale if row.status != "running"]
         orphans = [row.id for row in stale if row.status == "running"]
         if waiting:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import random
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from starlette.responses import FileResponse, Response
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
 from sqlalchemy import text
+from starlette.responses import FileResponse, Response
 
 from mediagen import jobs
-from mediagen.errors import JobNotFound
+from mediagen.auth import Owner, visible_to
+from mediagen.errors import JobConflict, JobNotFound
 from mediagen.http import FastJSON, error
 from mediagen.logging import log_event
 from mediagen.models import JobStatus
@@ -33,6 +36,7 @@ from mediagen.storage.local import LocalStorage
 
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse},
     404: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
     503: {"model": ErrorResponse},
@@ -50,14 +54,35 @@ def media_url(state: Any, key: str) -> str:
     return f"{state.settings.public_base_url}/media/{key}"
 
 
+def _request_hash(body: GenerateRequest) -> str:
+    return hashlib.sha256(orjson.dumps(body.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 @router.post(
     "/generate",
     status_code=202,
     response_model=GenerateAccepted,
-    responses={**_ERRORS, 413: {"model": ErrorResponse}},
+    responses={
+        **_ERRORS,
+        200: {
+            "model": GenerateAccepted,
+            "description": "The job submitted earlier with this Idempotency-Key",
+        },
+        401: {"model": ErrorResponse},
+        409: {"model": ErrorResponse, "description": "This Idempotency-Key was used with another body"},
+        413: {"model": ErrorResponse},
+    },
     summary="Submit a prompt; answers at once with the job id",
 )
-async def generate(body: GenerateRequest, state: Api) -> Response:
+async def generate(
+    body: GenerateRequest,
+    state: Api,
+    owner: Owner,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=200, description="Retry-safe submits: the same key and body return the same job"),
+    ] = None,
+) -> Response:
     settings = state.settings
     params = body.parameters.model_dump()
     model = params.pop("model") or settings.default_model
@@ -73,6 +98,7 @@ async def generate(body: GenerateRequest, state: Api) -> Response:
     if params["seed"] is None:
         # A seed of our own makes the input unique, so an unknown create can be found again safely.
         params["seed"] = random.randrange(2**32)
+    request_hash = _request_hash(body) if idempotency_key is not None else None
     job = jobs.NewJob(
         id=uuid.uuid4(),
         prompt=body.prompt,
@@ -80,21 +106,51 @@ async def generate(body: GenerateRequest, state: Api) -> Response:
         model=model,
         max_attempts=settings.max_attempts,
         deadline_seconds=settings.job_deadline_seconds,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
     )
     async with state.db.transaction() as conn:
-        await jobs.create_jobs(conn, [job])
+        inserted = await jobs.create_jobs(conn, [job])
+        earlier = None if inserted else await jobs.find_by_idempotency_key(conn, owner, idempotency_key or "")
+    if earlier is not None:
+        earlier_id, earlier_hash, earlier_status = earlier
+        if earlier_hash != request_hash:
+            raise JobConflict("this Idempotency-Key was already used with a different request body")
+        return _accepted(earlier_id, earlier_status, 200)
     try:
         await state.dispatcher.send([job.id])
     except Exception as exc:
         # The job is committed: the worker's recovery sweep will send it within seconds.
         log_event("job.dispatch.deferred", logging.WARNING, job_id=str(job.id), error=type(exc).__name__)
     log_event("job.submitted", job_id=str(job.id), model=model)
-    location = f"/status/{job.id}"
+    return _accepted(job.id, JobStatus.QUEUED.value, 202)
+
+
+def _accepted(job_id: uuid.UUID, status: str, code: int) -> Response:
+    location = f"/status/{job_id}"
     return FastJSON(
-        {"job_id": str(job.id), "status": JobStatus.QUEUED.value, "status_url": location},
-        status_code=202,
+        {"job_id": str(job_id), "status": status, "status_url": location},
+        status_code=code,
         headers={"Location": location},
     )
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobStatusResponse,
+    status_code=202,
+    responses={**_ERRORS, 200: {"model": JobStatusResponse}, 409: {"model": ErrorResponse}},
+    summary="Cancel a job: a waiting one at once, a running one by canceling its prediction",
+)
+async def cancel(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
+    async with state.db.transaction() as conn:
+        new_status = await jobs.request_cancel(conn, job_id, visible_to(owner))
+    log_event("job.cancel_requested", job_id=str(job_id), status=new_status)
+    async with state.db.connect() as conn:
+        view = await jobs.get_status(conn, job_id)
+    assert view is not None
+    return FastJSON(_status_body(state, view), status_code=200 if new_status == "canceled" else 202)
 
 
 @router.get(
@@ -103,26 +159,28 @@ async def generate(body: GenerateRequest, state: Api) -> Response:
     responses=_ERRORS,
     summary="Where a job is: status, attempts, error, result URLs",
 )
-async def status(job_id: uuid.UUID, state: Api) -> Response:
+async def status(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
     async with state.db.connect() as conn:
-        view = await jobs.get_status(conn, job_id)
+        view = await jobs.get_status(conn, job_id, visible_to(owner))
     if view is None:
         raise JobNotFound(f"no job {job_id}")
-    return FastJSON(
-        {
-            "job_id": str(view.id),
-            "status": view.status,
-            "attempts": view.attempts,
-            "error": view.error_message if view.status == JobStatus.FAILED.value else None,
-            "result_urls": [media_url(state, key) for key in view.output_keys],
-        }
-    )
+    return FastJSON(_status_body(state, view))
+
+
+def _status_body(state: Any, view: jobs.JobStatusView) -> dict[str, Any]:
+    return {
+        "job_id": str(view.id),
+        "status": view.status,
+        "attempts": view.attempts,
+        "error": view.error_message if view.status in ("failed", "canceled") else None,
+        "result_urls": [media_url(state, key) for key in view.output_keys],
+    }
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="The full job")
-async def job_detail(job_id: uuid.UUID, state: Api) -> Response:
+async def job_detail(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
     async with state.db.connect() as conn:
-        detail = await jobs.get_detail(conn, job_id)
+        detail = await jobs.get_detail(conn, job_id, visible_to(owner))
     if detail is None:
         raise JobNotFound(f"no job {job_id}")
     job = detail.job
@@ -187,6 +245,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
 @router.get("/jobs", response_model=JobPage, responses=_ERRORS, summary="Jobs, newest first")
 async def list_jobs(
     state: Api,
+    owner: Owner,
     status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
@@ -195,10 +254,22 @@ async def list_jobs(
     if cursor is not None:
         before = _decode_cursor(cursor)
         if before is None:
-            return error(422, "validation_failed", {"message": "cursor: not a cursor from this API",
-                                                    "fields": [{"field": "cursor", "message": "invalid"}]})
+            return error(
+                422,
+                "validation_failed",
+                {
+                    "message": "cursor: not a cursor from this API",
+                    "fields": [{"field": "cursor", "message": "invalid"}],
+                },
+            )
     async with state.db.connect() as conn:
-        rows = await jobs.list_jobs(conn, status=status.value if status else None, limit=limit + 1, before=before)
+        rows = await jobs.list_jobs(
+            conn,
+            status=status.value if status else None,
+            limit=limit + 1,
+            before=before,
+            owner=visible_to(owner),
+        )
     page, more = rows[:limit], len(rows) > limit
     return FastJSON(
         {
@@ -225,9 +296,13 @@ async def list_jobs(
     responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
     summary="An image's bytes",
 )
-async def media(key: str, state: Api) -> Response:
+async def media(key: str, state: Api, owner: Owner) -> Response:
     if not is_valid_key(key):
         return error(404, "not_found", "no such image")
+    if visible_to(owner) is not None:
+        async with state.db.connect() as conn:
+            if await jobs.get_status(conn, uuid.UUID(key.split("/", 1)[0]), owner) is None:
+                return error(404, "not_found", "no such image")
     storage = state.storage
     if isinstance(storage, LocalStorage):
         path = storage.path(key)

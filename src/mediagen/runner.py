@@ -174,7 +174,10 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]
                 continue
             await jobs.record_prediction(conn, claim, candidate.id, candidate.status)
         log_event(
-            "job.prediction.adopted", job_id=str(claim.job_id), attempt=claim.attempt, prediction_id=candidate.id
+            "job.prediction.adopted",
+            job_id=str(claim.job_id),
+            attempt=claim.attempt,
+            prediction_id=candidate.id,
         )
         return candidate
     return None
@@ -273,8 +276,13 @@ async def _cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction 
     async with ctx.db.transaction() as conn:
         held = await jobs.finish_canceled(conn, claim, status)
     if held:
-        log_event("job.attempt.failed", job_id=str(claim.job_id), attempt=claim.attempt, error_class="JobCanceled",
-                  error="canceled on request")
+        log_event(
+            "job.attempt.failed",
+            job_id=str(claim.job_id),
+            attempt=claim.attempt,
+            error_class="JobCanceled",
+            error="canceled on request",
+        )
         log_event("job.canceled", job_id=str(claim.job_id), attempt=claim.attempt)
 
 
@@ -285,8 +293,13 @@ async def _release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
     except Exception:
         return  # the lease will expire and the sweep hands the job back
     if held:
-        log_event("job.attempt.failed", job_id=str(claim.job_id), attempt=claim.attempt, error_class="WorkerShutdown",
-                  error=reason)
+        log_event(
+            "job.attempt.failed",
+            job_id=str(claim.job_id),
+            attempt=claim.attempt,
+            error_class="WorkerShutdown",
+            error=reason,
+        )
         await _send_quietly(ctx, claim.job_id, MIN_RESEND_DELAY)
 
 

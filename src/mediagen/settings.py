@@ -27,9 +27,7 @@ def _env(*names: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="MEDIAGEN_", env_file=".env", extra="ignore", populate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix="MEDIAGEN_", env_file=".env", extra="ignore", populate_by_name=True)
 
     # --- where things live -------------------------------------------------------------------------
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL", "MEDIAGEN_DATABASE_URL"))
@@ -78,6 +76,8 @@ class Settings(BaseSettings):
 
     # --- API ---------------------------------------------------------------------------------------
     cors_origins: Annotated[list[str], NoDecode] = []
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    """When set, every route but health needs `Authorization: Bearer <one of these>`."""
     max_body_bytes: int = 64 * 1024
     db_pool_size: int = 20
 
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("allowed_models", "download_allowed_hosts", "cors_origins", mode="before")
+    @field_validator("allowed_models", "download_allowed_hosts", "cors_origins", "api_keys", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

@@ -140,9 +140,7 @@ MAX_SIDE: Final = 4096
 PROGRESS_STEPS: Final = 4
 FLAGGED_ERROR: Final = "The input or output was flagged as sensitive. (E005)"
 CRASH_ERROR: Final = "Prediction failed: the model timed out while starting (E6716)"
-OOM_ERROR: Final = (
-    "CUDA out of memory. Tried to allocate 2.00 GiB; GPU 0 has a total capacity of 23.69 GiB (E001)"
-)
+OOM_ERROR: Final = "CUDA out of memory. Tried to allocate 2.00 GiB; GPU 0 has a total capacity of 23.69 GiB (E001)"
 WEBHOOK_SECRET: Final = (
     "whsec_" + base64.b64encode(hashlib.sha256(b"mediagen-fake-replicate-webhook").digest()).decode()
 )
@@ -658,9 +656,7 @@ def invalid_version() -> Response:
 # --------------------------------------------------------------------------- input validation
 
 
-def _int_field(
-    raw: JSON, name: str, default: int, low: int, high: int, errors: list[tuple[str, str, str]]
-) -> int:
+def _int_field(raw: JSON, name: str, default: int, low: int, high: int, errors: list[tuple[str, str, str]]) -> int:
     value = raw.get(name, default)
     if value is None:
         return default
@@ -786,10 +782,7 @@ class FakeReplicate:
     def output(self, pred: Prediction, base: str) -> list[str]:
         count = pred.params.num_outputs
         if pred.output_mode == "data":
-            return [
-                "data:image/png;base64," + base64.b64encode(self.png_bytes(pred, i)).decode()
-                for i in range(count)
-            ]
+            return ["data:image/png;base64," + base64.b64encode(self.png_bytes(pred, i)).decode() for i in range(count)]
         return [f"{base}/files/{pred.id}/{i}.png" for i in range(count)]
 
     def prediction_json(self, pred: Prediction, base: str, *, hide_running: bool = False) -> JSON:

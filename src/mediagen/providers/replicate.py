@@ -133,9 +133,7 @@ class ReplicateProvider:
             ) from error
         except httpx.TransportError as error:
             kind = UnknownCreateOutcome if creating else TransientProviderError
-            raise kind(
-                f"Replicate did not answer: {type(error).__name__}", error_class=type(error).__name__
-            ) from error
+            raise kind(f"Replicate did not answer: {type(error).__name__}", error_class=type(error).__name__) from error
         except ClientValidationError as error:
             # An answer the client cannot parse, e.g. the `aborted` status 1.0.7 does not know.
             raise TransientProviderError(
