@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,7 +96,7 @@ def namespace(redis_url: str) -> Iterator[str]:
     name = f"mediagen-test-{RUN_ID}"
     yield name
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{name}:*", count=1000))
+    keys = list(client.scan_iter(f"{name}*", count=1000))
     if keys:
         client.delete(*keys)
     client.close()
@@ -201,14 +202,16 @@ class Process:
 
 def start_worker(env: dict[str, str], log_path: Path, **overrides: str) -> Process:
     log = open(log_path, "ab")  # noqa: SIM115
+    before = log_path.read_bytes().count(b"worker.started") if log_path.exists() else 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "mediagen.worker"],
         env={**env, **overrides},
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: Dramatiq forks, and a kill must reach both
     )
     deadline = time.monotonic() + 30
-    while b"worker.started" not in log_path.read_bytes():
+    while log_path.read_bytes().count(b"worker.started") <= before:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.05)
@@ -298,3 +301,72 @@ async def submit(api: httpx.AsyncClient, prompt: str, **parameters: Any) -> str:
 def unique(prompt: str) -> str:
     """A prompt no other test uses, so the fake's per-prompt counters are this test's alone."""
     return f"{prompt} #{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Stack:
+    """A private deployment for failure tests: its own database, Redis namespace and queue."""
+
+    env: dict[str, str]
+    workdir: Path
+    database_url: str
+    redis_url: str
+    api: Process | None = None
+    workers: list[Process] = field(default_factory=list)
+
+    def start_api(self, **overrides: str) -> str:
+        self.api = start_api(self.env, self.workdir / "api.log", **overrides)
+        url: str = self.api.extra["url"]
+        return url
+
+    def start_worker(self, **overrides: str) -> Process:
+        worker = start_worker(self.env, self.workdir / "worker.log", **overrides)
+        self.workers.append(worker)
+        return worker
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return Process(self.workers[0].proc, self.workdir / "worker.log").log_lines() if self.workers else []
+
+    def close(self) -> None:
+        for worker in self.workers:
+            kill_group(worker.proc, signal.SIGKILL)
+        if self.api is not None:
+            stop(self.api.proc)
+
+
+def kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    if sig == signal.SIGKILL:
+        proc.wait()
+
+
+@pytest.fixture
+def make_stack(postgres_admin_url: str, service_env: dict[str, str], workdir: Path, redis_url: str) -> Iterator[Any]:
+    stacks: list[tuple[Stack, str]] = []
+
+    def make(*, redis: str | None = None, **overrides: str) -> Stack:
+        name = f"mediagen_test_{RUN_ID}_{len(stacks)}_{uuid.uuid4().hex[:6]}"
+        url = create_database(postgres_admin_url, name)
+        migrate(url)
+        folder = workdir / name
+        folder.mkdir()
+        env = {
+            **service_env,
+            "DATABASE_URL": url,
+            "REDIS_URL": redis or redis_url,
+            "MEDIAGEN_REDIS_NAMESPACE": f"{service_env['MEDIAGEN_REDIS_NAMESPACE']}-{len(stacks)}",
+            "MEDIAGEN_QUEUE_NAME": f"q{len(stacks)}",
+            "MEDIAGEN_MEDIA_DIR": str(folder / "media"),
+            **overrides,
+        }
+        stack = Stack(env, folder, url, env["REDIS_URL"])
+        stacks.append((stack, name))
+        return stack
+
+    yield make
+    for stack, name in stacks:
+        stack.close()
+        drop_database(postgres_admin_url, name)
