@@ -139,7 +139,7 @@ async def test_a_worker_stopped_with_sigterm_hands_its_jobs_back(
     job_id = await submit(api, prompt, width=64, height=64)
     await wait_running_with_prediction(stack, job_id)
 
-    kill_group(leaving.proc, signal.SIGTERM)
+    leaving.proc.send_signal(signal.SIGTERM)  # as an orchestrator does: to the main process only
     leaving.proc.wait(timeout=30)
     stack.start_worker()
 

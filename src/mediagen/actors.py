@@ -106,6 +106,7 @@ class WorkerResources(Middleware):  # type: ignore[misc]
     def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
         if _context is not None:
             log_event("worker.stopping", in_flight=len(_context.leases.holds))
+            _context.stopping = True
             thread = get_event_loop_thread()
             if thread is not None:
                 thread.loop.call_soon_threadsafe(

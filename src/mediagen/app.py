@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,6 +30,20 @@ class ApiState:
     dispatcher: Dispatcher
     storage: Storage
     keyring: KeyRing
+
+
+def _document_allowed_models(app: FastAPI, settings: Settings) -> None:
+    """The allowed models are settings: put them into the OpenAPI document as an enum."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            model = schema["components"]["schemas"]["GenerationParameters"]["properties"]["model"]
+            model["anyOf"][0]["enum"] = list(settings.allowed_models)
+        return app.openapi_schema or schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
@@ -69,6 +84,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    _document_allowed_models(app, settings)
     app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(

@@ -9,6 +9,7 @@ import orjson
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -119,6 +120,12 @@ async def _unauthorized(request: Request, exc: Exception) -> Response:
     return error(401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"})
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+    return error(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers=exc.headers)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log_event("api.unexpected_error", logging.ERROR, path=request.url.path, exc_info=exc)
     return error(500, "internal_error", "an unexpected error; it has been logged")
@@ -126,6 +133,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(JobNotFound, _not_found)
     app.add_exception_handler(JobConflict, _conflict)
     app.add_exception_handler(Unauthorized, _unauthorized)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class WorkerContext:
     lease_seconds: float
     poll_initial: float = 0.25
     poll_max: float = 2.0
+    stopping: bool = False
+    """Set when the worker begins to shut down: it takes no new job from then on."""
 
 
 def model_input(claim: jobs.Claim) -> dict[str, Any]:
@@ -73,7 +76,16 @@ def model_input(claim: jobs.Claim) -> dict[str, Any]:
     return data
 
 
+def _exiting(ctx: WorkerContext) -> bool:
+    """Is this process on its way out (a graceful stop, or an exit the worker hooks never saw)?"""
+    return ctx.stopping or not threading.main_thread().is_alive()
+
+
 async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
+    if _exiting(ctx):
+        # A message that reached a worker on its way out: pass it on to another.
+        await _send_quietly(ctx, job_id, MIN_RESEND_DELAY)
+        return
     async with ctx.db.transaction() as conn:
         claim = await jobs.claim(conn, job_id, lease_seconds=ctx.lease_seconds)
         early = None if claim is not None else await jobs.due_in(conn, job_id)
@@ -140,7 +152,11 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
         await _release(ctx, claim, "the worker was stopped")
         raise
     except Exception as error:
-        await _fail(ctx, claim, prediction, error)
+        if _exiting(ctx):
+            # Errors of a dying process (e.g. no more threads for file writes) are not the job's.
+            await _release(ctx, claim, f"the worker stopped: {error}")
+        else:
+            await _fail(ctx, claim, prediction, error)
 
 
 def _check_deadline(claim: jobs.Claim) -> None:

@@ -6,34 +6,57 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 MAX_PROMPT = 2000
+NO_NUL = r"^[^\x00]*$"
 
 
-def _multiple_of_8(value: int) -> int:
-    if value % 8:
-        raise ValueError("must be a multiple of 8")
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 512.0 is the integer 512 (JSON Schema agrees); strings stay wrong."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+def _storable(value: str) -> str:
+    """Text PostgreSQL can store: valid UTF-8 (no lone surrogates) and no NUL characters."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
 
 
 class GenerationParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    width: int = Field(1024, ge=64, le=2048, description="Pixels; a multiple of 8.")
-    height: int = Field(1024, ge=64, le=2048, description="Pixels; a multiple of 8.")
-    num_outputs: int = Field(1, ge=1, le=4)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Chosen at random when absent.")
-    negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT)] | None = None
+    width: Int = Field(1024, ge=64, le=2048, multiple_of=8, description="Pixels; a multiple of 8.")
+    height: Int = Field(1024, ge=64, le=2048, multiple_of=8, description="Pixels; a multiple of 8.")
+    num_outputs: Int = Field(1, ge=1, le=4)
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integral)] | None = Field(
+        None, description="Chosen at random when absent."
+    )
+    negative_prompt: (
+        Annotated[str, StringConstraints(max_length=MAX_PROMPT, pattern=NO_NUL), AfterValidator(_storable)] | None
+    ) = None
     model: str | None = Field(None, description="One of the allowed models; the default when absent.")
-
-    _check_width = field_validator("width", "height")(_multiple_of_8)
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT)]
+    prompt: Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT, pattern=NO_NUL),
+        AfterValidator(_storable),
+    ]
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
 
 
