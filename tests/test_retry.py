@@ -95,3 +95,9 @@ def test_an_absurd_retry_after_is_capped() -> None:
 )
 def test_failed_predictions_are_permanent_unless_an_infrastructure_fault(message: str | None, transient: bool) -> None:
     assert prediction_failure_is_transient(message) is transient
+
+
+def test_the_jobs_own_attempt_cap_wins() -> None:
+    error = TransientProviderError("503", http_status=503)
+    assert not POLICY.decide(error, attempt=2, max_attempts=2).retry
+    assert POLICY.decide(error, attempt=2, max_attempts=3).retry

@@ -23,6 +23,9 @@ from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, ShutdownNotifica
 from redis.asyncio import Redis
 
 ACTOR_NAME = "run_job"
+# A Dramatiq worker heartbeats on every fetch (at least once a second, even idle); one silent this
+# long is dead, and the messages it had fetched are stranded.
+DEAD_WORKER_SECONDS = 5.0
 
 
 class JobBroker(RedisBroker):  # type: ignore[misc]
@@ -71,6 +74,7 @@ class Dispatcher:
     def __init__(self, redis: Redis, *, namespace: str, queue_name: str) -> None:
         self.redis = redis
         self.queue_name = queue_name
+        self._namespace = namespace
         self._main = f"{namespace}:{queue_name}"
         self._delayed = f"{namespace}:{queue_name}.DQ"
 
@@ -104,10 +108,34 @@ class Dispatcher:
             await pipe.execute()
 
     async def pending(self, job_ids: Sequence[uuid.UUID | str]) -> list[bool]:
-        """For each job: is a message for it still waiting or being worked on?"""
+        """For each job: is a message for it waiting, delayed, or in the hands of a live worker?
+
+        A message fetched by a worker that has since died (no heartbeat for `DEAD_WORKER_SECONDS`)
+        is stranded: Dramatiq would hand it back only after its own heartbeat timeout and a random
+        maintenance pass. Such a message counts as lost, and is taken out of the dead worker's
+        hands so that it is not delivered a second time.
+        """
+        ids = [str(job_id) for job_id in job_ids]
+        cutoff = int((time.time() - DEAD_WORKER_SECONDS) * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hexists(f"{self._main}.msgs", str(job_id))
-                pipe.hexists(f"{self._delayed}.msgs", str(job_id))
-            found = await pipe.execute()
-        return [bool(found[i] or found[i + 1]) for i in range(0, len(found), 2)]
+            for job_id in ids:
+                pipe.hexists(f"{self._main}.msgs", job_id)
+                pipe.hexists(f"{self._delayed}.msgs", job_id)
+            pipe.zrangebyscore(f"{self._namespace}:__heartbeats__", 0, cutoff)
+            *found, dead = await pipe.execute()
+        present = [bool(found[i] or found[i + 1]) for i in range(0, len(found), 2)]
+        if not dead or not any(present):
+            return present
+        held = [
+            f"{self._namespace}:__acks__.{worker.decode()}.{queue}"
+            for worker in dead
+            for queue in (self.queue_name, f"{self.queue_name}.DQ")
+        ]
+        candidates = [job_id for job_id, live in zip(ids, present, strict=True) if live]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in candidates:
+                for key in held:
+                    pipe.srem(key, job_id)
+            removed = await pipe.execute()
+        stranded = {job_id for n, job_id in enumerate(candidates) if any(removed[n * len(held) : (n + 1) * len(held)])}
+        return [live and job_id not in stranded for job_id, live in zip(ids, present, strict=True)]

@@ -8,10 +8,11 @@ Events have dotted names and carry fields; secrets are never passed in (and `red
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -41,9 +42,21 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+def _stderr() -> TextIO:
+    """The process's real stderr, line-buffered.
+
+    Not `sys.stderr`: in a Dramatiq worker process that is a pipe to the parent process, and lines
+    still in that pipe are lost when the worker is killed. An attempt's log line must not be.
+    """
+    try:
+        return open(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    except OSError:
+        return sys.stderr
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send every logger's records, as JSON lines, to stderr."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_stderr())
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

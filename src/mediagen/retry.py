@@ -37,9 +37,17 @@ class RetryPolicy:
         ceiling = min(self.cap_seconds, self.base_seconds * 2 ** (attempt - 1))
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
-    def decide(self, error: BaseException, attempt: int, rng: random.Random | None = None) -> Decision:
+    def decide(
+        self,
+        error: BaseException,
+        attempt: int,
+        rng: random.Random | None = None,
+        *,
+        max_attempts: int | None = None,
+    ) -> Decision:
+        """`max_attempts`: the job's own cap (fixed when it was submitted), else the policy's."""
         transient = is_transient(error)
-        if not transient or attempt >= self.max_attempts:
+        if not transient or attempt >= (max_attempts or self.max_attempts):
             return Decision(retry=False, delay=None)
         delay = self.backoff(attempt, rng)
         hint = getattr(error, "retry_after", None)

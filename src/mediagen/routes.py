@@ -9,17 +9,18 @@ import hashlib
 import logging
 import random
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sqlalchemy import text
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from mediagen import jobs
 from mediagen.auth import Owner, visible_to
-from mediagen.errors import JobConflict, JobNotFound
+from mediagen.errors import JobConflict, JobNotFound, StorageError
 from mediagen.http import FastJSON, error
 from mediagen.logging import log_event
 from mediagen.models import JobStatus
@@ -31,7 +32,7 @@ from mediagen.schemas import (
     JobStatusResponse,
     JobView,
 )
-from mediagen.storage import CONTENT_TYPES, is_valid_key
+from mediagen.storage import CONTENT_TYPES, ObjectStream, is_valid_key
 from mediagen.storage.local import LocalStorage
 
 router = APIRouter()
@@ -80,7 +81,11 @@ async def generate(
     owner: Owner,
     idempotency_key: Annotated[
         str | None,
-        Header(max_length=200, description="Retry-safe submits: the same key and body return the same job"),
+        Header(
+            max_length=200,
+            pattern=r"^[!-~]+$",
+            description="Retry-safe submits: the same key and body return the same job (printable ASCII)",
+        ),
     ] = None,
 ) -> Response:
     settings = state.settings
@@ -293,7 +298,12 @@ async def list_jobs(
 
 @router.get(
     "/media/{key:path}",
-    responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+    responses={
+        200: {"content": {"image/png": {}}},
+        307: {"description": "With MEDIAGEN_MEDIA_REDIRECT on S3: a presigned URL of the image"},
+        404: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
     summary="An image's bytes",
 )
 async def media(key: str, state: Api, owner: Owner) -> Response:
@@ -304,16 +314,42 @@ async def media(key: str, state: Api, owner: Owner) -> Response:
             if await jobs.get_status(conn, uuid.UUID(key.split("/", 1)[0]), owner) is None:
                 return error(404, "not_found", "no such image")
     storage = state.storage
-    if isinstance(storage, LocalStorage):
+    if isinstance(storage, LocalStorage):  # sendfile, straight from the disk
         path = storage.path(key)
         if not await asyncio.to_thread(path.is_file):
             return error(404, "not_found", "no such image")
-        return FileResponse(
-            path,
-            media_type=CONTENT_TYPES[key.rsplit(".", 1)[1]],
-            headers={"Cache-Control": "public, max-age=31536000, immutable"},
+        return FileResponse(path, media_type=CONTENT_TYPES[key.rsplit(".", 1)[1]], headers=_IMMUTABLE)
+    settings = state.settings
+    try:
+        if settings.media_redirect:
+            url = await storage.presigned_url(key, settings.media_presign_seconds)
+            # A missing object gets a URL too: checking first keeps the 404 ours, not the store's XML.
+            if url is not None and await storage.exists(key):
+                return RedirectResponse(url, status_code=307)
+        stream = await storage.open(key)
+    except StorageError as exc:
+        log_event("media.storage_failed", logging.WARNING, key=key, error=exc.error_class, detail=exc.message)
+        return error(
+            503, "service_unavailable", "the image store is not reachable; try again shortly", {"Retry-After": "5"}
         )
-    return error(404, "not_found", "no such image")
+    if stream is None:
+        return error(404, "not_found", "no such image")
+    return StreamingResponse(
+        _until_closed(stream),
+        media_type=stream.content_type,
+        headers={**_IMMUTABLE, "Content-Length": str(stream.size)},
+    )
+
+
+_IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+
+
+async def _until_closed(stream: ObjectStream) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        await stream.aclose()  # a client that went away must not hold the store's connection
 
 
 @router.get("/healthz", summary="The process is alive")

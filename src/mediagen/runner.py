@@ -228,30 +228,30 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
     if prediction is not None and prediction.done:
         # Recorded so that the next attempt knows whether this prediction can be resumed.
         failure = jobs.Failure(failure.error_class, failure.message, failure.http_status, prediction.status)
-    decision = ctx.policy.decide(error, claim.attempt)
+    decision = ctx.policy.decide(error, claim.attempt, max_attempts=claim.max_attempts)
     retry_delay = decision.delay if decision.retry else None
-    level = logging.ERROR if not isinstance(error, MediagenError) else logging.INFO
+    try:
+        async with ctx.db.transaction() as conn:
+            held = await jobs.fail_attempt(conn, claim, failure, retry_delay=retry_delay)
+    except Exception:
+        # The database is unreachable: leave the job to its lease; the next claim closes this attempt.
+        log_event("job.attempt.unrecorded", logging.WARNING, job_id=str(claim.job_id), attempt=claim.attempt)
+        return
+    if not held:
+        _log_lost(claim)
+        return
+    # Logged once the row is committed, so the log and the attempts table tell the same story.
     log_event(
         "job.attempt.failed",
-        level,
+        logging.ERROR if not isinstance(error, MediagenError) else logging.INFO,
         job_id=str(claim.job_id),
         attempt=claim.attempt,
         error_class=failure.error_class,
         error=failure.message,
         http_status=failure.http_status,
         prediction_id=prediction.id if prediction else claim.resume_prediction_id,
-        exc_info=not isinstance(error, MediagenError),
+        exc_info=error if not isinstance(error, MediagenError) else None,
     )
-    try:
-        async with ctx.db.transaction() as conn:
-            held = await jobs.fail_attempt(conn, claim, failure, retry_delay=retry_delay)
-    except Exception:
-        # The database is unreachable: leave the job to its lease; the sweep will hand it back.
-        log_event("job.attempt.unrecorded", logging.WARNING, job_id=str(claim.job_id), attempt=claim.attempt)
-        return
-    if not held:
-        _log_lost(claim)
-        return
     if retry_delay is not None:
         log_event(
             "job.retry.scheduled",

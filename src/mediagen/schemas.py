@@ -33,7 +33,6 @@ def _storable(value: str) -> str:
     return value
 
 
-
 class GenerationParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

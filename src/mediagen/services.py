@@ -13,6 +13,7 @@ from mediagen.providers.replicate import ReplicateProvider
 from mediagen.settings import Settings
 from mediagen.storage import Storage
 from mediagen.storage.local import LocalStorage
+from mediagen.storage.s3 import S3Storage
 
 REPLICATE_DELIVERY = "replicate.delivery"
 
@@ -45,7 +46,20 @@ def dispatcher(settings: Settings, redis: Redis) -> Dispatcher:
 def storage(settings: Settings) -> Storage:
     if settings.storage_backend == "local":
         return LocalStorage(settings.media_dir)
-    raise SystemExit(f"storage backend {settings.storage_backend!r} is not available yet")
+    endpoint, access_key, secret_key = settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key
+    if not (endpoint and access_key and secret_key):
+        raise SystemExit(
+            "MEDIAGEN_STORAGE_BACKEND=s3 needs MEDIAGEN_S3_ENDPOINT, MEDIAGEN_S3_ACCESS_KEY and MEDIAGEN_S3_SECRET_KEY"
+        )
+    return S3Storage(
+        endpoint=endpoint,
+        access_key=access_key,
+        secret_key=secret_key.get_secret_value(),
+        bucket=settings.s3_bucket,
+        region=settings.s3_region,
+        secure=settings.s3_secure,
+        public_url=settings.s3_public_url,
+    )
 
 
 def provider(settings: Settings) -> ReplicateProvider:

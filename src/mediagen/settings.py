@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     media_dir: Path = Path("media")
     public_base_url: str = ""
     """Prefix of result URLs (e.g. `https://api.example.com`); empty: URLs relative to the API."""
+    s3_endpoint: str | None = None
+    """`host:port` of the S3 server (MinIO, SeaweedFS, AWS), no scheme: `s3_secure` picks https."""
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_bucket: str = "mediagen"
+    s3_region: str = "us-east-1"
+    s3_secure: bool = False
+    s3_public_url: str | None = None
+    """Where clients reach the S3 server (`https://s3.example.com`), for presigned URLs; unset: the endpoint."""
+    media_redirect: bool = False
+    """GET /media/... answers 307 to a presigned URL (when the backend has them) instead of the bytes."""
+    media_presign_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
 
     # --- API ---------------------------------------------------------------------------------------
     cors_origins: Annotated[list[str], NoDecode] = []

@@ -6,9 +6,10 @@ import asyncio
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from mediagen.errors import StorageMisconfigured, StorageUnavailable
-from mediagen.storage import StoredObject, is_valid_key
+from mediagen.storage import CONTENT_TYPES, ObjectStream, StoredObject, require_key
 
 
 class LocalStorage:
@@ -16,9 +17,7 @@ class LocalStorage:
         self.root = root.resolve()
 
     def path(self, key: str) -> Path:
-        if not is_valid_key(key):
-            raise ValueError(f"not a storage key: {key!r}")
-        return self.root / key
+        return self.root / require_key(key)
 
     def _write(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +39,31 @@ class LocalStorage:
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path(key).is_file)
+
+    async def open(self, key: str) -> ObjectStream | None:
+        path = self.path(key)
+
+        def open_file() -> tuple[BinaryIO, int]:
+            handle = path.open("rb")
+            return handle, os.fstat(handle.fileno()).st_size
+
+        try:
+            # The open handle keeps reading the file it opened, even if a rename replaces the name.
+            handle, size = await asyncio.to_thread(open_file)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        except OSError as error:
+            raise StorageUnavailable(f"cannot read {key}: {error.strerror}") from error
+        return ObjectStream(
+            size=size,
+            content_type=CONTENT_TYPES[key.rsplit(".", 1)[1]],
+            read=handle.read,
+            close=handle.close,
+        )
+
+    async def presigned_url(self, key: str, expires_seconds: int) -> str | None:
+        require_key(key)
+        return None
 
     async def check(self) -> None:
         def probe() -> None:
