@@ -32,7 +32,7 @@ from mediagen.settings import Settings, get_settings
 _context: WorkerContext | None = None
 
 
-class QuietAsyncIO(Middleware):  # type: ignore[misc]
+class QuietAsyncIO(Middleware):
     """Dramatiq's AsyncIO middleware, with uvloop and a 1 s interrupt check.
 
     Each waiting Dramatiq thread wakes every `interrupt_check_ival` to look for interrupts; at the
@@ -53,12 +53,12 @@ class QuietAsyncIO(Middleware):  # type: ignore[misc]
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
         thread = get_event_loop_thread()
         if thread is not None:
-            thread.stop()
+            thread.stop()  # type: ignore[no-untyped-call]
             thread.join()
             set_event_loop_thread(None)
 
 
-class WorkerResources(Middleware):  # type: ignore[misc]
+class WorkerResources(Middleware):
     """Builds the worker's resources on its event loop after boot; hands jobs back at shutdown."""
 
     def __init__(self, settings: Settings) -> None:

@@ -28,10 +28,10 @@ ACTOR_NAME = "run_job"
 DEAD_WORKER_SECONDS = 5.0
 
 
-class JobBroker(RedisBroker):  # type: ignore[misc]
+class JobBroker(RedisBroker):
     """A RedisBroker whose Redis message id is the message id (our messages use the job id)."""
 
-    def enqueue(self, message: dramatiq.Message, *, delay: int | None = None) -> dramatiq.Message:
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         message = message.copy(options={"redis_message_id": message.message_id})
         if delay is not None:
             message = message.copy(
@@ -57,7 +57,7 @@ def build_broker(
     ]
     # Retries are not Dramatiq's job here: mediagen.retry decides and the runner schedules the next
     # attempt itself, so the Retries middleware is left out on purpose.
-    return JobBroker(
+    return JobBroker(  # type: ignore[no-untyped-call]
         url=redis_url,
         namespace=namespace,
         middleware=middleware,
@@ -79,7 +79,7 @@ class Dispatcher:
         self._delayed = f"{namespace}:{queue_name}.DQ"
 
     def _encode(self, job_id: str, queue_name: str, options: dict[str, Any]) -> bytes:
-        message = dramatiq.Message(
+        message: dramatiq.Message[Any] = dramatiq.Message(
             queue_name=queue_name,
             actor_name=ACTOR_NAME,
             args=(job_id,),

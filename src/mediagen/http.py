@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -64,10 +65,8 @@ class BodySizeLimit:
             if not exceeded:
                 await send(message)
 
-        try:
+        with contextlib.suppress(_TooLarge):
             await self.app(scope, limited, unless_exceeded)
-        except _TooLarge:
-            pass
         if exceeded:
             await self._too_large(scope, receive, send)
 
@@ -123,7 +122,8 @@ async def _unauthorized(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
-    return error(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return error(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers=headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

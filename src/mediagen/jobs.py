@@ -22,7 +22,6 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-
 from sqlalchemy import Row, and_, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -480,9 +479,8 @@ __all__ = [
     "claim",
     "create_jobs",
     "due_in",
-    "find_by_idempotency_key",
-    "request_cancel",
     "fail_attempt",
+    "find_by_idempotency_key",
     "finish_canceled",
     "get_detail",
     "get_status",
@@ -490,5 +488,6 @@ __all__ = [
     "prediction_in_use",
     "record_prediction",
     "release",
+    "request_cancel",
     "succeed",
 ]

@@ -49,7 +49,7 @@ def _stderr() -> TextIO:
     still in that pipe are lost when the worker is killed. An attempt's log line must not be.
     """
     try:
-        return open(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+        return open(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     except OSError:
         return sys.stderr
 

@@ -34,8 +34,9 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay after failed attempt number `attempt` (1-based): capped, exponential, jittered."""
-        ceiling = min(self.cap_seconds, self.base_seconds * 2 ** (attempt - 1))
-        return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+        ceiling = min(self.cap_seconds, self.base_seconds * 2.0 ** (attempt - 1))
+        jitter: float = (rng or random).uniform(0, ceiling / 2)
+        return ceiling / 2 + jitter
 
     def decide(
         self,

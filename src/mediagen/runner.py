@@ -33,9 +33,9 @@ from mediagen.errors import (
     JobDeadlineExceeded,
     LeaseLost,
     MediagenError,
-    WorkerStopping,
     PermanentProviderError,
     TransientProviderError,
+    WorkerStopping,
 )
 from mediagen.leases import Hold, LeaseKeeper
 from mediagen.logging import log_event

@@ -10,6 +10,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 MAX_PROMPT = 2000
 NO_NUL = r"^[^\x00]*$"
+# Something to draw: at least one character that is not ASCII white space, and no NUL. Expressed as a
+# pattern (not by stripping) so that the OpenAPI document says exactly what is accepted.
+SOME_TEXT = r"^[^\x00]*[^\x00\t\n\r\x0b\x0c ][^\x00]*$"
 
 
 def _integral(value: Any) -> Any:
@@ -53,7 +56,7 @@ class GenerateRequest(BaseModel):
 
     prompt: Annotated[
         str,
-        StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT, pattern=NO_NUL),
+        StringConstraints(min_length=1, max_length=MAX_PROMPT, pattern=SOME_TEXT),
         AfterValidator(_storable),
     ]
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)

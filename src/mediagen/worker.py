@@ -33,7 +33,7 @@ def main() -> None:
     from dramatiq.cli import main as dramatiq_main
 
     sys.argv = argv(sys.argv[1:])
-    sys.exit(dramatiq_main())
+    sys.exit(dramatiq_main())  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class ReplicateProvider:
             retries=0,
         )
         self._transport = _HintingTransport(inner)
-        self.client = replicate.Client(
+        self.client = replicate.Client(  # type: ignore[attr-defined]
             api_token=api_token,
             base_url=base_url,
             timeout=httpx.Timeout(timeout_seconds, connect=5.0, pool=timeout_seconds),
