@@ -1,0 +1,188 @@
+"""`mediagen`: an operator's look at jobs, straight from the database.
+
+    mediagen job <id>                       a job's timeline: every attempt, its error, the wait after it
+    mediagen jobs [--status failed] [--since 1h] [--limit 50]
+    mediagen retry <id>                     run a failed (or canceled) job again, as a new attempt
+
+Uses DATABASE_URL (and REDIS_URL for `retry`); without them, the embedded servers `make run` keeps in
+MEDIAGEN_DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+
+from mediagen import jobs
+from mediagen.db import Database
+from mediagen.embedded import EmbeddedPostgres, port_open
+from mediagen.settings import Settings, get_settings
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+_RETRY_SQL = text(
+    """
+    UPDATE jobs SET status = 'queued', max_attempts = attempts + :budget, error_class = NULL,
+           error_message = NULL, finished_at = NULL, cancel_requested = false, claim_token = NULL,
+           lease_until = NULL, next_attempt_at = NULL, dispatched_at = now(), updated_at = now(),
+           deadline_at = now() + make_interval(secs => :deadline)
+    WHERE id = :id AND status IN ('failed', 'canceled')
+    RETURNING attempts
+    """
+)
+
+
+def parse_since(value: str) -> timedelta:
+    match = _DURATION.match(value)
+    if not match:
+        raise argparse.ArgumentTypeError("a duration such as 30m, 1h, 2d")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _time(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> str:
+    return f"{(end - start).total_seconds():.1f}s" if start and end else "-"
+
+
+def timeline(detail: jobs.JobDetail) -> list[str]:
+    job = detail.job
+    lines = [
+        f"job {job.id}  {job.status.upper()}  ({job.attempts} of at most {job.max_attempts} attempts)",
+        f"  prompt   {job.prompt!r}",
+        f"  model    {job.model}  {dict(job.parameters)}",
+        f"  created  {_time(job.created_at)}   finished {_time(job.finished_at)}",
+    ]
+    if job.error_message:
+        lines.append(f"  error    {job.error_class}: {job.error_message}")
+    for attempt in detail.attempts:
+        outcome = attempt.outcome or "running"
+        status = f" HTTP {attempt.http_status}" if attempt.http_status else ""
+        line = (
+            f"  #{attempt.number} {_time(attempt.started_at)} {outcome:<9} "
+            f"{_seconds(attempt.started_at, attempt.finished_at):>7}{status}"
+        )
+        if attempt.prediction_id:
+            line += f"  prediction {attempt.prediction_id}{' (resumed)' if attempt.resumed else ''}"
+        lines.append(line)
+        if attempt.error_class:
+            lines.append(f"      {attempt.error_class}: {attempt.error_message}")
+        if attempt.retry_delay_seconds is not None:
+            lines.append(f"      then waited {attempt.retry_delay_seconds:.2f}s before the next attempt")
+    for output in detail.outputs:
+        lines.append(f"  output {output.index}: {output.storage_key} {output.size_bytes} bytes sha256 {output.sha256}")
+    return lines
+
+
+async def show_job(db: Database, job_id: uuid.UUID) -> int:
+    async with db.connect() as conn:
+        detail = await jobs.get_detail(conn, job_id)
+    if detail is None:
+        print(f"no job {job_id}", file=sys.stderr)
+        return 1
+    print("\n".join(timeline(detail)))
+    return 0
+
+
+async def list_jobs(db: Database, status: str | None, since: timedelta | None, limit: int) -> int:
+    query = "SELECT id, status, attempts, created_at, error_class, error_message, prompt FROM jobs WHERE true"
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        query += " AND status = :status"
+        params["status"] = status
+    if since:
+        query += " AND created_at >= now() - make_interval(secs => :since)"
+        params["since"] = since.total_seconds()
+    query += " ORDER BY created_at DESC, id DESC LIMIT :limit"
+    async with db.connect() as conn:
+        rows = (await conn.execute(text(query), params)).all()
+    for row in rows:
+        error = f"  {row.error_class}: {row.error_message}" if row.error_class else ""
+        print(f"{row.id}  {row.status:<9} {row.attempts:>2}  {_time(row.created_at)}  {row.prompt[:40]!r}{error}")
+    print(f"{len(rows)} job(s)", file=sys.stderr)
+    return 0
+
+
+async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
+    async with db.transaction() as conn:
+        row = (
+            await conn.execute(
+                _RETRY_SQL,
+                {"id": job_id, "budget": settings.max_attempts, "deadline": settings.job_deadline_seconds},
+            )
+        ).first()
+    if row is None:
+        print(f"job {job_id} is not failed or canceled (or does not exist)", file=sys.stderr)
+        return 1
+    redis_url = settings.redis_url or _embedded_redis_url()
+    if redis_url:
+        from mediagen import services
+
+        redis = services.redis_client(settings.model_copy(update={"redis_url": redis_url}))
+        try:
+            await services.dispatcher(settings, redis).send([job_id])
+        except Exception:
+            print("Redis not reachable: a worker's recovery sweep will pick the job up", file=sys.stderr)
+        finally:
+            await redis.aclose()
+    print(f"job {job_id} queued again: attempt {row.attempts + 1} is next")
+    return 0
+
+
+def _embedded_redis_url() -> str | None:
+    return "redis://127.0.0.1:6390/0" if port_open("127.0.0.1", 6390) else None
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="mediagen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = root.add_subparsers(dest="command", required=True)
+    job = commands.add_parser("job", help="a job's timeline")
+    job.add_argument("job_id", type=uuid.UUID)
+    listing = commands.add_parser("jobs", help="list jobs, newest first")
+    listing.add_argument("--status", choices=["queued", "running", "retrying", "succeeded", "failed", "canceled"])
+    listing.add_argument("--since", type=parse_since, help="e.g. 30m, 1h, 2d")
+    listing.add_argument("--limit", type=int, default=50)
+    retry = commands.add_parser("retry", help="run a failed job again")
+    retry.add_argument("job_id", type=uuid.UUID)
+    return root
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    embedded = None
+    url = settings.database_url
+    if not url:
+        embedded = EmbeddedPostgres(settings.data_dir / "postgres")
+        url = embedded.url
+    db = Database(url, pool_size=1)
+    try:
+        if args.command == "job":
+            return await show_job(db, args.job_id)
+        if args.command == "jobs":
+            return await list_jobs(db, args.status, args.since, args.limit)
+        return await retry_job(db, settings, args.job_id)
+    finally:
+        await db.dispose()
+        if embedded is not None:
+            embedded.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return asyncio.run(run(args, get_settings()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
