@@ -178,6 +178,7 @@ def service_env(
         MEDIAGEN_POLL_MAX_SECONDS="0.2",
         MEDIAGEN_WORKER_THREADS="32",
         MEDIAGEN_REPLICATE_TIMEOUT_SECONDS="5",
+        MEDIAGEN_WORKER_METRICS_PORT=str(free_port()),
         PYTHONUNBUFFERED="1",
     )
     return env

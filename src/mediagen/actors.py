@@ -24,6 +24,7 @@ from mediagen.broker import ACTOR_NAME, build_broker
 from mediagen.errors import WorkerStopping
 from mediagen.leases import LeaseKeeper
 from mediagen.logging import configure_logging, log_event
+from mediagen.metrics import serve_worker_metrics
 from mediagen.recovery import Sweeper
 from mediagen.retry import RetryPolicy
 from mediagen.runner import WorkerContext, run_job
@@ -65,13 +66,31 @@ class WorkerResources(Middleware):
         self.settings = settings
         self.sweeper: Sweeper | None = None
         self.redis: Any = None
+        self._sync_redis: Any = None
 
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
         configure_logging(self.settings.log_level)
         thread = get_event_loop_thread()
         assert thread is not None, "QuietAsyncIO must come first"
         thread.run_coroutine(self._start())
-        log_event("worker.started", threads=self.settings.worker_threads, queue=self.settings.queue_name)
+        port = None
+        if self.settings.worker_metrics_port:
+            port = serve_worker_metrics(self.settings.worker_metrics_port, self._queue_depth)
+        log_event(
+            "worker.started", threads=self.settings.worker_threads, queue=self.settings.queue_name, metrics_port=port
+        )
+
+    def _queue_depth(self) -> dict[str, int]:
+        import redis
+
+        s = self.settings
+        if self._sync_redis is None:
+            self._sync_redis = redis.Redis.from_url(services.require(s.redis_url, "REDIS_URL"), socket_timeout=2)
+        queue = f"{s.redis_namespace}:{s.queue_name}"
+        return {
+            s.queue_name: int(self._sync_redis.llen(queue)),
+            f"{s.queue_name}.DQ": int(self._sync_redis.llen(f"{queue}.DQ")),
+        }
 
     async def _start(self) -> None:
         global _context

@@ -17,6 +17,7 @@ from mediagen.broker import Dispatcher
 from mediagen.db import Database
 from mediagen.http import BodySizeLimit, install_error_handlers
 from mediagen.logging import configure_logging, log_event
+from mediagen.metrics import RequestMetrics
 from mediagen.routes import router
 from mediagen.settings import Settings, get_settings
 from mediagen.storage import Storage
@@ -95,4 +96,5 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             expose_headers=["Location", "Retry-After"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)
     return app

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from mediagen import metrics
 from mediagen.errors import OutputDownloadFailed, OutputRejected
 from mediagen.jobs import StoredOutput
 from mediagen.storage import Storage
@@ -130,12 +131,14 @@ async def store_outputs(downloader: Downloader, storage: Storage, job_id: uuid.U
         raise OutputRejected("the prediction succeeded without any output")
     stored = []
     for index, url in enumerate(urls):
-        data = await downloader.fetch(url)
+        with metrics.timed(metrics.download_latency):
+            data = await downloader.fetch(url)
         kind = sniff_image(data)
         if kind is None:
             raise OutputRejected(f"output {index} is not an image")
         key = f"{job_id}/{index}.{kind}"
         digest = hashlib.sha256(data).hexdigest()
-        obj = await storage.save(key, data, _TYPES[kind], digest)
+        with metrics.timed(metrics.store_latency):
+            obj = await storage.save(key, data, _TYPES[kind], digest)
         stored.append(StoredOutput(index, key, obj.content_type, obj.size, digest))
     return stored

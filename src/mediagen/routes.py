@@ -352,6 +352,13 @@ async def _until_closed(stream: ObjectStream) -> AsyncIterator[bytes]:
         await stream.aclose()  # a client that went away must not hold the store's connection
 
 
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
 @router.get("/healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mediagen import jobs
+from mediagen import jobs, metrics
 from mediagen.broker import Dispatcher
 from mediagen.db import Database
 from mediagen.errors import (
@@ -94,6 +94,7 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
             await ctx.dispatcher.send([job_id], delay=max(early, MIN_RESEND_DELAY))
         return
     if claim.abandoned_attempt is not None:
+        metrics.attempts.labels("abandoned", "WorkerLost").inc()
         log_event(
             "job.attempt.failed",
             job_id=str(job_id),
@@ -108,9 +109,11 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         resumed_prediction=claim.resume_prediction_id,
     )
     hold = ctx.leases.hold(job_id, claim.token)
+    metrics.in_flight.inc()
     try:
         await _attempt(ctx, claim, hold)
     finally:
+        metrics.in_flight.dec()
         ctx.leases.drop(hold)
 
 
@@ -131,6 +134,8 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
         async with ctx.db.transaction() as conn:
             held = await jobs.succeed(conn, claim, outputs, prediction.status)
         if held:
+            metrics.attempts.labels("succeeded", "").inc()
+            metrics.jobs_finished.labels("succeeded").inc()
             log_event(
                 "job.attempt.succeeded",
                 job_id=str(claim.job_id),
@@ -241,6 +246,7 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
         _log_lost(claim)
         return
     # Logged once the row is committed, so the log and the attempts table tell the same story.
+    metrics.attempts.labels("failed", failure.error_class).inc()
     log_event(
         "job.attempt.failed",
         logging.ERROR if not isinstance(error, MediagenError) else logging.INFO,
@@ -253,6 +259,7 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
         exc_info=error if not isinstance(error, MediagenError) else None,
     )
     if retry_delay is not None:
+        metrics.retries_scheduled.labels(failure.error_class).inc()
         log_event(
             "job.retry.scheduled",
             job_id=str(claim.job_id),
@@ -265,6 +272,7 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
     else:
         if prediction is not None and not prediction.done:
             await _cancel_prediction(ctx, claim, prediction)
+        metrics.jobs_finished.labels("failed").inc()
         log_event(
             "job.failed",
             job_id=str(claim.job_id),
@@ -292,6 +300,8 @@ async def _cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction 
     async with ctx.db.transaction() as conn:
         held = await jobs.finish_canceled(conn, claim, status)
     if held:
+        metrics.attempts.labels("canceled", "JobCanceled").inc()
+        metrics.jobs_finished.labels("canceled").inc()
         log_event(
             "job.attempt.failed",
             job_id=str(claim.job_id),
@@ -309,6 +319,7 @@ async def _release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
     except Exception:
         return  # the lease will expire and the sweep hands the job back
     if held:
+        metrics.attempts.labels("abandoned", "WorkerShutdown").inc()
         log_event(
             "job.attempt.failed",
             job_id=str(claim.job_id),

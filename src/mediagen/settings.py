@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     worker_threads: int = Field(256, ge=1)
     """In-flight jobs per worker process (each waits on its own prediction without using CPU)."""
     worker_processes: int = Field(1, ge=1)
+    worker_metrics_port: int = Field(9191, ge=0, le=65535)
+    """Prometheus metrics of each worker process (0: off)."""
 
     log_level: str = "INFO"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +23,7 @@ import replicate
 from pydantic.v1 import ValidationError as ClientValidationError
 from replicate.exceptions import ReplicateError
 
+from mediagen import metrics
 from mediagen.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
 from mediagen.providers.base import Prediction
 
@@ -111,9 +113,10 @@ class ReplicateProvider:
             transport=self._transport,
         )
 
-    async def _call(self, coro_factory: Any, *, creating: bool = False) -> Any:
+    async def _call(self, coro_factory: Any, *, creating: bool = False, operation: str = "get") -> Any:
         hint: dict[str, float] = {}
         token = _retry_hint.set(hint)
+        started = time.perf_counter()
         try:
             return await coro_factory()
         except ReplicateError as error:
@@ -140,6 +143,7 @@ class ReplicateProvider:
                 f"unexpected answer from Replicate: {error}", error_class="ProviderResponseInvalid"
             ) from error
         finally:
+            metrics.replicate_latency.labels(operation).observe(time.perf_counter() - started)
             _retry_hint.reset(token)
 
     async def create(self, model: str, input: dict[str, Any]) -> Prediction:
@@ -153,19 +157,19 @@ class ReplicateProvider:
             except TimeoutError as error:
                 raise httpx.ReadTimeout("create timed out") from error
 
-        return _prediction(await self._call(bounded, creating=True))
+        return _prediction(await self._call(bounded, creating=True, operation="create"))
 
     async def get(self, prediction_id: str) -> Prediction:
         return _prediction(await self._call(lambda: self.client.predictions.async_get(prediction_id)))
 
     async def cancel(self, prediction_id: str) -> None:
-        await self._call(lambda: self.client.predictions.async_cancel(prediction_id))
+        await self._call(lambda: self.client.predictions.async_cancel(prediction_id), operation="cancel")
 
     async def find_recent(self, model: str, input: dict[str, Any], since: datetime) -> list[Prediction]:
         found: list[Prediction] = []
         cursor: Any = ...
         for _ in range(20):  # at most 2,000 recent predictions
-            page = await self._call(lambda c=cursor: self.client.predictions.async_list(cursor=c))
+            page = await self._call(lambda c=cursor: self.client.predictions.async_list(cursor=c), operation="list")
             older = False
             for obj in page.results:
                 created = _created_at(obj.created_at)

@@ -1,0 +1,97 @@
+"""Prometheus metrics: what the API and the workers are doing, in one place.
+
+The API serves them at `GET /metrics` (its own port). Each worker process serves them on
+`MEDIAGEN_WORKER_METRICS_PORT` (default 9191; a second worker process on the same host takes the next
+free port up to +16), set 0 to turn that off.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# --- API ------------------------------------------------------------------------------------------
+http_requests = Counter("mediagen_http_requests_total", "HTTP requests", ["method", "route", "status"])
+http_latency = Histogram("mediagen_http_request_seconds", "HTTP request latency", ["method", "route"], buckets=_LATENCY)
+
+# --- worker ---------------------------------------------------------------------------------------
+jobs_finished = Counter("mediagen_jobs_finished_total", "Jobs that reached a final status", ["status"])
+attempts = Counter("mediagen_attempts_total", "Attempts by outcome and error class", ["outcome", "error_class"])
+retries_scheduled = Counter("mediagen_retries_scheduled_total", "Retries scheduled", ["error_class"])
+replicate_latency = Histogram(
+    "mediagen_replicate_call_seconds", "Replicate API call latency", ["operation"], buckets=_LATENCY
+)
+download_latency = Histogram("mediagen_output_download_seconds", "Output download latency", buckets=_LATENCY)
+store_latency = Histogram("mediagen_output_store_seconds", "Output store latency", buckets=_LATENCY)
+in_flight = Gauge("mediagen_predictions_in_flight", "Jobs this worker process is running")
+queue_depth = Gauge("mediagen_queue_depth", "Messages waiting in the broker queue", ["queue"])
+
+
+@contextmanager
+def timed(histogram: Any) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        histogram.observe(time.perf_counter() - started)
+
+
+class RequestMetrics:
+    """Counts requests by route template (not raw path, so ids do not explode the label space)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            http_requests.labels(method, route, str(status)).inc()
+            http_latency.labels(method, route).observe(time.perf_counter() - started)
+
+
+def serve_worker_metrics(port: int, depth: Callable[[], dict[str, int]]) -> int | None:
+    """Start the worker's metrics endpoint on `port` or the next free one; returns the port used."""
+    from prometheus_client import REGISTRY, start_http_server
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class QueueDepth(Collector):
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            family = GaugeMetricFamily("mediagen_broker_queue_depth", "Messages waiting", labels=["queue"])
+            try:
+                for queue, size in depth().items():
+                    family.add_metric([queue], size)
+            except Exception:
+                pass  # Redis unreachable: no sample rather than a failed scrape
+            yield family
+
+    for candidate in range(port, port + 16):
+        try:
+            start_http_server(candidate, addr="0.0.0.0")
+        except OSError:
+            continue
+        REGISTRY.register(QueueDepth())
+        return candidate
+    return None
