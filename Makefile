@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-embedded.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test check fmt migrate bench worker api fake clean
+.PHONY: install run test check fmt migrate bench chaos up worker api fake clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP):
 run: install ## the whole service on embedded defaults (API on :8000)
 	$(PY) -m mediagen.dev
 
-test: install ## the whole test suite against real PostgreSQL, Redis and the fake Replicate
+test: check ## lint, types, then the whole suite against real PostgreSQL, Redis and the fake Replicate
 	$(PY) -m pytest
 
 check: install ## lint and type-check
@@ -28,6 +28,15 @@ check: install ## lint and type-check
 fmt: install
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
+
+bench: install ## the benchmark suite (under 5 minutes); writes docs/benchmarks.md
+	$(PY) bench/run.py
+
+chaos: install ## 1,000 jobs through a faulty Replicate while a worker is SIGKILLed; writes docs/reliability.md
+	$(PY) bench/chaos.py
+
+up: ## the whole stack in Docker (PostgreSQL, Redis, MinIO, API, worker, fake Replicate)
+	docker compose up --build
 
 migrate: install ## upgrade DATABASE_URL to the newest schema
 	$(VENV)/bin/alembic upgrade head
