@@ -21,6 +21,7 @@ from mediagen.metrics import RequestMetrics
 from mediagen.routes import router
 from mediagen.settings import Settings, get_settings
 from mediagen.storage import Storage
+from mediagen.submissions import Submissions
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ApiState:
     dispatcher: Dispatcher
     storage: Storage
     keyring: KeyRing
+    submissions: Submissions
 
 
 def _document_allowed_models(app: FastAPI, settings: Settings) -> None:
@@ -55,11 +57,14 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         if configure_logs:
             configure_logging(settings.log_level)
         redis = services.redis_client(settings)
+        db = services.database(settings)
+        dispatcher = services.dispatcher(settings, redis)
         state = ApiState(
             settings=settings,
-            db=services.database(settings),
+            db=db,
             redis=redis,
-            dispatcher=services.dispatcher(settings, redis),
+            dispatcher=dispatcher,
+            submissions=Submissions(db, dispatcher),
             storage=services.storage(settings),
             keyring=KeyRing([key.get_secret_value() for key in settings.api_keys]),
         )

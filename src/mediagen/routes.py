@@ -115,19 +115,15 @@ async def generate(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )
-    async with state.db.transaction() as conn:
-        inserted = await jobs.create_jobs(conn, [job])
-        earlier = None if inserted else await jobs.find_by_idempotency_key(conn, owner, idempotency_key or "")
-    if earlier is not None:
+    if not await state.submissions.submit(job):
+        async with state.db.connect() as conn:
+            earlier = await jobs.find_by_idempotency_key(conn, owner, idempotency_key or "")
+        if earlier is None:  # the key's job was deleted in between: extremely unlikely, but honest
+            raise JobConflict("this Idempotency-Key is being used by another request; try again")
         earlier_id, earlier_hash, earlier_status = earlier
         if earlier_hash != request_hash:
             raise JobConflict("this Idempotency-Key was already used with a different request body")
         return _accepted(earlier_id, earlier_status, 200)
-    try:
-        await state.dispatcher.send([job.id])
-    except Exception as exc:
-        # The job is committed: the worker's recovery sweep will send it within seconds.
-        log_event("job.dispatch.deferred", logging.WARNING, job_id=str(job.id), error=type(exc).__name__)
     log_event("job.submitted", job_id=str(job.id), model=model)
     return _accepted(job.id, JobStatus.QUEUED.value, 202)
 
