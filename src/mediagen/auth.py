@@ -51,7 +51,7 @@ class KeyRing:
         return found
 
 
-def current_owner(request: Request) -> str:
+async def current_owner(request: Request) -> str:
     keyring: KeyRing = request.app.state.api.keyring
     return keyring.owner(request.headers.get("authorization"))
 

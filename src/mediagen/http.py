@@ -6,6 +6,7 @@ import contextlib
 import logging
 from typing import Any
 
+import asyncpg
 import orjson
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
@@ -142,6 +143,10 @@ def install_error_handlers(app: FastAPI) -> None:
         sqlalchemy.exc.OperationalError,
         sqlalchemy.exc.InterfaceError,
         sqlalchemy.exc.TimeoutError,
+        asyncpg.exceptions.PostgresConnectionError,
+        asyncpg.exceptions.InterfaceError,
+        asyncpg.exceptions.CannotConnectNowError,
+        asyncpg.exceptions.TooManyConnectionsError,
         ConnectionError,
         TimeoutError,
         OSError,

@@ -25,6 +25,7 @@ import orjson
 from sqlalchemy import Row, and_, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mediagen.db import Database
 from mediagen.errors import JobConflict, JobNotFound
 from mediagen.models import TERMINAL, Attempt, AttemptOutcome, Job, JobStatus, Output
 
@@ -114,10 +115,13 @@ async def request_cancel(conn: AsyncConnection, job_id: uuid.UUID, owner: str | 
     row = (await conn.execute(_CANCEL_SQL, {"id": job_id, "owner": owner})).first()
     if row is not None:
         return str(row.status)
-    view = await get_status(conn, job_id, owner)
-    if view is None:
+    query = select(Job.status).where(Job.id == job_id)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    status = (await conn.execute(query)).scalar()
+    if status is None:
         raise JobNotFound(f"no job {job_id}")
-    raise JobConflict(f"job {job_id} is already {view.status}")
+    raise JobConflict(f"job {job_id} is already {status}")
 
 
 @dataclass(frozen=True)
@@ -130,22 +134,23 @@ class JobStatusView:
     output_keys: list[str]
 
 
-_STATUS_SQL = text(
-    """
+_STATUS_SQL = """
     SELECT j.id, j.status, j.attempts, j.error_class, j.error_message,
            CASE WHEN j.status = 'succeeded' THEN
              ARRAY(SELECT o.storage_key FROM outputs o WHERE o.job_id = j.id ORDER BY o.index)
            END AS output_keys
-    FROM jobs j WHERE j.id = :id AND (CAST(:owner AS text) IS NULL OR j.owner = :owner)
-    """
-)
+    FROM jobs j WHERE j.id = $1 AND ($2::text IS NULL OR j.owner = $2::text)
+"""
 
 
-async def get_status(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None = None) -> JobStatusView | None:
-    row = (await conn.execute(_STATUS_SQL, {"id": job_id, "owner": owner})).first()
+async def get_status(db: Database, job_id: uuid.UUID, owner: str | None = None) -> JobStatusView | None:
+    """The status of one job, through the raw driver: the route clients poll (see Database)."""
+    row = await db.fetchrow(_STATUS_SQL, job_id, owner)
     if row is None:
         return None
-    return JobStatusView(row.id, row.status, row.attempts, row.error_class, row.error_message, row.output_keys or [])
+    return JobStatusView(
+        row["id"], row["status"], row["attempts"], row["error_class"], row["error_message"], row["output_keys"] or []
+    )
 
 
 @dataclass

@@ -44,7 +44,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def api(request: Request) -> Any:
+async def api(request: Request) -> Any:
     return request.app.state.api
 
 
@@ -148,8 +148,7 @@ async def cancel(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
     async with state.db.transaction() as conn:
         new_status = await jobs.request_cancel(conn, job_id, visible_to(owner))
     log_event("job.cancel_requested", job_id=str(job_id), status=new_status)
-    async with state.db.connect() as conn:
-        view = await jobs.get_status(conn, job_id)
+    view = await jobs.get_status(state.db, job_id)
     assert view is not None
     return FastJSON(_status_body(state, view), status_code=200 if new_status == "canceled" else 202)
 
@@ -161,8 +160,7 @@ async def cancel(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
     summary="Where a job is: status, attempts, error, result URLs",
 )
 async def status(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
-    async with state.db.connect() as conn:
-        view = await jobs.get_status(conn, job_id, visible_to(owner))
+    view = await jobs.get_status(state.db, job_id, visible_to(owner))
     if view is None:
         raise JobNotFound(f"no job {job_id}")
     return FastJSON(_status_body(state, view))
@@ -305,10 +303,9 @@ async def list_jobs(
 async def media(key: str, state: Api, owner: Owner) -> Response:
     if not is_valid_key(key):
         return error(404, "not_found", "no such image")
-    if visible_to(owner) is not None:
-        async with state.db.connect() as conn:
-            if await jobs.get_status(conn, uuid.UUID(key.split("/", 1)[0]), owner) is None:
-                return error(404, "not_found", "no such image")
+    job_id = uuid.UUID(key.split("/", 1)[0])
+    if visible_to(owner) is not None and await jobs.get_status(state.db, job_id, owner) is None:
+        return error(404, "not_found", "no such image")
     storage = state.storage
     if isinstance(storage, LocalStorage):  # sendfile, straight from the disk
         path = storage.path(key)
