@@ -11,6 +11,7 @@ see docs/benchmarks.md) while a lease on the job row, not the message, says who 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
 from typing import Any
@@ -73,6 +74,10 @@ class WorkerResources(Middleware):
         thread = get_event_loop_thread()
         assert thread is not None, "QuietAsyncIO must come first"
         thread.run_coroutine(self._start())
+        # As in the API: long-lived objects out of the collector's sight, fewer young collections.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
         port = None
         if self.settings.worker_metrics_port:
             port = serve_worker_metrics(self.settings.worker_metrics_port, self._queue_depth)
