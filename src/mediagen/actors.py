@@ -49,6 +49,8 @@ class QuietAsyncIO(Middleware):
         except ImportError:
             pass
         thread = EventLoopThread(logging.getLogger("dramatiq.asyncio"), interrupt_check_ival=1.0)
+        # A daemon, like Dramatiq's own threads: a worker told twice to stop must be able to exit.
+        thread.daemon = True
         thread.start(timeout=5.0)
         set_event_loop_thread(thread)
 

