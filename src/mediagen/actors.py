@@ -11,6 +11,7 @@ see docs/benchmarks.md) while a lease on the job row, not the message, says who 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import uuid
@@ -55,15 +56,21 @@ class QuietAsyncIO(Middleware):
         set_event_loop_thread(thread)
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
-        thread = get_event_loop_thread()
-        if thread is not None:
-            thread.stop()  # type: ignore[no-untyped-call]
-            thread.join()
-            set_event_loop_thread(None)
+        # Dramatiq calls this hook in middleware order, and WorkerResources (after us) must still find
+        # the loop running to close its connections: it stops the loop itself, see stop_event_loop().
+        pass
+
+
+def stop_event_loop() -> None:
+    thread = get_event_loop_thread()
+    if thread is not None:
+        thread.stop()  # type: ignore[no-untyped-call]
+        thread.join()
+        set_event_loop_thread(None)
 
 
 class WorkerResources(Middleware):
-    """Builds the worker's resources on its event loop after boot; hands jobs back at shutdown."""
+    """Builds the worker's resources on its event loop before it consumes; hands jobs back at shutdown."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -71,10 +78,11 @@ class WorkerResources(Middleware):
         self.redis: Any = None
         self._sync_redis: Any = None
 
-    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+    def before_worker_boot(self, broker: Any, worker: Any) -> None:
+        # Before Dramatiq starts consuming: no message may arrive ahead of the resources it needs.
         configure_logging(self.settings.log_level)
         thread = get_event_loop_thread()
-        assert thread is not None, "QuietAsyncIO must come first"
+        assert thread is not None, "QuietAsyncIO must come before WorkerResources"
         thread.run_coroutine(self._start())
         # As in the API: long-lived objects out of the collector's sight, fewer young collections.
         gc.collect()
@@ -102,7 +110,8 @@ class WorkerResources(Middleware):
     async def _start(self) -> None:
         global _context
         s = self.settings
-        db = services.database(s)
+        # Hundreds of jobs share the pool: waiting for a connection is normal here, failing is not.
+        db = services.database(s, pool_timeout=60)
         self.redis = services.redis_client(s)
         dispatcher = services.dispatcher(s, self.redis)
         leases = LeaseKeeper(db, lease_seconds=s.lease_seconds)
@@ -143,6 +152,7 @@ class WorkerResources(Middleware):
         thread = get_event_loop_thread()
         if thread is not None and _context is not None:
             thread.run_coroutine(self._stop())
+        stop_event_loop()
         log_event("worker.stopped")
 
     async def _stop(self) -> None:
@@ -163,8 +173,8 @@ def _build() -> dramatiq.Broker:
         services.require(settings.redis_url, "REDIS_URL"),
         namespace=settings.redis_namespace,
         job_time_limit_ms=int((settings.job_deadline_seconds + 120) * 1000),
-        # Order matters: our after_worker_shutdown must run while the event loop still runs.
-        extra_middleware=[resources, QuietAsyncIO()],
+        # Order matters: the loop must exist before the resources are built on it.
+        extra_middleware=[QuietAsyncIO(), resources],
     )
     dramatiq.set_broker(broker)
     return broker
@@ -176,4 +186,12 @@ broker = _build()
 @dramatiq.actor(actor_name=ACTOR_NAME, queue_name=get_settings().queue_name)
 async def run_job_actor(job_id: str) -> None:
     assert _context is not None, "worker resources are not started"
-    await run_job(_context, uuid.UUID(job_id))
+    try:
+        await run_job(_context, uuid.UUID(job_id))
+    except Exception as error:
+        # Only infrastructure gets here (the runner records every error of an attempt): most often
+        # PostgreSQL out of reach before the job could be claimed. The job row is untouched, so
+        # deliver it again shortly; failing that, the recovery sweep will.
+        log_event("job.delivery.failed", logging.WARNING, job_id=job_id, error=f"{type(error).__name__}: {error}")
+        with contextlib.suppress(Exception):
+            await _context.dispatcher.send([job_id], delay=5.0)

@@ -39,7 +39,11 @@ class Database:
     SQLAlchemy and the unit of work.
     """
 
-    def __init__(self, url: str, *, pool_size: int = 20, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, connect_timeout: float = 2.0, pool_timeout: float | None = None
+    ) -> None:
+        """`connect_timeout` bounds a new connection (the API answers 503 within it when PostgreSQL is
+        gone); `pool_timeout` bounds the wait for a free one (the worker waits, the API does not)."""
         self._url = url
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
@@ -49,7 +53,7 @@ class Database:
             async_url(url),
             pool_size=pool_size,
             max_overflow=pool_size,
-            pool_timeout=connect_timeout,
+            pool_timeout=pool_timeout or connect_timeout,
             pool_pre_ping=False,
             connect_args={"timeout": connect_timeout, "command_timeout": 30},
         )

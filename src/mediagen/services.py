@@ -24,8 +24,10 @@ def require(value: str | None, name: str) -> str:
     return value
 
 
-def database(settings: Settings) -> Database:
-    return Database(require(settings.database_url, "DATABASE_URL"), pool_size=settings.db_pool_size)
+def database(settings: Settings, *, pool_timeout: float | None = None) -> Database:
+    return Database(
+        require(settings.database_url, "DATABASE_URL"), pool_size=settings.db_pool_size, pool_timeout=pool_timeout
+    )
 
 
 def redis_client(settings: Settings, *, max_connections: int = 64) -> Redis:

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     allowed_models: Annotated[list[str], NoDecode] = list(DEFAULT_MODELS)
     default_model: str = DEFAULT_MODELS[0]
     poll_initial_seconds: float = 0.25
-    poll_max_seconds: float = 2.0
+    poll_max_seconds: float = 1.0
     download_allowed_hosts: Annotated[list[str], NoDecode] = []
     """Hosts outputs may come from besides `replicate.delivery` (and subdomains) and the base URL's host."""
     max_output_bytes: int = 50 * 1024 * 1024
@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     """When set, every route but health needs `Authorization: Bearer <one of these>`."""
     max_body_bytes: int = 64 * 1024
-    db_pool_size: int = 20
+    db_pool_size: int = 10
+    """Connections per process (as many again in overflow). PostgreSQL allows 100 by default."""
 
     # --- worker ------------------------------------------------------------------------------------
     worker_threads: int = Field(256, ge=1)

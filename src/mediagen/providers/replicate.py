@@ -101,6 +101,9 @@ class ReplicateProvider:
         max_connections: int = 200,
     ) -> None:
         self.timeout_seconds = timeout_seconds
+        # Calls beyond the pool's size wait here, not inside httpcore, whose pool bookkeeping grows
+        # with every queued request (a third of the worker's CPU with 1,000 jobs in flight).
+        self._slots = asyncio.Semaphore(max_connections)
         inner = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             retries=0,
@@ -118,7 +121,8 @@ class ReplicateProvider:
         token = _retry_hint.set(hint)
         started = time.perf_counter()
         try:
-            return await coro_factory()
+            async with self._slots:
+                return await coro_factory()
         except ReplicateError as error:
             status = error.status or 0
             transient = status in _TRANSIENT_STATUS or status >= 500
