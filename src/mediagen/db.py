@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+import orjson
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -31,12 +33,20 @@ def libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-class Database:
-    """SQLAlchemy for everything, plus a lean asyncpg pool for the hottest single-row reads.
+async def _json_codecs(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+        )
 
-    `GET /status/{id}` is the route clients poll; through the raw driver (a prepared statement, no
-    ORM or Core compilation) it costs about half the CPU. Everything that writes goes through
-    SQLAlchemy and the unit of work.
+
+class Database:
+    """SQLAlchemy for most things, plus a lean asyncpg pool for the hottest statements.
+
+    `GET /status/{id}` (the route clients poll) and the worker's per-attempt writes (claim, record
+    the prediction, succeed, fail) run through the raw driver as single prepared statements: each is
+    its own transaction, one round trip, no ORM or Core compilation, which halves their CPU. The
+    rest goes through SQLAlchemy and its unit of work (`transaction()`).
     """
 
     def __init__(
@@ -47,6 +57,7 @@ class Database:
         self._url = url
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
+        self._pool_timeout = pool_timeout or 10.0
         self._fast: asyncpg.Pool | None = None
         self._fast_lock = asyncio.Lock()
         self.engine: AsyncEngine = create_async_engine(
@@ -68,10 +79,21 @@ class Database:
         async with self.engine.connect() as conn:
             yield conn
 
+    async def fetchval(self, query: str, *args: object) -> Any:
+        pool = self._fast or await self._fast_pool()
+        async with pool.acquire(timeout=self._pool_timeout) as conn:
+            return await conn.fetchval(query, *args, timeout=30)
+
+    async def execute(self, query: str, *args: object) -> str:
+        pool = self._fast or await self._fast_pool()
+        async with pool.acquire(timeout=self._pool_timeout) as conn:
+            status: str = await conn.execute(query, *args, timeout=30)
+            return status
+
     async def fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
         """One row through the raw asyncpg pool (prepared and cached per connection)."""
         pool = self._fast or await self._fast_pool()
-        async with pool.acquire(timeout=10) as conn:
+        async with pool.acquire(timeout=self._pool_timeout) as conn:
             row: asyncpg.Record | None = await conn.fetchrow(query, *args, timeout=10)
             return row
 
@@ -84,6 +106,7 @@ class Database:
                     max_size=self._pool_size,
                     timeout=self._connect_timeout,
                     command_timeout=30,
+                    init=_json_codecs,
                 )
             return self._fast
 

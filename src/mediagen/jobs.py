@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, and_, func, insert, select, text, tuple_, update
+from sqlalchemy import Row, and_, func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mediagen.db import Database
@@ -217,82 +217,69 @@ class Claim:
     """The number of an earlier attempt whose worker vanished, closed by this claim."""
 
 
-_CLAIM_SQL = text(
-    """
-    UPDATE jobs SET status = 'running', attempts = attempts + 1, claim_token = :token,
-           lease_until = now() + make_interval(secs => :lease), started_at = coalesce(started_at, now()),
-           next_attempt_at = NULL, updated_at = now()
-    WHERE id = :id AND NOT cancel_requested AND (
-          status = 'queued'
-       OR (status = 'retrying' AND next_attempt_at <= now() + interval '250 milliseconds')
-       OR (status = 'running' AND lease_until < now()))
-    RETURNING id, attempts, prompt, parameters, model, max_attempts, deadline_at
-    """
-)
+_CLAIM_SQL = """
+    WITH claimed AS (
+        UPDATE jobs SET status = 'running', attempts = attempts + 1, claim_token = $2,
+               lease_until = now() + make_interval(secs => $3), started_at = coalesce(started_at, now()),
+               next_attempt_at = NULL, updated_at = now()
+        WHERE id = $1 AND NOT cancel_requested AND (
+              status = 'queued'
+           OR (status = 'retrying' AND next_attempt_at <= now() + interval '250 milliseconds')
+           OR (status = 'running' AND lease_until < now()))
+        RETURNING id, attempts, prompt, parameters, model, max_attempts, deadline_at
+    ), last AS (
+        SELECT a.id, a.number, a.prediction_id, a.prediction_status, a.create_sent_at, a.finished_at
+        FROM attempts a JOIN claimed c ON a.job_id = c.id
+        ORDER BY a.number DESC LIMIT 1
+    ), decided AS (
+        SELECT CASE WHEN l.prediction_id IS NOT NULL
+                         AND coalesce(l.prediction_status, '') NOT IN ('failed', 'canceled', 'aborted')
+                    THEN l.prediction_id END AS resume,
+               CASE WHEN l.prediction_id IS NULL THEN l.create_sent_at END AS reconcile_since,
+               CASE WHEN l.id IS NOT NULL AND l.finished_at IS NULL THEN l.id END AS abandon_id,
+               l.number AS last_number
+        FROM claimed LEFT JOIN last l ON true
+    ), abandoned AS (
+        UPDATE attempts SET finished_at = now(), outcome = 'abandoned', error_class = 'WorkerLost',
+               error_message = 'the worker running this attempt stopped or lost its lease'
+        WHERE id = (SELECT abandon_id FROM decided)
+        RETURNING number
+    ), opened AS (
+        INSERT INTO attempts (job_id, number, prediction_id, resumed, create_sent_at)
+        SELECT c.id, c.attempts, d.resume, d.resume IS NOT NULL,
+               CASE WHEN d.resume IS NULL THEN now() END
+        FROM claimed c, decided d
+        RETURNING id
+    )
+    SELECT c.attempts, c.prompt, c.parameters, c.model, c.max_attempts, c.deadline_at,
+           o.id AS attempt_id, d.resume, d.reconcile_since, (SELECT number FROM abandoned) AS abandoned
+    FROM claimed c, decided d, opened o
+"""
 
-_LAST_ATTEMPT_SQL = text(
+
+async def claim(db: Database, job_id: uuid.UUID, *, lease_seconds: float) -> Claim | None:
+    """Take the job for a new attempt, or None when it is not ours to run (finished, held, not due).
+
+    One statement, so one round trip and its own transaction: claim the row, close an attempt whose
+    worker vanished, and open the new attempt, resuming the last prediction unless it failed.
     """
-    SELECT id, number, prediction_id, prediction_status, create_sent_at, finished_at
-    FROM attempts WHERE job_id = :id ORDER BY number DESC LIMIT 1
-    """
-)
-
-_DEAD_PREDICTION = ("failed", "canceled", "aborted")
-
-
-async def claim(conn: AsyncConnection, job_id: uuid.UUID, *, lease_seconds: float) -> Claim | None:
-    """Take the job for a new attempt, or None when it is not ours to run (finished, held, not due)."""
     token = uuid.uuid4()
-    job = (await conn.execute(_CLAIM_SQL, {"id": job_id, "token": token, "lease": lease_seconds})).first()
-    if job is None:
+    row = await db.fetchrow(_CLAIM_SQL, job_id, token, float(lease_seconds))
+    if row is None:
         return None
-    last = (await conn.execute(_LAST_ATTEMPT_SQL, {"id": job_id})).first()
-    abandoned = None
-    resume = None
-    reconcile_since = None
-    if last is not None:
-        if last.finished_at is None:
-            abandoned = last.number
-            await conn.execute(
-                update(Attempt)
-                .where(Attempt.id == last.id)
-                .values(
-                    finished_at=func.now(),
-                    outcome=AttemptOutcome.ABANDONED.value,
-                    error_class="WorkerLost",
-                    error_message="the worker running this attempt stopped or lost its lease",
-                )
-            )
-        if last.prediction_id and last.prediction_status not in _DEAD_PREDICTION:
-            resume = last.prediction_id
-        elif last.prediction_id is None and last.create_sent_at is not None:
-            reconcile_since = last.create_sent_at
-    attempt_id = (
-        await conn.execute(
-            insert(Attempt)
-            .values(
-                job_id=job_id,
-                number=job.attempts,
-                prediction_id=resume,
-                resumed=resume is not None,
-                create_sent_at=None if resume else func.now(),
-            )
-            .returning(Attempt.id)
-        )
-    ).scalar_one()
     return Claim(
         job_id=job_id,
         token=token,
-        attempt=job.attempts,
-        attempt_id=attempt_id,
-        prompt=job.prompt,
-        parameters=job.parameters,
-        model=job.model,
-        max_attempts=job.max_attempts,
-        deadline_at=job.deadline_at,
-        resume_prediction_id=resume,
-        reconcile_since=reconcile_since,
-        abandoned_attempt=abandoned,
+        attempt=row["attempts"],
+        attempt_id=row["attempt_id"],
+        prompt=row["prompt"],
+        parameters=row["parameters"],
+        model=row["model"],
+        max_attempts=row["max_attempts"],
+        deadline_at=row["deadline_at"],
+        resume_prediction_id=row["resume"],
+        reconcile_since=row["reconcile_since"],
+        abandoned_attempt=row["abandoned"],
     )
 
 
@@ -310,12 +297,13 @@ async def due_in(conn: AsyncConnection, job_id: uuid.UUID) -> float | None:
     return float(row.due) if row is not None and row.due is not None and row.due > 0 else None
 
 
-async def record_prediction(conn: AsyncConnection, claim: Claim, prediction_id: str, status: str) -> None:
+async def record_prediction(db: Database, claim: Claim, prediction_id: str, status: str) -> None:
     """Store the prediction id the moment we have it, before any waiting (no double billing)."""
-    await conn.execute(
-        update(Attempt)
-        .where(Attempt.id == claim.attempt_id)
-        .values(prediction_id=prediction_id, prediction_status=status)
+    await db.execute(
+        "UPDATE attempts SET prediction_id = $2, prediction_status = $3 WHERE id = $1",
+        claim.attempt_id,
+        prediction_id,
+        status,
     )
 
 
@@ -332,38 +320,42 @@ class StoredOutput:
     sha256: str
 
 
-async def succeed(conn: AsyncConnection, claim: Claim, outputs: Sequence[StoredOutput], prediction_status: str) -> bool:
-    """Close the attempt and the job as succeeded, with its outputs. False: we no longer hold it."""
-    done = await conn.execute(
-        update(Job)
-        .where(_held(claim))
-        .values(
-            status=JobStatus.SUCCEEDED.value,
-            finished_at=func.now(),
-            updated_at=func.now(),
-            lease_until=None,
-            error_class=None,
-            error_message=None,
-        )
+_SUCCEED_SQL = """
+    WITH done AS (
+        UPDATE jobs SET status = 'succeeded', finished_at = now(), updated_at = now(), lease_until = NULL,
+               error_class = NULL, error_message = NULL
+        WHERE id = $1 AND claim_token = $2 AND status = 'running'
+        RETURNING id
+    ), closed AS (
+        UPDATE attempts SET finished_at = now(), outcome = 'succeeded', prediction_status = $4
+        WHERE id = $3 AND EXISTS (SELECT 1 FROM done)
+    ), stored AS (
+        INSERT INTO outputs (job_id, index, storage_key, content_type, size_bytes, sha256)
+        SELECT $1, o.index, o.storage_key, o.content_type, o.size_bytes, o.sha256
+        FROM unnest($5::int[], $6::text[], $7::text[], $8::bigint[], $9::text[])
+             AS o(index, storage_key, content_type, size_bytes, sha256)
+        WHERE EXISTS (SELECT 1 FROM done)
     )
-    if done.rowcount != 1:
-        return False
-    await _close_attempt(conn, claim, AttemptOutcome.SUCCEEDED, prediction_status=prediction_status)
-    await conn.execute(
-        insert(Output),
-        [
-            {
-                "job_id": claim.job_id,
-                "index": out.index,
-                "storage_key": out.storage_key,
-                "content_type": out.content_type,
-                "size_bytes": out.size_bytes,
-                "sha256": out.sha256,
-            }
-            for out in outputs
-        ],
+    SELECT count(*) AS held FROM done
+"""
+
+
+async def succeed(db: Database, claim: Claim, outputs: Sequence[StoredOutput], prediction_status: str) -> bool:
+    """Close the attempt and the job as succeeded, with its outputs, in one statement.
+    False: the job is no longer ours (another worker took it over), and nothing was written."""
+    held = await db.fetchval(
+        _SUCCEED_SQL,
+        claim.job_id,
+        claim.token,
+        claim.attempt_id,
+        prediction_status,
+        [o.index for o in outputs],
+        [o.storage_key for o in outputs],
+        [o.content_type for o in outputs],
+        [o.size_bytes for o in outputs],
+        [o.sha256 for o in outputs],
     )
-    return True
+    return bool(held)
 
 
 @dataclass(frozen=True)
@@ -374,40 +366,40 @@ class Failure:
     prediction_status: str | None = None
 
 
-async def fail_attempt(conn: AsyncConnection, claim: Claim, failure: Failure, *, retry_delay: float | None) -> bool:
+_FAIL_SQL = """
+    WITH done AS (
+        UPDATE jobs SET
+            status = CASE WHEN $3::float8 IS NULL THEN 'failed' ELSE 'retrying' END,
+            next_attempt_at = CASE WHEN $3::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $3) END,
+            dispatched_at = CASE WHEN $3::float8 IS NULL THEN dispatched_at ELSE now() END,
+            finished_at = CASE WHEN $3::float8 IS NULL THEN now() END,
+            lease_until = NULL, updated_at = now(), error_class = $5, error_message = $6
+        WHERE id = $1 AND claim_token = $2 AND status = 'running'
+        RETURNING id
+    ), closed AS (
+        UPDATE attempts SET finished_at = now(), outcome = 'failed', error_class = $5, error_message = $6,
+               http_status = $7, retry_delay_seconds = $3,
+               prediction_status = coalesce($8, prediction_status)
+        WHERE id = $4 AND EXISTS (SELECT 1 FROM done)
+    )
+    SELECT count(*) AS held FROM done
+"""
+
+
+async def fail_attempt(db: Database, claim: Claim, failure: Failure, *, retry_delay: float | None) -> bool:
     """Close the attempt as failed; the job goes `retrying` after `retry_delay` s, or `failed` if None."""
-    if retry_delay is not None:
-        values: dict[str, Any] = {
-            "status": JobStatus.RETRYING.value,
-            "next_attempt_at": func.now() + func.make_interval(0, 0, 0, 0, 0, 0, retry_delay),
-            "dispatched_at": func.now(),
-        }
-    else:
-        values = {"status": JobStatus.FAILED.value, "finished_at": func.now()}
-    done = await conn.execute(
-        update(Job)
-        .where(_held(claim))
-        .values(
-            **values,
-            lease_until=None,
-            updated_at=func.now(),
-            error_class=failure.error_class,
-            error_message=failure.message,
-        )
+    held = await db.fetchval(
+        _FAIL_SQL,
+        claim.job_id,
+        claim.token,
+        None if retry_delay is None else float(retry_delay),
+        claim.attempt_id,
+        failure.error_class,
+        failure.message,
+        failure.http_status,
+        failure.prediction_status,
     )
-    if done.rowcount != 1:
-        return False
-    await _close_attempt(
-        conn,
-        claim,
-        AttemptOutcome.FAILED,
-        error_class=failure.error_class,
-        error_message=failure.message,
-        http_status=failure.http_status,
-        retry_delay_seconds=retry_delay,
-        prediction_status=failure.prediction_status,
-    )
-    return True
+    return bool(held)
 
 
 async def release(conn: AsyncConnection, claim: Claim, reason: str) -> bool:

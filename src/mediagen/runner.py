@@ -86,10 +86,10 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         # A message that reached a worker on its way out: pass it on to another.
         await _send_quietly(ctx, job_id, MIN_RESEND_DELAY)
         return
-    async with ctx.db.transaction() as conn:
-        claim = await jobs.claim(conn, job_id, lease_seconds=ctx.lease_seconds)
-        early = None if claim is not None else await jobs.due_in(conn, job_id)
+    claim = await jobs.claim(ctx.db, job_id, lease_seconds=ctx.lease_seconds)
     if claim is None:
+        async with ctx.db.connect() as conn:
+            early = await jobs.due_in(conn, job_id)
         if early is not None:  # a delayed message that arrived before its time
             await ctx.dispatcher.send([job_id], delay=max(early, MIN_RESEND_DELAY))
         return
@@ -131,8 +131,7 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
         if prediction.status != "succeeded":
             raise _prediction_failure(prediction)
         outputs = await store_outputs(ctx.downloader, ctx.storage, claim.job_id, prediction.output)
-        async with ctx.db.transaction() as conn:
-            held = await jobs.succeed(conn, claim, outputs, prediction.status)
+        held = await jobs.succeed(ctx.db, claim, outputs, prediction.status)
         if held:
             metrics.attempts.labels("succeeded", "").inc()
             metrics.jobs_finished.labels("succeeded").inc()
@@ -178,8 +177,7 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> Prediction:
         if adopted is not None:
             return adopted
     prediction = await ctx.provider.create(claim.model, data)
-    async with ctx.db.transaction() as conn:
-        await jobs.record_prediction(conn, claim, prediction.id, prediction.status)
+    await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status)
     return prediction
 
 
@@ -190,10 +188,10 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]
     for candidate in candidates:
         if candidate.status in ("failed", "canceled", "aborted"):
             continue
-        async with ctx.db.transaction() as conn:
+        async with ctx.db.connect() as conn:
             if await jobs.prediction_in_use(conn, candidate.id):
                 continue
-            await jobs.record_prediction(conn, claim, candidate.id, candidate.status)
+        await jobs.record_prediction(ctx.db, claim, candidate.id, candidate.status)
         log_event(
             "job.prediction.adopted",
             job_id=str(claim.job_id),
@@ -236,8 +234,7 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
     decision = ctx.policy.decide(error, claim.attempt, max_attempts=claim.max_attempts)
     retry_delay = decision.delay if decision.retry else None
     try:
-        async with ctx.db.transaction() as conn:
-            held = await jobs.fail_attempt(conn, claim, failure, retry_delay=retry_delay)
+        held = await jobs.fail_attempt(ctx.db, claim, failure, retry_delay=retry_delay)
     except Exception:
         # The database is unreachable: leave the job to its lease; the next claim closes this attempt.
         log_event("job.attempt.unrecorded", logging.WARNING, job_id=str(claim.job_id), attempt=claim.attempt)
