@@ -71,7 +71,7 @@ class Downloader:
         self.client = httpx.AsyncClient(
             follow_redirects=False,
             timeout=httpx.Timeout(timeout_seconds, connect=5.0),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=200),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=16),
         )
 
     def host_allowed(self, host: str) -> bool:

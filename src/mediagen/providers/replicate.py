@@ -105,7 +105,8 @@ class ReplicateProvider:
         # with every queued request (a third of the worker's CPU with 1,000 jobs in flight).
         self._slots = asyncio.Semaphore(max_connections)
         inner = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # httpcore checks every idle pooled connection on every request: keep few idle ones.
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32),
             retries=0,
         )
         self._transport = _HintingTransport(inner)
