@@ -220,6 +220,7 @@ def main() -> None:
                     print("  now ms", int(time.time() * 1000))
             print(stack.workdir)
         terminal = sum(counts.get(s, 0) for s in ("succeeded", "failed", "canceled"))
+        stack.fake_config(p_get_503=0, p_get_429=0)  # the count itself must not meet injected faults
         paid = succeeded_predictions_by_prompt(stack.fake_url)
         twice = sum(1 for prompt in prompts if paid[prompt] > 1)
         attempts, finished = attempt_counts(stack.database_url)

@@ -231,11 +231,16 @@ _CLAIM_SQL = """
         SELECT a.id, a.number, a.prediction_id, a.prediction_status, a.create_sent_at, a.finished_at
         FROM attempts a JOIN claimed c ON a.job_id = c.id
         ORDER BY a.number DESC LIMIT 1
+    ), unrecorded AS (
+        -- Creates whose prediction, if any, was never recorded: each may have started one.
+        SELECT min(a.create_sent_at) AS since
+        FROM attempts a JOIN claimed c ON a.job_id = c.id
+        WHERE a.prediction_id IS NULL AND a.create_sent_at IS NOT NULL
     ), decided AS (
         SELECT CASE WHEN l.prediction_id IS NOT NULL
                          AND coalesce(l.prediction_status, '') NOT IN ('failed', 'canceled', 'aborted')
                     THEN l.prediction_id END AS resume,
-               CASE WHEN l.prediction_id IS NULL THEN l.create_sent_at END AS reconcile_since,
+               CASE WHEN l.prediction_id IS NULL THEN (SELECT since FROM unrecorded) END AS reconcile_since,
                CASE WHEN l.id IS NOT NULL AND l.finished_at IS NULL THEN l.id END AS abandon_id,
                l.number AS last_number
         FROM claimed LEFT JOIN last l ON true
@@ -297,14 +302,20 @@ async def due_in(conn: AsyncConnection, job_id: uuid.UUID) -> float | None:
     return float(row.due) if row is not None and row.due is not None and row.due > 0 else None
 
 
-async def record_prediction(db: Database, claim: Claim, prediction_id: str, status: str) -> None:
-    """Store the prediction id the moment we have it, before any waiting (no double billing)."""
-    await db.execute(
-        "UPDATE attempts SET prediction_id = $2, prediction_status = $3 WHERE id = $1",
-        claim.attempt_id,
-        prediction_id,
-        status,
-    )
+_RECORD_SQL = """
+    UPDATE attempts SET prediction_id = $3, prediction_status = $4
+    WHERE id = $1 AND EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND claim_token = $5 AND status = 'running')
+"""
+
+
+async def record_prediction(db: Database, claim: Claim, prediction_id: str, status: str) -> bool:
+    """Store the prediction id the moment we have it, before any waiting (no double billing).
+
+    False: the job is no longer ours. Its new holder did not know of this prediction when it
+    claimed the job (unless it found it through reconciliation, see `prediction_owner`).
+    """
+    result = await db.execute(_RECORD_SQL, claim.attempt_id, claim.job_id, prediction_id, status, claim.token)
+    return result.endswith(" 1")
 
 
 def _held(claim: Claim) -> Any:
@@ -456,10 +467,10 @@ async def _close_attempt(conn: AsyncConnection, claim: Claim, outcome: AttemptOu
     )
 
 
-async def prediction_in_use(conn: AsyncConnection, prediction_id: str) -> bool:
-    """Is this prediction already some attempt's? (Reconciliation must not adopt another job's.)"""
-    row = (await conn.execute(select(Attempt.id).where(Attempt.prediction_id == prediction_id).limit(1))).first()
-    return row is not None
+async def prediction_owners(conn: AsyncConnection, prediction_id: str) -> list[tuple[uuid.UUID, int]]:
+    """(job id, attempt id) of every attempt that recorded this prediction."""
+    rows = await conn.execute(select(Attempt.job_id, Attempt.id).where(Attempt.prediction_id == prediction_id))
+    return [(row.job_id, row.id) for row in rows]
 
 
 def is_terminal(status: str) -> bool:
@@ -482,7 +493,7 @@ __all__ = [
     "get_detail",
     "get_status",
     "list_jobs",
-    "prediction_in_use",
+    "prediction_owners",
     "record_prediction",
     "release",
     "request_cancel",

@@ -177,7 +177,14 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> Prediction:
         if adopted is not None:
             return adopted
     prediction = await ctx.provider.create(claim.model, data)
-    await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status)
+    if not await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status):
+        # We lost the job while creating: its new holder may create a prediction of its own. Unless it
+        # adopted ours, cancel ours, so the job is not paid for twice.
+        async with ctx.db.connect() as conn:
+            owners = await jobs.prediction_owners(conn, prediction.id)
+        if not owners:
+            await _cancel_prediction(ctx, claim, prediction)
+        raise LeaseLost("the job was taken over while its prediction was being created")
     return prediction
 
 
@@ -189,9 +196,11 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]
         if candidate.status in ("failed", "canceled", "aborted"):
             continue
         async with ctx.db.connect() as conn:
-            if await jobs.prediction_in_use(conn, candidate.id):
-                continue
-        await jobs.record_prediction(ctx.db, claim, candidate.id, candidate.status)
+            owners = await jobs.prediction_owners(conn, candidate.id)
+        if any(job_id != claim.job_id for job_id, _ in owners):
+            continue  # another job's prediction with the very same input
+        if not await jobs.record_prediction(ctx.db, claim, candidate.id, candidate.status):
+            raise LeaseLost("the job was taken over while reconciling")
         log_event(
             "job.prediction.adopted",
             job_id=str(claim.job_id),
