@@ -236,21 +236,32 @@ def main() -> None:
         ("jobs with more than one succeeded prediction", twice, "must be 0"),
         ("predictions created at the fake", stats["predictions"], f"{stats['creates']} create requests"),
         ("worker SIGKILLs", kills, f"one every {args.kill_every:g} s"),
-        ("attempt rows / job.attempt.started lines", f"{attempts} / {events['job.attempt.started']}", "must match"),
+        (
+            "attempt rows / job.attempt.started lines",
+            f"{attempts} / {events['job.attempt.started']}",
+            "match, but for lines a SIGKILL cut off",
+        ),
         (
             "finished attempts / job.attempt.succeeded+failed lines",
             f"{finished} / {events['job.attempt.succeeded'] + events['job.attempt.failed']}",
-            "must match",
+            "match, but for lines a SIGKILL cut off",
         ),
         ("wall time", f"{wall:.1f} s", "first submit to last terminal job"),
     ]
     table = ["| measure | value | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     print("\n".join(table))
+    # A worker killed with SIGKILL between a commit and the log call after it takes that line with
+    # it: the database (the truth) has the attempt, the log does not. Allow at most one such line per
+    # kill; any other difference fails the run.
+    unlogged = (attempts - events["job.attempt.started"]) + (
+        finished - events["job.attempt.succeeded"] - events["job.attempt.failed"]
+    )
     ok = (
         terminal == args.jobs
         and twice == 0
-        and attempts == events["job.attempt.started"]
-        and finished == events["job.attempt.succeeded"] + events["job.attempt.failed"]
+        and attempts >= events["job.attempt.started"]
+        and finished >= events["job.attempt.succeeded"] + events["job.attempt.failed"]
+        and unlogged <= kills
     )
     print("chaos run:", "PASS" if ok else "FAIL")
     if not args.no_write:
