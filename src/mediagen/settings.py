@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     replicate_max_connections: int = 200
     allowed_models: Annotated[list[str], NoDecode] = list(DEFAULT_MODELS)
     default_model: str = DEFAULT_MODELS[0]
-    poll_initial_seconds: float = 0.25
+    poll_initial_seconds: float = 0.5
     poll_max_seconds: float = 1.0
     download_allowed_hosts: Annotated[list[str], NoDecode] = []
     """Hosts outputs may come from besides `replicate.delivery` (and subdomains) and the base URL's host."""
