@@ -94,12 +94,11 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
             await ctx.dispatcher.send([job_id], delay=max(early, MIN_RESEND_DELAY))
         return
     if claim.abandoned_attempt is not None:
-        metrics.attempts.labels("abandoned", "WorkerLost").inc()
-        log_event(
-            "job.attempt.failed",
-            job_id=str(job_id),
-            attempt=claim.abandoned_attempt,
-            error_class="WorkerLost",
+        _attempt_closed(
+            job_id,
+            claim.abandoned_attempt,
+            "abandoned",
+            "WorkerLost",
             error="the worker running this attempt stopped or lost its lease",
         )
     log_event(
@@ -133,12 +132,11 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
         outputs = await store_outputs(ctx.downloader, ctx.storage, claim.job_id, prediction.output)
         held = await jobs.succeed(ctx.db, claim, outputs, prediction.status)
         if held:
-            metrics.attempts.labels("succeeded", "").inc()
             metrics.jobs_finished.labels("succeeded").inc()
-            log_event(
-                "job.attempt.succeeded",
-                job_id=str(claim.job_id),
-                attempt=claim.attempt,
+            _attempt_closed(
+                claim.job_id,
+                claim.attempt,
+                "succeeded",
                 prediction_id=prediction.id,
                 outputs=len(outputs),
                 seconds=round(time.monotonic() - started, 3),
@@ -252,13 +250,12 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
         _log_lost(claim)
         return
     # Logged once the row is committed, so the log and the attempts table tell the same story.
-    metrics.attempts.labels("failed", failure.error_class).inc()
-    log_event(
-        "job.attempt.failed",
+    _attempt_closed(
+        claim.job_id,
+        claim.attempt,
+        "failed",
+        failure.error_class,
         logging.ERROR if not isinstance(error, MediagenError) else logging.INFO,
-        job_id=str(claim.job_id),
-        attempt=claim.attempt,
-        error_class=failure.error_class,
         error=failure.message,
         http_status=failure.http_status,
         prediction_id=prediction.id if prediction else claim.resume_prediction_id,
@@ -306,15 +303,8 @@ async def _cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction 
     async with ctx.db.transaction() as conn:
         held = await jobs.finish_canceled(conn, claim, status)
     if held:
-        metrics.attempts.labels("canceled", "JobCanceled").inc()
         metrics.jobs_finished.labels("canceled").inc()
-        log_event(
-            "job.attempt.failed",
-            job_id=str(claim.job_id),
-            attempt=claim.attempt,
-            error_class="JobCanceled",
-            error="canceled on request",
-        )
+        _attempt_closed(claim.job_id, claim.attempt, "canceled", "JobCanceled", error="canceled on request")
         log_event("job.canceled", job_id=str(claim.job_id), attempt=claim.attempt)
 
 
@@ -325,14 +315,7 @@ async def _release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
     except Exception:
         return  # the lease will expire and the sweep hands the job back
     if held:
-        metrics.attempts.labels("abandoned", "WorkerShutdown").inc()
-        log_event(
-            "job.attempt.failed",
-            job_id=str(claim.job_id),
-            attempt=claim.attempt,
-            error_class="WorkerShutdown",
-            error=reason,
-        )
+        _attempt_closed(claim.job_id, claim.attempt, "abandoned", "WorkerShutdown", error=reason)
         await _send_quietly(ctx, claim.job_id, MIN_RESEND_DELAY)
 
 
@@ -342,6 +325,21 @@ async def _send_quietly(ctx: WorkerContext, job_id: uuid.UUID, delay: float) -> 
     except Exception:
         # Redis is down: the job is recorded as due in PostgreSQL and the sweep will send it.
         log_event("job.dispatch.deferred", logging.WARNING, job_id=str(job_id))
+
+
+def _attempt_closed(
+    job_id: uuid.UUID, attempt: int, outcome: str, error_class: str = "", level: int = logging.INFO, **fields: Any
+) -> None:
+    """The one place an attempt's end is told: its metric and its log line (after the row is committed).
+
+    `job.attempt.succeeded` for a success; `job.attempt.failed` for every other end (failed, canceled,
+    abandoned), with the error class, so that log lines and attempt rows can be counted one for one.
+    """
+    metrics.attempts.labels(outcome, error_class).inc()
+    event = "job.attempt.succeeded" if outcome == "succeeded" else "job.attempt.failed"
+    if error_class:
+        fields["error_class"] = error_class
+    log_event(event, level, job_id=str(job_id), attempt=attempt, outcome=outcome, **fields)
 
 
 def _log_lost(claim: jobs.Claim) -> None:
