@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 from PIL import Image
 
 from conftest import FakeReplicate, Process, submit, unique, wait_for_job
@@ -61,7 +62,7 @@ async def test_several_outputs_are_all_stored(api: httpx.AsyncClient) -> None:
 
 
 async def test_a_500_on_create_then_success_takes_two_attempts(
-    api: httpx.AsyncClient, fake_replicate: FakeReplicate, worker: Process
+    api: httpx.AsyncClient, fake_replicate: FakeReplicate, worker: Process, db: Any
 ) -> None:
     prompt = unique("a lighthouse [[create:500*1]]")
     job_id = await submit(api, prompt, width=64, height=64)
@@ -81,6 +82,15 @@ async def test_a_500_on_create_then_success_takes_two_attempts(
     [scheduled] = [line for line in events if line["event"] == "job.retry.scheduled"]
     assert scheduled["delay_seconds"] == first["retry_delay_seconds"]
     assert all("attempt" in line for line in events if line["event"].startswith("job.attempt"))
+    # A create answered with an error made no prediction: nothing for a later attempt to look for.
+    async with db.connect() as conn:
+        sent = (
+            await conn.execute(
+                text("SELECT create_sent_at FROM attempts WHERE job_id = :id AND number = 1"), {"id": job_id}
+            )
+        ).scalar()
+    assert sent is None
+    assert not any(line["event"] == "job.prediction.adopted" for line in events)
 
 
 async def test_a_429_with_retry_after_waits_at_least_that_long(api: httpx.AsyncClient) -> None:

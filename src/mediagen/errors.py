@@ -29,6 +29,8 @@ from __future__ import annotations
 
 class MediagenError(Exception):
     transient: bool = False
+    create_rejected: bool = False
+    """Set on a create the provider answered with an error: it surely made no prediction."""
 
     def __init__(
         self,

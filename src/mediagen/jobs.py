@@ -375,6 +375,8 @@ class Failure:
     message: str
     http_status: int | None = None
     prediction_status: str | None = None
+    create_rejected: bool = False
+    """The create was answered with an error: no prediction exists, nothing to reconcile later."""
 
 
 _FAIL_SQL = """
@@ -390,7 +392,8 @@ _FAIL_SQL = """
     ), closed AS (
         UPDATE attempts SET finished_at = now(), outcome = 'failed', error_class = $5, error_message = $6,
                http_status = $7, retry_delay_seconds = $3,
-               prediction_status = coalesce($8, prediction_status)
+               prediction_status = coalesce($8, prediction_status),
+               create_sent_at = CASE WHEN $9 THEN NULL ELSE create_sent_at END
         WHERE id = $4 AND EXISTS (SELECT 1 FROM done)
     )
     SELECT count(*) AS held FROM done
@@ -409,6 +412,7 @@ async def fail_attempt(db: Database, claim: Claim, failure: Failure, *, retry_de
         failure.message,
         failure.http_status,
         failure.prediction_status,
+        failure.create_rejected,
     )
     return bool(held)
 

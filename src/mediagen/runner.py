@@ -189,7 +189,12 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> Prediction:
 async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]) -> Prediction | None:
     """An earlier create may have started a prediction we never heard of: find it and adopt it."""
     assert claim.reconcile_since is not None
-    candidates = await ctx.provider.find_recent(claim.model, data, claim.reconcile_since)
+    try:
+        candidates = await ctx.provider.find_recent(claim.model, data, claim.reconcile_since)
+    except PermanentProviderError as error:
+        # A provider without a list of predictions (some stand-ins): nothing to reconcile against.
+        log_event("job.reconcile.unavailable", logging.WARNING, job_id=str(claim.job_id), error=error.message)
+        return None
     for candidate in candidates:
         if candidate.status in ("failed", "canceled", "aborted"):
             continue
@@ -232,12 +237,14 @@ def _prediction_failure(prediction: Prediction) -> MediagenError:
 
 async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None, error: Exception) -> None:
     if isinstance(error, MediagenError):
-        failure = jobs.Failure(error.error_class, error.message, error.http_status)
+        failure = jobs.Failure(
+            error.error_class, error.message, error.http_status, create_rejected=error.create_rejected
+        )
     else:
         failure = jobs.Failure(type(error).__name__, str(error) or type(error).__name__)
     if prediction is not None and prediction.done:
         # Recorded so that the next attempt knows whether this prediction can be resumed.
-        failure = jobs.Failure(failure.error_class, failure.message, failure.http_status, prediction.status)
+        failure = jobs.Failure(failure.error_class, failure.message, failure.http_status, prediction.status, False)
     decision = ctx.policy.decide(error, claim.attempt, max_attempts=claim.max_attempts)
     retry_delay = decision.delay if decision.retry else None
     try:

@@ -128,12 +128,14 @@ class ReplicateProvider:
             status = error.status or 0
             transient = status in _TRANSIENT_STATUS or status >= 500
             kind = TransientProviderError if transient else PermanentProviderError
-            raise kind(
+            mapped = kind(
                 _detail(error),
                 http_status=status or None,
                 retry_after=hint.get("retry_after"),
                 error_class=f"Replicate{status}" if status else "ReplicateError",
-            ) from error
+            )
+            mapped.create_rejected = creating
+            raise mapped from error
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             # The request never left: no prediction can exist because of it.
             raise TransientProviderError(
