@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
 from PIL import Image
+from sqlalchemy import text
 
 from conftest import FakeReplicate, Process, submit, unique, wait_for_job
 
