@@ -40,7 +40,7 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from mediagen.db import libpq_url  # noqa: E402
-from mediagen.dev import migrate  # noqa: E402
+from mediagen.dev import api_command, migrate  # noqa: E402
 from mediagen.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
@@ -231,28 +231,11 @@ class Stack:
 
     def start_api(self, **overrides: str) -> None:
         self.api_port = free_port()
+        # The service's own launch command, with uvloop and httptools asked for explicitly.
+        command = [*api_command(LOOPBACK, self.api_port), "--workers", "1", "--loop", "uvloop", "--http", "httptools"]
         self.api = self._spawn(
             "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "mediagen.app:create_app",
-                "--host",
-                LOOPBACK,
-                "--port",
-                str(self.api_port),
-                "--workers",
-                "1",
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
+            command,
             **overrides,
         )
         self._wait_http(f"http://{LOOPBACK}:{self.api_port}/healthz", self.api)

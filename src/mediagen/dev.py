@@ -19,6 +19,24 @@ from mediagen.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_o
 from mediagen.logging import configure_logging, log_event, redact
 
 
+def api_command(host: str, port: int) -> list[str]:
+    """How the API is run here, in the benchmark and in the image: one uvicorn process, JSON logs only."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "mediagen.app:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
 def migrate(database_url: str) -> None:
     from alembic import command
     from alembic.config import Config
@@ -94,25 +112,7 @@ def main() -> None:
             log_event("dev.fake_replicate", url=env["REPLICATE_BASE_URL"])
         migrate(env["DATABASE_URL"])
         log_event("dev.migrated")
-        children.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "--factory",
-                    "mediagen.app:create_app",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--no-access-log",
-                    "--log-level",
-                    "warning",
-                ],
-                env=env,
-            )
-        )
+        children.append(subprocess.Popen(api_command(host, port), env=env))
         children.append(subprocess.Popen([sys.executable, "-m", "mediagen.worker"], env=env))
         for _ in range(100):
             if port_open(host, port):
