@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mediagen.db import Database
 from mediagen.errors import JobConflict, JobNotFound
-from mediagen.models import TERMINAL, Attempt, AttemptOutcome, Job, JobStatus, Output
+from mediagen.models import Attempt, AttemptOutcome, Job, JobStatus, Output
 
 # --- submit and read ----------------------------------------------------------------------------
 
@@ -475,10 +475,6 @@ async def prediction_owners(conn: AsyncConnection, prediction_id: str) -> list[t
     """(job id, attempt id) of every attempt that recorded this prediction."""
     rows = await conn.execute(select(Attempt.job_id, Attempt.id).where(Attempt.prediction_id == prediction_id))
     return [(row.job_id, row.id) for row in rows]
-
-
-def is_terminal(status: str) -> bool:
-    return status in {s.value for s in TERMINAL}
 
 
 __all__ = [

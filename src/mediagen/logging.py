@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import sys
-import time
 from typing import Any, TextIO
 
 import orjson
@@ -68,7 +67,3 @@ def configure_logging(level: str = "INFO") -> None:
 def log_event(event: str, level: int = logging.INFO, *, exc_info: Any = None, **fields: Any) -> None:
     if _LOGGER.isEnabledFor(level):
         _LOGGER.log(level, event, extra=fields, exc_info=exc_info)
-
-
-def now() -> float:
-    return time.time()

@@ -21,7 +21,7 @@ import httpx
 from mediagen import metrics
 from mediagen.errors import OutputDownloadFailed, OutputRejected
 from mediagen.jobs import StoredOutput
-from mediagen.storage import Storage
+from mediagen.storage import CONTENT_TYPES, Storage
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -29,7 +29,6 @@ _MAGIC = (
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
 )
-_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
 def sniff_image(data: bytes) -> str | None:
@@ -139,6 +138,6 @@ async def store_outputs(downloader: Downloader, storage: Storage, job_id: uuid.U
         key = f"{job_id}/{index}.{kind}"
         digest = hashlib.sha256(data).hexdigest()
         with metrics.timed(metrics.store_latency):
-            obj = await storage.save(key, data, _TYPES[kind], digest)
+            obj = await storage.save(key, data, CONTENT_TYPES[kind], digest)
         stored.append(StoredOutput(index, key, obj.content_type, obj.size, digest))
     return stored

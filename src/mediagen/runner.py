@@ -61,8 +61,8 @@ class WorkerContext:
     leases: LeaseKeeper
     policy: RetryPolicy
     lease_seconds: float
-    poll_initial: float = 0.25
-    poll_max: float = 2.0
+    poll_initial: float
+    poll_max: float
     stopping: bool = False
     """Set when the worker begins to shut down: it takes no new job from then on."""
 
