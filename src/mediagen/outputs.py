@@ -21,6 +21,7 @@ import httpx
 from mediagen import metrics
 from mediagen.errors import OutputDownloadFailed, OutputRejected
 from mediagen.jobs import StoredOutput
+from mediagen.pools import ShardedTransport
 from mediagen.storage import CONTENT_TYPES, Storage
 
 _MAGIC = (
@@ -63,6 +64,7 @@ class Downloader:
         max_bytes: int,
         timeout_seconds: float = 30.0,
         auth_token: str | None = None,
+        max_connections: int = 200,
     ) -> None:
         self.allowed_hosts = [host.lower() for host in allowed_hosts]
         self.max_bytes = max_bytes
@@ -70,7 +72,7 @@ class Downloader:
         self.client = httpx.AsyncClient(
             follow_redirects=False,
             timeout=httpx.Timeout(timeout_seconds, connect=5.0),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=16),
+            transport=ShardedTransport(max_connections=max_connections),
         )
 
     def host_allowed(self, host: str) -> bool:

@@ -25,6 +25,7 @@ from replicate.exceptions import ReplicateError
 
 from mediagen import metrics
 from mediagen.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
+from mediagen.pools import ShardedTransport
 from mediagen.providers.base import Prediction
 
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -104,12 +105,8 @@ class ReplicateProvider:
         # Calls beyond the pool's size wait here, not inside httpcore, whose pool bookkeeping grows
         # with every queued request (a third of the worker's CPU with 1,000 jobs in flight).
         self._slots = asyncio.Semaphore(max_connections)
-        inner = httpx.AsyncHTTPTransport(
-            # httpcore checks every idle pooled connection on every request: keep few idle ones.
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32),
-            retries=0,
-        )
-        self._transport = _HintingTransport(inner)
+        # Many small pools: httpcore's per-request bookkeeping grows with the size of a pool.
+        self._transport = _HintingTransport(ShardedTransport(max_connections=max_connections))
         self.client = replicate.Client(  # type: ignore[attr-defined]
             api_token=api_token,
             base_url=base_url,
