@@ -27,6 +27,7 @@ from mediagen.errors import WorkerStopping
 from mediagen.leases import LeaseKeeper
 from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import serve_worker_metrics
+from mediagen.polling import PollSchedule
 from mediagen.recovery import Sweeper
 from mediagen.retry import RetryPolicy
 from mediagen.runner import WorkerContext, run_job
@@ -129,8 +130,7 @@ class WorkerResources(Middleware):
                 retry_after_cap_seconds=s.retry_after_cap_seconds,
             ),
             lease_seconds=s.lease_seconds,
-            poll_initial=s.poll_initial_seconds,
-            poll_max=s.poll_max_seconds,
+            polls=PollSchedule(initial=s.poll_initial_seconds, maximum=s.poll_max_seconds),
         )
         leases.start()
         self.sweeper = Sweeper(

@@ -7,8 +7,9 @@ The attempt protocol (no lost job, no double billing):
 2. If an earlier attempt started a prediction that has not itself failed, resume it (GET). If an
    earlier create's outcome is unknown, look for its prediction in Replicate's recent list first.
    Only otherwise create one, and store its id at once, before any waiting.
-3. Wait by polling in growing steps on the event loop (no thread is held busy); the lease is renewed
-   for all running jobs at once by mediagen.leases.
+3. Wait by polling on the event loop (no thread is held busy): first after about as long as this
+   model's predictions take (mediagen.polling), then in growing steps. The lease is renewed for all
+   running jobs at once by mediagen.leases.
 4. Download each image at once, check it, store it atomically; then close the attempt and the job in
    one transaction, guarded by our claim token.
 5. On error, mediagen.retry decides: retry (job `retrying`, a delayed message) or fail.
@@ -40,6 +41,7 @@ from mediagen.errors import (
 from mediagen.leases import Hold, LeaseKeeper
 from mediagen.logging import log_event
 from mediagen.outputs import Downloader, store_outputs
+from mediagen.polling import PollSchedule
 from mediagen.providers.base import Prediction, Provider
 from mediagen.retry import RetryPolicy, prediction_failure_is_transient
 from mediagen.storage import Storage
@@ -61,8 +63,7 @@ class WorkerContext:
     leases: LeaseKeeper
     policy: RetryPolicy
     lease_seconds: float
-    poll_initial: float
-    poll_max: float
+    polls: PollSchedule
     stopping: bool = False
     """Set when the worker begins to shut down: it takes no new job from then on."""
 
@@ -125,8 +126,8 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
                 f"gave up after {claim.max_attempts} attempts", error_class="AttemptsExhausted"
             )
         _check_deadline(claim)
-        prediction = await _start_or_resume(ctx, claim)
-        prediction = await _wait(ctx, claim, hold, prediction)
+        prediction, created = await _start_or_resume(ctx, claim)
+        prediction = await _wait(ctx, claim, hold, prediction, fresh=created)
         if prediction.status != "succeeded":
             raise _prediction_failure(prediction)
         outputs = await store_outputs(ctx.downloader, ctx.storage, claim.job_id, prediction.output)
@@ -166,14 +167,15 @@ def _check_deadline(claim: jobs.Claim) -> None:
         raise JobDeadlineExceeded("the job did not finish before its deadline")
 
 
-async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> Prediction:
+async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> tuple[Prediction, bool]:
+    """The attempt's prediction, and whether it was created just now (not resumed or adopted)."""
     if claim.resume_prediction_id is not None:
-        return await ctx.provider.get(claim.resume_prediction_id)
+        return await ctx.provider.get(claim.resume_prediction_id), False
     data = model_input(claim)
     if claim.reconcile_since is not None:
         adopted = await _reconcile(ctx, claim, data)
         if adopted is not None:
-            return adopted
+            return adopted, False
     prediction = await ctx.provider.create(claim.model, data)
     if not await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status):
         # We lost the job while creating: its new holder may create a prediction of its own. Unless it
@@ -183,7 +185,7 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> Prediction:
         if not owners:
             await _cancel_prediction(ctx, claim, prediction)
         raise LeaseLost("the job was taken over while its prediction was being created")
-    return prediction
+    return prediction, True
 
 
 async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]) -> Prediction | None:
@@ -214,14 +216,16 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]
     return None
 
 
-async def _wait(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction: Prediction) -> Prediction:
-    delay = ctx.poll_initial
+async def _wait(
+    ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction: Prediction, *, fresh: bool
+) -> Prediction:
+    delays = ctx.polls.delays(claim.model, fresh=fresh)
     while not prediction.done:
         hold.check()
         _check_deadline(claim)
-        await hold.sleep(delay)
-        delay = min(delay * 2, ctx.poll_max)
+        await hold.sleep(next(delays))
         prediction = await ctx.provider.get(prediction.id)
+    ctx.polls.observe(claim.model, prediction)
     return prediction
 
 

@@ -16,6 +16,7 @@ class Prediction:
     output: Any = None
     error: str | None = None
     created_at: datetime | None = None
+    completed_at: datetime | None = None
 
     @property
     def done(self) -> bool:

@@ -68,7 +68,7 @@ class _HintingTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def _created_at(value: Any) -> datetime | None:
+def _timestamp(value: Any) -> datetime | None:
     if isinstance(value, str):
         try:
             return datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -83,7 +83,8 @@ def _prediction(obj: Any) -> Prediction:
         status=obj.status,
         output=obj.output,
         error=str(obj.error) if obj.error else None,
-        created_at=_created_at(obj.created_at),
+        created_at=_timestamp(obj.created_at),
+        completed_at=_timestamp(getattr(obj, "completed_at", None)),
     )
 
 
@@ -176,7 +177,7 @@ class ReplicateProvider:
             page = await self._call(lambda c=cursor: self.client.predictions.async_list(cursor=c), operation="list")
             older = False
             for obj in page.results:
-                created = _created_at(obj.created_at)
+                created = _timestamp(obj.created_at)
                 if created is not None and created < since:
                     older = True
                     continue
