@@ -40,6 +40,12 @@ async def _json_codecs(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The fast pool's reset on release. asyncpg's default (advisory unlock, CLOSE ALL, UNLISTEN,
+    RESET ALL) is a round trip per statement we send; our statements set no session state, and an
+    open transaction is still rolled back by asyncpg before this is called."""
+
+
 class Database:
     """SQLAlchemy for most things, plus a lean asyncpg pool for the hottest statements.
 
@@ -107,6 +113,7 @@ class Database:
                     timeout=self._connect_timeout,
                     command_timeout=30,
                     init=_json_codecs,
+                    reset=_keep_session,
                 )
             return self._fast
 
