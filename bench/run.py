@@ -36,9 +36,16 @@ import redis  # noqa: E402
 
 from floor import BODY  # noqa: E402
 from mediagen.db import libpq_url  # noqa: E402
+from mediagen.settings import Settings  # noqa: E402
 from profiling import Sampler, py_spy, top_frames  # noqa: E402
 from report import Row, render_block, text_table, write_docs  # noqa: E402
 from stack import LOOPBACK, Stack, http, tree_cpu, tree_rss  # noqa: E402
+
+
+def _default(name: str) -> object:
+    """A service setting's default, as the code has it (for the run's description)."""
+    return Settings.model_fields[name].default
+
 
 SCENARIOS = ("submit", "status", "inflight", "overhead", "retries")
 CONCURRENCY = 64
@@ -537,7 +544,8 @@ def settings_lines(plan: Plan, stack: Stack, args: argparse.Namespace) -> list[t
                    f"{INFLIGHT_THREADS} in scenario 3, 256 (the default) in 4 and 5; a fresh worker per run, "
                    "warmed with one job; not running during 1 and 2"),
         ("service env", "MEDIAGEN_LOG_LEVEL=WARNING (the worker at INFO in 4b only); MEDIAGEN_POLL_INITIAL_SECONDS "
-                        "/ MEDIAGEN_POLL_MAX_SECONDS at their defaults 0.25 / 2.0; everything else at its default "
+                        f"/ MEDIAGEN_POLL_MAX_SECONDS at their defaults {_default('poll_initial_seconds')} / "
+                        f"{_default('poll_max_seconds')}; everything else at its default "
                         "but in 5: MEDIAGEN_RETRY_BASE_SECONDS=0.25, MEDIAGEN_RETRY_CAP_SECONDS=2 (5 attempts)"),
         ("jobs in 3-5", "submitted through the API (POST /generate, concurrency 64) while the worker runs; wall "
                         "time = the last `finished_at` in PostgreSQL - the first request sent; a run gives up after "

@@ -21,8 +21,8 @@ import httpx
 from mediagen import metrics
 from mediagen.errors import OutputDownloadFailed, OutputRejected
 from mediagen.jobs import StoredOutput
-from mediagen.pools import ShardedTransport
 from mediagen.storage import CONTENT_TYPES, Storage
+from mediagen.transport import LeanTransport
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -72,7 +72,7 @@ class Downloader:
         self.client = httpx.AsyncClient(
             follow_redirects=False,
             timeout=httpx.Timeout(timeout_seconds, connect=5.0),
-            transport=ShardedTransport(max_connections=max_connections),
+            transport=LeanTransport(max_connections=max_connections),
         )
 
     def host_allowed(self, host: str) -> bool:

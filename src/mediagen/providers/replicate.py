@@ -7,7 +7,8 @@ What this adapter does that the client does not (see shared/replicate-api.md):
   transport under the client's own `RetryTransport` notes them for the call in flight;
 * tell a create that surely failed (connection refused) from one whose outcome is unknown (a read
   timeout after the request went out): only the latter may have started a paid prediction;
-* one client, one connection pool per worker process, built on the worker's event loop.
+* one client, one connection pool per worker process, built on the worker's event loop, on a lean
+  transport (mediagen.transport) under the client's own httpx.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from replicate.exceptions import ReplicateError
 
 from mediagen import metrics
 from mediagen.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
-from mediagen.pools import ShardedTransport
 from mediagen.providers.base import Prediction
+from mediagen.transport import LeanTransport
 
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _retry_hint: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
@@ -103,11 +104,8 @@ class ReplicateProvider:
         max_connections: int = 200,
     ) -> None:
         self.timeout_seconds = timeout_seconds
-        # Calls beyond the pool's size wait here, not inside httpcore, whose pool bookkeeping grows
-        # with every queued request (a third of the worker's CPU with 1,000 jobs in flight).
-        self._slots = asyncio.Semaphore(max_connections)
-        # Many small pools: httpcore's per-request bookkeeping grows with the size of a pool.
-        self._transport = _HintingTransport(ShardedTransport(max_connections=max_connections))
+        # Calls beyond `max_connections` wait for a free connection (at most the pool timeout).
+        self._transport = _HintingTransport(LeanTransport(max_connections=max_connections))
         self.client = replicate.Client(  # type: ignore[attr-defined]
             api_token=api_token,
             base_url=base_url,
@@ -120,8 +118,7 @@ class ReplicateProvider:
         token = _retry_hint.set(hint)
         started = time.perf_counter()
         try:
-            async with self._slots:
-                return await coro_factory()
+            return await coro_factory()
         except ReplicateError as error:
             status = error.status or 0
             transient = status in _TRANSIENT_STATUS or status >= 500
