@@ -128,6 +128,26 @@ async def test_a_pool_wait_longer_than_the_pool_timeout_is_a_pool_timeout(
     assert transport.in_flight == 0
 
 
+async def test_a_canceled_wait_for_a_connection_takes_no_slot(serve: Callable[..., Awaitable[Server]]) -> None:
+    async def slow(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.2)
+        return await ok(head, reader, writer)
+
+    server = await serve(slow)
+    transport = LeanTransport(max_connections=1)
+    async with httpx.AsyncClient(transport=transport) as client:
+        first = asyncio.ensure_future(client.get(server.url()))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(client.get(server.url()))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        assert (await first).status_code == 200
+        assert (await client.get(server.url())).status_code == 200
+    assert waiting.cancelled()
+    assert transport.in_flight == 0
+    assert len(server.requests) == 2
+
+
 async def test_a_post_body_arrives_whole_with_its_length(serve: Callable[..., Awaitable[Server]]) -> None:
     server = await serve(ok)
     async with httpx.AsyncClient(transport=LeanTransport()) as client:

@@ -24,6 +24,7 @@ from mediagen.jobs import StoredOutput
 from mediagen.storage import CONTENT_TYPES, Storage
 from mediagen.transport import LeanTransport
 
+USER_AGENT = "mediagen"
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"),
     (b"\xff\xd8\xff", "jpg"),
@@ -69,11 +70,10 @@ class Downloader:
         self.allowed_hosts = [host.lower() for host in allowed_hosts]
         self.max_bytes = max_bytes
         self._auth_token = auth_token
-        self.client = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(timeout_seconds, connect=5.0),
-            transport=LeanTransport(max_connections=max_connections),
-        )
+        # Straight to the transport: no redirects to follow (they are refused), no cookies to keep, so
+        # none of httpx.AsyncClient's per-request layers are needed.
+        self.transport = LeanTransport(max_connections=max_connections)
+        self._timeouts = httpx.Timeout(timeout_seconds, connect=5.0).as_dict()
 
     def host_allowed(self, host: str) -> bool:
         host = host.lower()
@@ -87,29 +87,37 @@ class Downloader:
             raise OutputRejected(f"output URL scheme not allowed: {parts.scheme or url[:20]!r}")
         if not self.host_allowed(parts.hostname):
             raise OutputRejected(f"output host not allowed: {parts.hostname}")
-        headers = {}
+        headers = {"User-Agent": USER_AGENT}
         if self._auth_token and parts.hostname.endswith("replicate.delivery"):
             headers["Authorization"] = f"Bearer {self._auth_token}"
+        request = httpx.Request("GET", url, headers=headers, extensions={"timeout": self._timeouts})
         try:
-            async with self.client.stream("GET", url, headers=headers) as response:
-                if response.is_redirect:
-                    raise OutputRejected(f"output download redirected (HTTP {response.status_code})")
-                if response.status_code >= 400:
-                    raise OutputDownloadFailed(
-                        f"output download failed: HTTP {response.status_code}",
-                        http_status=response.status_code,
-                    )
-                declared = response.headers.get("content-length")
-                if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise OutputRejected(f"output too large: {declared} bytes > {self.max_bytes}")
-                buffer = bytearray()
-                async for chunk in response.aiter_bytes():
-                    buffer += chunk
-                    if len(buffer) > self.max_bytes:
-                        raise OutputRejected(f"output too large: over {self.max_bytes} bytes")
-                return bytes(buffer)
+            response = await self.transport.handle_async_request(request)
+            try:
+                return await self._read(response)
+            finally:
+                await response.aclose()
         except httpx.TransportError as error:
             raise OutputDownloadFailed(f"output download failed: {type(error).__name__}") from error
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        if response.is_redirect:
+            raise OutputRejected(f"output download redirected (HTTP {response.status_code})")
+        if response.status_code >= 400:
+            raise OutputDownloadFailed(
+                f"output download failed: HTTP {response.status_code}",
+                http_status=response.status_code,
+            )
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise OutputRejected(f"output too large: {declared} bytes > {self.max_bytes}")
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise OutputRejected(f"output too large: over {self.max_bytes} bytes")
+        return b"".join(chunks)  # one chunk (most images) is not copied at all
 
     def _decode_data_url(self, url: str) -> bytes:
         header, _, payload = url.partition(",")
@@ -123,7 +131,7 @@ class Downloader:
             raise OutputRejected("data: output is not valid base64") from error
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.transport.aclose()
 
 
 async def store_outputs(downloader: Downloader, storage: Storage, job_id: uuid.UUID, output: Any) -> list[StoredOutput]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -213,7 +214,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self._ssl = ssl_context
-        self._slots = asyncio.Semaphore(max_connections)
+        self._waiting: deque[asyncio.Future[None]] = deque()
         self._idle: dict[Origin, list[_Connection]] = {}
         self.connections: set[_Connection] = set()
         self.opened = 0
@@ -223,7 +224,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         await self._acquire(timeouts.get("pool"))
-        self.in_flight += 1
         try:
             conn = await self._exchange(request, timeouts)
         except BaseException:
@@ -237,13 +237,26 @@ class LeanTransport(httpx.AsyncBaseTransport):
         )
 
     async def _acquire(self, within: float | None) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()
+        """Take one of the `max_connections` slots, first come first served (asyncio's Semaphore walks
+        all its waiters on every acquire)."""
+        if self.in_flight < self.max_connections and not self._waiting:
+            self.in_flight += 1
             return
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(turn)
+        handle = loop.call_later(within, _expire, turn) if within is not None else None
         try:
-            await asyncio.wait_for(self._slots.acquire(), within)
+            await turn  # a releasing request hands its slot over: in_flight stays as it is
         except TimeoutError:
             raise httpx.PoolTimeout("no connection became free in time") from None
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._release()  # handed a slot just as we were canceled: pass it on
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
 
     async def _exchange(self, request: httpx.Request, timeouts: dict[str, float | None]) -> _Connection:
         url = request.url
@@ -306,8 +319,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return conn
 
     def _release(self) -> None:
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
         self.in_flight -= 1
-        self._slots.release()
 
     def finish(self, conn: _Connection) -> None:
         """A response is closed: keep its connection for the next request if it can serve one."""
