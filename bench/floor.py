@@ -21,6 +21,9 @@ INSERT to its enqueue. Three ways, each measured on its own:
   arrive while a batch is written form the next batch, one `unnest` INSERT (the API's statement) and
   one send per batch: for reference, since the API batches and so can beat the per-job floor.
 
+And the floor of the status route (`status`, with `--paths-file`): the route's own SELECT
+(`mediagen.jobs.STATUS_SQL`, prepared) by job id, on the same raw pool, no HTTP.
+
 Reads DATABASE_URL, REDIS_URL and MEDIAGEN_* from the environment, like the service. Prints one JSON
 line: {mode: {"requests", "seconds", "rps", "p50_ms", "p99_ms", "cpu_ms_per_job"}} (CPU: this
 process's user + system, per job).
@@ -45,13 +48,13 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import percentile, run_fast
-from mediagen import services
+from mediagen import jobs, services
 from mediagen.broker import Dispatcher
 from mediagen.db import libpq_url
 from mediagen.schemas import GenerateRequest
 from mediagen.settings import Settings, get_settings
 
-MODES = ("autocommit", "transaction", "grouped")
+MODES = ("autocommit", "transaction", "grouped", "status")
 PROMPT = "a lighthouse at dusk, oil on canvas"
 BODY = {"prompt": PROMPT, "parameters": {"width": 512, "height": 512}}
 
@@ -94,6 +97,8 @@ class Floor:
         self.deadline = float(settings.job_deadline_seconds)
         self._waiting: list[tuple[Row, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self.status_ids: list[uuid.UUID] = []
+        self._next_status = 0
 
     def new_row(self) -> Row:
         params = orjson.dumps(dict(self.template, seed=random.randrange(2**32))).decode()
@@ -110,6 +115,13 @@ class Floor:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(INSERT_SQL, *row)
         await self.dispatcher.send([row[0]])
+
+    async def status(self) -> None:
+        """The floor of `GET /status/{id}`: the route's own SELECT (prepared) on a raw pool, no HTTP."""
+        job_id = self.status_ids[self._next_status % len(self.status_ids)]
+        self._next_status += 1
+        async with self.pool.acquire() as conn:
+            await conn.fetchrow(jobs.STATUS_SQL, job_id, None)
 
     async def grouped(self) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -163,7 +175,9 @@ async def timed(total: int, concurrency: int, one_job: Callable[[], Awaitable[No
     }
 
 
-async def measure(total: int, concurrency: int, pool_size: int, modes: list[str]) -> dict[str, Any]:
+async def measure(
+    total: int, concurrency: int, pool_size: int, modes: list[str], status_ids: list[uuid.UUID]
+) -> dict[str, Any]:
     settings = get_settings()
     assert settings.database_url and settings.redis_url
     pool = await asyncpg.create_pool(libpq_url(settings.database_url), min_size=pool_size, max_size=pool_size)
@@ -171,6 +185,7 @@ async def measure(total: int, concurrency: int, pool_size: int, modes: list[str]
     try:
         await redis.ping()
         floor = Floor(settings, pool, services.dispatcher(settings, redis))
+        floor.status_ids = status_ids
         return {mode: await timed(total, concurrency, getattr(floor, mode)) for mode in modes}
     finally:
         await pool.close()
@@ -182,12 +197,18 @@ def main() -> None:
     parser.add_argument("-n", "--requests", type=int, required=True)
     parser.add_argument("-c", "--concurrency", type=int, default=64)
     parser.add_argument("--pool-size", type=int, default=40, help="asyncpg pool (the API's is 20 + 20 overflow)")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default="autocommit,transaction,grouped", help=f"of {', '.join(MODES)}")
+    parser.add_argument("--paths-file", type=Path, help="status mode: the loadgen's /status/<id> lines")
     args = parser.parse_args()
     if not 0 < args.requests <= 200_000 or not 0 < args.concurrency <= 1024:
         parser.error("requests must be 1..200000, concurrency 1..1024")
     modes = [m for m in args.modes.split(",") if m in MODES]
-    out = run_fast(measure(args.requests, args.concurrency, args.pool_size, modes))
+    ids = []
+    if "status" in modes:
+        if args.paths_file is None:
+            parser.error("the status mode needs --paths-file")
+        ids = [uuid.UUID(line.rsplit("/", 1)[1]) for line in args.paths_file.read_text().split()]
+    out = run_fast(measure(args.requests, args.concurrency, args.pool_size, modes, ids))
     sys.stdout.write(json.dumps(out) + "\n")
 
 

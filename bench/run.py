@@ -39,12 +39,25 @@ from mediagen.db import libpq_url  # noqa: E402
 from mediagen.settings import Settings  # noqa: E402
 from profiling import Sampler, py_spy, top_frames  # noqa: E402
 from report import Row, render_block, text_table, write_docs  # noqa: E402
-from stack import LOOPBACK, Stack, http, tree_cpu, tree_rss  # noqa: E402
+from stack import LOOPBACK, MachineCpu, Stack, http, tree_cpu, tree_rss  # noqa: E402
 
 
 def _default(name: str) -> object:
     """A service setting's default, as the code has it (for the run's description)."""
     return Settings.model_fields[name].default
+
+
+def _machine_rows(scenario: str, runs: list[dict[str, Any]]) -> list[Row]:
+    """How busy the whole machine was during the measured requests (all processes, both cores)."""
+    shares = [r["machine"] for r in runs if r.get("machine")]
+    if len(shares) != len(runs):
+        return []
+    return [
+        Row(scenario, "machine CPU busy % during the load (ref.)", [100 * m["busy"] for m in shares], fmt="{:.0f}"),
+        Row(
+            scenario, "machine CPU stolen by the hypervisor % (ref.)", [100 * m["steal"] for m in shares], fmt="{:.0f}"
+        ),
+    ]
 
 
 SCENARIOS = ("submit", "status", "inflight", "overhead", "retries")
@@ -133,17 +146,21 @@ class Bench:
             argv += ["--paths-file", str(self.paths_file)]
         return await self._child(argv, time_limit + 30)
 
-    async def api_load(self, n: int) -> dict[str, Any]:
-        """POST /generate n times; adds the API process's CPU ms per request."""
+    async def api_load(self, n: int, *, post: bool = True) -> dict[str, Any]:
+        """POST /generate (or GET the status paths) n times; adds the API process's CPU ms per request
+        and how busy the whole machine was (`machine`: busy and steal shares, see MachineCpu)."""
         assert self.stack.api is not None
         before = tree_cpu(self.stack.api.pid)
-        result = await self.load(n, post=True)
+        machine = MachineCpu()
+        machine.start()
+        result = await self.load(n, post=post)
+        result["machine"] = machine.stop()
         result["cpu_ms_per_request"] = ms(tree_cpu(self.stack.api.pid) - before) / max(1, result["requests"])
         return result
 
-    async def floor(self, n: int) -> dict[str, Any]:
+    async def floor(self, n: int, *, modes: str = "autocommit,transaction,grouped") -> dict[str, Any]:
         argv = [sys.executable, str(BENCH / "floor.py"), "-n", str(n), "-c", str(CONCURRENCY)]
-        argv += ["--pool-size", str(self.args.floor_pool)]
+        argv += ["--pool-size", str(self.args.floor_pool), "--modes", modes, "--paths-file", str(self.paths_file)]
         return await self._child(argv, 150)
 
     async def one(self, sql: str, *args: Any) -> Any:
@@ -210,6 +227,7 @@ class Bench:
             Row(s, "floor CPU ms/job (its own process)", [r["cpu_ms_per_job"] for r in floor_runs], fmt="{:.2f}"),
             Row(s, "floor jobs/s with BEGIN/INSERT/COMMIT (ref.)", txn_runs),
             Row(s, "floor jobs/s with the API's group commit (ref.)", grouped_runs),
+            *_machine_rows(s, api_runs),
         ]
 
     # --- 2. status ----------------------------------------------------------------------------------
@@ -222,20 +240,39 @@ class Bench:
         ids = [row["id"] for row in await self.db.fetch("SELECT id FROM jobs ORDER BY random() LIMIT 2000")]
         self.paths_file.write_text("".join(f"/status/{job_id}\n" for job_id in ids))
         await self.load(self.plan.warmup, post=False)
-        runs = []
+        await self.floor(min(500, self.plan.status), modes="status")
+        runs, floors = [], []
         for index in range(self.plan.runs):
-            result = await self.load(self.plan.status, post=False)
+            # As for submit: alternate which goes first.
+            if index % 2 == 0:
+                result = await self.api_load(self.plan.status, post=False)
+                floor = (await self.floor(self.plan.status, modes="status"))["status"]
+            else:
+                floor = (await self.floor(self.plan.status, modes="status"))["status"]
+                result = await self.api_load(self.plan.status, post=False)
             if result["ok"] != self.plan.status:
                 self.notes.append(
                     f"status run {index + 1}: {result['ok']} of {self.plan.status} answered 200 "
                     f"(statuses {result['statuses']}, errors {result['errors']})"
                 )
             runs.append(result)
-        self.details["status"] = runs
+            floors.append(floor)
+        if self.args.profile and py_spy():
+            assert self.stack.api is not None
+            sampler = self.profile("status-api", self.stack.api.pid, rate=200)
+            await self.load(max(4 * self.plan.status, 10000), post=False)  # longer, for enough samples
+            if sampler:
+                sampler.stop()
+        self.details["status"] = {"api": runs, "floor": floors}
         s = "2. Status"
         self.rows += [
             Row(s, "GET /status/{id} req/s", [r["rps"] for r in runs], "≥ 2,000", lambda v: v >= 2000),
             Row(s, "p99 latency ms", [r["p99_ms"] for r in runs], fmt="{:.1f}"),
+            Row(s, "floor req/s (the route's SELECT on raw asyncpg, no HTTP)", [f["rps"] for f in floors]),
+            Row(s, "status / floor", [r["rps"] / f["rps"] for r, f in zip(runs, floors, strict=True)], fmt="{:.2f}"),
+            Row(s, "API CPU ms/request", [r["cpu_ms_per_request"] for r in runs], fmt="{:.2f}"),
+            Row(s, "floor CPU ms/request (its own process)", [f["cpu_ms_per_job"] for f in floors], fmt="{:.2f}"),
+            *_machine_rows(s, runs),
         ]
 
     # --- 3-5. end to end ----------------------------------------------------------------------------
@@ -570,7 +607,11 @@ def parse_args() -> argparse.Namespace:
     add("--no-write", action="store_true", help="print the table only")
     add("--write", action="store_true", help="write docs/benchmarks.md even with --quick")
     add("--no-info-run", action="store_true", help="skip the overhead run with the worker logging at INFO")
-    add("--profile", action="store_true", help="extra unmeasured runs under py-spy (API: submit; worker: 3 and 4)")
+    add(
+        "--profile",
+        action="store_true",
+        help="extra unmeasured runs under py-spy (API: submit and status; worker: 3 and 4)",
+    )
     add("--api-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the API")
     add("--worker-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the worker")
     add("--floor-pool", type=int, default=40, help="the floor's asyncpg pool size (default 40)")

@@ -109,6 +109,32 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+class MachineCpu:
+    """How busy the whole machine's CPUs were between `start()` and `stop()`, from /proc/stat:
+    `busy` = 1 - idle - iowait as a share of all CPU time, and `steal` = time the hypervisor gave to
+    other guests (a VM on a shared host); None where /proc/stat is missing."""
+
+    @staticmethod
+    def read() -> list[int] | None:
+        try:
+            with open("/proc/stat") as f:
+                return [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+
+    def start(self) -> None:
+        self._before = self.read()
+
+    def stop(self) -> dict[str, float] | None:
+        after = self.read()
+        if self._before is None or after is None:
+            return None
+        d = [b - a for a, b in zip(self._before, after, strict=True)]
+        total = sum(d) or 1
+        idle, iowait, steal = d[3], d[4], d[7]
+        return {"busy": round(1 - (idle + iowait) / total, 3), "steal": round(steal / total, 3)}
+
+
 class Stack:
     def __init__(self, *, log_level: str = "WARNING", keep: bool = False) -> None:
         self.run_id = uuid.uuid4().hex[:10]

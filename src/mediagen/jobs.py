@@ -134,7 +134,7 @@ class JobStatusView:
     output_keys: list[str]
 
 
-_STATUS_SQL = """
+STATUS_SQL = """
     SELECT j.id, j.status, j.attempts, j.error_class, j.error_message,
            CASE WHEN j.status = 'succeeded' THEN
              ARRAY(SELECT o.storage_key FROM outputs o WHERE o.job_id = j.id ORDER BY o.index)
@@ -145,7 +145,7 @@ _STATUS_SQL = """
 
 async def get_status(db: Database, job_id: uuid.UUID, owner: str | None = None) -> JobStatusView | None:
     """The status of one job, through the raw driver: the route clients poll (see Database)."""
-    row = await db.fetchrow(_STATUS_SQL, job_id, owner)
+    row = await db.fetchrow(STATUS_SQL, job_id, owner)
     if row is None:
         return None
     return JobStatusView(
