@@ -31,15 +31,13 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import LOOPBACK, Stack, http  # noqa: E402
-
-from mediagen.db import libpq_url  # noqa: E402
+from mediagen.db import libpq_url
+from stack import LOOPBACK, Stack, http
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_ENV = {
