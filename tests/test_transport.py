@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mediagen.outputs import Downloader
 from mediagen.transport import LeanTransport
 
 Handler = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
@@ -287,3 +288,26 @@ async def test_https_with_a_verified_certificate_and_a_refused_one(tmp_path: Pat
                 await client.get(url)
     finally:
         srv.close()
+
+
+async def test_downloads_go_through_a_configured_proxy(
+    serve: Callable[..., Awaitable[Server]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+
+    async def proxy(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: %d\r\n\r\n%s" % (len(png), png))
+        await writer.drain()
+        return True
+
+    server = await serve(proxy)
+    monkeypatch.setenv("HTTP_PROXY", server.url())
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    downloader = Downloader(allowed_hosts=["images.example"], max_bytes=1024)
+    try:
+        assert await downloader.fetch("http://images.example/out/0.png") == png
+    finally:
+        await downloader.aclose()
+    # a forward proxy is asked for the absolute URL
+    assert server.requests[0].startswith(b"GET http://images.example/out/0.png HTTP/1.1\r\n")

@@ -22,9 +22,8 @@ from mediagen import metrics
 from mediagen.errors import OutputDownloadFailed, OutputRejected
 from mediagen.jobs import StoredOutput
 from mediagen.storage import CONTENT_TYPES, Storage
-from mediagen.transport import LeanTransport
+from mediagen.transport import LeanTransport, proxies_configured
 
-USER_AGENT = "mediagen"
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"),
     (b"\xff\xd8\xff", "jpg"),
@@ -70,10 +69,15 @@ class Downloader:
         self.allowed_hosts = [host.lower() for host in allowed_hosts]
         self.max_bytes = max_bytes
         self._auth_token = auth_token
-        # Straight to the transport: no redirects to follow (they are refused), no cookies to keep, so
-        # none of httpx.AsyncClient's per-request layers are needed.
-        self.transport = LeanTransport(max_connections=max_connections)
-        self._timeouts = httpx.Timeout(timeout_seconds, connect=5.0).as_dict()
+        timeout = httpx.Timeout(timeout_seconds, connect=5.0)
+        if proxies_configured():
+            # httpx's own transport honours HTTP(S)_PROXY and NO_PROXY (a given transport would not).
+            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            self.client = httpx.AsyncClient(follow_redirects=False, timeout=timeout, limits=limits)
+        else:
+            self.client = httpx.AsyncClient(
+                follow_redirects=False, timeout=timeout, transport=LeanTransport(max_connections=max_connections)
+            )
 
     def host_allowed(self, host: str) -> bool:
         host = host.lower()
@@ -87,16 +91,12 @@ class Downloader:
             raise OutputRejected(f"output URL scheme not allowed: {parts.scheme or url[:20]!r}")
         if not self.host_allowed(parts.hostname):
             raise OutputRejected(f"output host not allowed: {parts.hostname}")
-        headers = {"User-Agent": USER_AGENT}
+        headers = {}
         if self._auth_token and parts.hostname.endswith("replicate.delivery"):
             headers["Authorization"] = f"Bearer {self._auth_token}"
-        request = httpx.Request("GET", url, headers=headers, extensions={"timeout": self._timeouts})
         try:
-            response = await self.transport.handle_async_request(request)
-            try:
+            async with self.client.stream("GET", url, headers=headers) as response:
                 return await self._read(response)
-            finally:
-                await response.aclose()
         except httpx.TransportError as error:
             raise OutputDownloadFailed(f"output download failed: {type(error).__name__}") from error
 
@@ -131,7 +131,7 @@ class Downloader:
             raise OutputRejected("data: output is not valid base64") from error
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        await self.client.aclose()
 
 
 async def store_outputs(downloader: Downloader, storage: Storage, job_id: uuid.UUID, output: Any) -> list[StoredOutput]:

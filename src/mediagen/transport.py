@@ -21,7 +21,9 @@ its own exceptions. Underneath:
   is sent once more on a new connection; a POST never is (a create must not run twice);
 * a response body is streamed with back-pressure (reading pauses above 1 MiB buffered).
 
-HTTP/1.1 only, no proxies, no HTTP/2: what Replicate's API and its CDN need.
+HTTP/1.1 only, no HTTP/2, no proxies: what Replicate's API and its CDN need. (The `replicate` client
+never honoured HTTP(S)_PROXY, whatever its transport; the downloader falls back to httpx's own
+transport when a proxy is configured, see `proxies_configured`.)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import cast
@@ -358,3 +361,8 @@ def _head(request: httpx.Request, body: bytes) -> bytes:
         parts += [b"Content-Length: ", str(len(body)).encode(), b"\r\n"]
     parts += [b"\r\n", body]
     return b"".join(parts)
+
+
+def proxies_configured() -> bool:
+    """Is an HTTP(S) proxy set in the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY)?"""
+    return any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "all"))
