@@ -197,6 +197,23 @@ async def test_a_body_that_ends_with_the_connection_is_read_whole(serve: Callabl
     assert server.accepted == 2
 
 
+async def test_a_second_answer_to_one_request_is_ignored_and_its_connection_dropped(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    async def twice(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirstHTTP/1.1 500 Oops\r\ncontent-length: 6\r\n\r\nsecond"
+        )
+        await writer.drain()
+        return True
+
+    server = await serve(twice)
+    async with httpx.AsyncClient(transport=LeanTransport()) as client:
+        assert (await client.get(server.url())).text == "first"
+        assert (await client.get(server.url())).text == "first"
+    assert server.accepted == 2
+
+
 async def test_an_idle_connection_the_server_closed_is_not_reused(serve: Callable[..., Awaitable[Server]]) -> None:
     async def once(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         await ok(head, reader, writer)

@@ -79,6 +79,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.error: Exception | None = None
         self.received = False
+        self.extra = False
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,13 +111,21 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # --- httptools callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response to one request: ignored, and the connection not reused
+            self.extra = True
+
     def on_status(self, status: bytes) -> None:
-        self.reason += status
+        if not self.extra:
+            self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.extra:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.extra:
+            return
         self.status = self.parser.get_status_code()
         self.got_headers = True
         if self.method == b"HEAD":  # no body follows, whatever the headers say; not reused
@@ -124,6 +133,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.extra:
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _PAUSE_ABOVE and not self.paused and self.transport is not None:
@@ -132,6 +143,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.extra:
+            return
         self.complete = True
         self.keep_alive = self.method != b"HEAD" and self.parser.should_keep_alive()
         self._wake()
@@ -333,7 +346,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         """A response is closed: keep its connection for the next request if it can serve one."""
         self._release()
         conn.active = False
-        if conn.complete and conn.keep_alive and not conn.closed and not conn.chunks:
+        if conn.complete and conn.keep_alive and not conn.closed and not conn.chunks and not conn.extra:
             conn.idle_until = time.monotonic() + self.keepalive_expiry
             self._idle.setdefault(conn.origin, []).append(conn)
         else:
