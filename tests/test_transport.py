@@ -224,10 +224,29 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(serve: Callabl
         for _ in range(3):
             assert (await client.get(server.url())).text == "ok"
             await asyncio.sleep(0.05)
-        # A POST on a connection the server is closing right now must not be sent twice.
         assert (await client.post(server.url(), content=b"x")).text == "echo:x"
     assert server.accepted == 4
-    assert sum(head.startswith(b"POST") for head in server.requests) == 1
+
+
+async def test_the_keep_alive_race_retries_a_get_once_but_never_a_post(serve: Callable[..., Awaitable[Server]]) -> None:
+    served: dict[int, int] = {}
+
+    async def one_per_connection(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        # The server closes a kept-alive connection just as the next request arrives on it.
+        served[id(writer)] = served.get(id(writer), 0) + 1
+        if served[id(writer)] > 1:
+            return False
+        return await ok(head, reader, writer)
+
+    server = await serve(one_per_connection)
+    async with httpx.AsyncClient(transport=LeanTransport(max_connections=1)) as client:
+        assert (await client.get(server.url())).text == "ok"
+        assert (await client.get(server.url())).text == "ok"  # sent again, on a new connection
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post(server.url(), content=b"create")  # may have been processed: not repeated
+    gets = [head for head in server.requests if head.startswith(b"GET")]
+    posts = [head for head in server.requests if head.startswith(b"POST")]
+    assert (len(gets), len(posts), server.accepted) == (3, 1, 2)
 
 
 async def test_errors_are_httpx_errors_that_tell_whether_the_request_left(

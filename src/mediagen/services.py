@@ -82,4 +82,9 @@ def downloader(settings: Settings) -> Downloader:
         if base_host:
             hosts.append(base_host)
     token = settings.replicate_api_token.get_secret_value() if settings.replicate_api_token else None
-    return Downloader(allowed_hosts=hosts, max_bytes=settings.max_output_bytes, auth_token=token)
+    return Downloader(
+        allowed_hosts=hosts,
+        max_bytes=settings.max_output_bytes,
+        auth_token=token,
+        max_connections=settings.replicate_max_connections,
+    )
