@@ -4,6 +4,7 @@ httpx's own transport does (the provider's retry rules depend on which error it 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import shutil
 import ssl
@@ -182,6 +183,21 @@ async def test_chunked_and_large_bodies_stream_in_pieces(serve: Callable[..., Aw
             assert digest.hexdigest() == hashlib.sha256(blob).hexdigest()
             assert pieces > 1
     assert server.accepted == 1
+
+
+async def test_a_compressed_answer_is_decoded_by_httpx(serve: Callable[..., Awaitable[Server]]) -> None:
+    body = gzip.compress(b'{"id": "p1", "status": "starting"}' * 50)
+
+    async def gzipped(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        assert b"gzip" in head.lower()  # httpx asks for it, as it would on its own transport
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        return True
+
+    server = await serve(gzipped)
+    async with httpx.AsyncClient(transport=LeanTransport()) as client:
+        answer = await client.get(server.url())
+    assert answer.text == '{"id": "p1", "status": "starting"}' * 50
 
 
 async def test_a_body_that_ends_with_the_connection_is_read_whole(serve: Callable[..., Awaitable[Server]]) -> None:
