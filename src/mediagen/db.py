@@ -108,8 +108,13 @@ class StatementPool:
             try:
                 conn = await turn
             except asyncio.CancelledError:
-                if turn.done() and not turn.cancelled() and turn.exception() is None and turn.result() is not None:
-                    self._release(turn.result())  # handed a connection just as we were canceled
+                if turn.done() and not turn.cancelled() and turn.exception() is None:
+                    # Handed a connection (or room for one) just as we were canceled: pass it on.
+                    handed = turn.result()
+                    if handed is not None:
+                        self._release(handed)
+                    else:
+                        self._hand_over(None)
                 raise
             finally:
                 handle.cancel()
@@ -135,12 +140,8 @@ class StatementPool:
         if conn.is_closed() or self._closing or conn.is_in_transaction():
             self._discard(conn)
             return
-        while self._waiting:
-            turn = self._waiting.popleft()
-            if not turn.done():
-                turn.set_result(conn)
-                return
-        self._idle.append((conn, time.monotonic()))
+        if not self._hand_over(conn):
+            self._idle.append((conn, time.monotonic()))
 
     def _discard(self, conn: asyncpg.Connection) -> None:
         if not conn.is_closed():
@@ -149,11 +150,16 @@ class StatementPool:
 
     def _dropped(self) -> None:
         self.size -= 1
+        self._hand_over(None)  # the oldest waiter may open a connection in this one's place
+
+    def _hand_over(self, conn: asyncpg.Connection | None) -> bool:
+        """Give a connection (or, None, room for one) to the oldest waiter; False if none waits."""
         while self._waiting:
             turn = self._waiting.popleft()
             if not turn.done():
-                turn.set_result(None)  # its holder may open a connection in this one's place
-                return
+                turn.set_result(conn)
+                return True
+        return False
 
     async def close(self) -> None:
         self._closing = True
