@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements-dev.txt -e .
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: install ## the whole service on embedded defaults (API on :8000)
