@@ -78,7 +78,7 @@ async def test_a_statement_error_keeps_the_connection_a_timeout_replaces_it(data
 async def test_a_canceled_caller_gives_its_connection_back(database_url: str) -> None:
     pool = pool_for(database_url, max_size=1)
     try:
-        busy = asyncio.ensure_future(pool.run("execute", "SELECT pg_sleep(0.3)", (), 5))
+        busy = asyncio.ensure_future(pool.run("execute", "SELECT pg_sleep(0.6)", (), 5))
         await asyncio.sleep(0.05)
         waiting = asyncio.ensure_future(pool.run("fetchval", "SELECT 1", (), 5))
         await asyncio.sleep(0.05)
@@ -102,7 +102,7 @@ async def test_a_connection_killed_by_the_server_is_replaced(database_url: str) 
             assert await killer.fetchval("SELECT pg_terminate_backend($1)", victim)
         finally:
             await killer.close()
-        await asyncio.sleep(0.2)  # the pool's idle connection sees the server hang up
+        await asyncio.sleep(0.5)  # the pool's idle connection sees the server hang up
         assert await pool.run("fetchval", "SELECT pg_backend_pid()", (), 5) != victim
     finally:
         await pool.close()

@@ -132,7 +132,7 @@ async def test_a_pool_wait_longer_than_the_pool_timeout_is_a_pool_timeout(
 
 async def test_a_canceled_wait_for_a_connection_takes_no_slot(serve: Callable[..., Awaitable[Server]]) -> None:
     async def slow(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.6)
         return await ok(head, reader, writer)
 
     server = await serve(slow)
