@@ -60,7 +60,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_until = 0.0
-        self.received = False
         self.paused = False
         self.active = False
         self._waiter: asyncio.Future[None] | None = None
@@ -233,8 +232,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._idle: dict[Origin, list[_Connection]] = {}
         self.connections: set[_Connection] = set()
-        self.opened = 0
-        """Connections opened so far."""
         self.in_flight = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -330,7 +327,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as error:
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {error}") from error
-        self.opened += 1
         self.connections.add(conn)
         return conn
 
