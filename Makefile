@@ -15,7 +15,7 @@ $(STAMP):
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: install ## the whole service on embedded defaults (API on :8000)
-	$(PY) -m mediagen.dev
+	$(PY) -m mediagen.devtools
 
 test: check ## lint, types, then the whole suite against real PostgreSQL, Redis and the fake Replicate
 	$(PY) -m pytest
@@ -42,13 +42,13 @@ migrate: install ## upgrade DATABASE_URL to the newest schema
 	$(VENV)/bin/alembic upgrade head
 
 api: install
-	$(VENV)/bin/uvicorn --factory mediagen.app:create_app --host 127.0.0.1 --port 8000
+	$(VENV)/bin/uvicorn --factory mediagen.api.app:create_app --host 127.0.0.1 --port 8000
 
 worker: install
 	$(PY) -m mediagen.worker
 
 fake: install
-	$(PY) -m mediagen.fake_replicate
+	$(PY) -m fake_replicate
 
 clean:
 	rm -rf .mediagen media/*/

@@ -36,7 +36,7 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mediagen.db import libpq_url
+from mediagen.core.db import libpq_url
 from stack import LOOPBACK, Stack, http
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 For each job, the durable work `POST /generate` does, with no HTTP, no FastAPI, no ORM:
 
-* an INSERT of the same job row (same columns and values as `mediagen.jobs._CREATE_SQL`: status
+* an INSERT of the same job row (same columns and values as `mediagen.core.jobs._CREATE_SQL`: status
   `queued`, the prompt, the parameters as the API stores them with a random seed, the default model,
   owner `''`, max_attempts, `deadline_at = now() + deadline`, `dispatched_at = now()`), committed,
   through a raw asyncpg pool;
@@ -17,12 +17,12 @@ INSERT to its enqueue. Three ways, each measured on its own:
   own transaction (one round trip), then `Dispatcher.send([job_id])`;
 * `transaction` — per job, BEGIN; INSERT; COMMIT (three round trips, what a unit of work sends), then
   the send: for reference;
-* `grouped` — the API's own group commit (mediagen.submissions) done with the drivers: jobs that
+* `grouped` — the API's own group commit (mediagen.api.submissions) done with the drivers: jobs that
   arrive while a batch is written form the next batch, one `unnest` INSERT (the API's statement) and
   one send per batch: for reference, since the API batches and so can beat the per-job floor.
 
 And the floor of the status route (`status`, with `--paths-file`): the route's own SELECT
-(`mediagen.jobs.STATUS_SQL`, prepared) by job id, on the same raw pool, no HTTP.
+(`mediagen.core.jobs.STATUS_SQL`, prepared) by job id, on the same raw pool, no HTTP.
 
 Reads DATABASE_URL, REDIS_URL and MEDIAGEN_* from the environment, like the service. Prints one JSON
 line: {mode: {"requests", "seconds", "rps", "p50_ms", "p99_ms", "cpu_ms_per_job"}} (CPU: this
@@ -48,10 +48,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import percentile, run_fast
-from mediagen import jobs, services
+from mediagen import services
+from mediagen.api.schemas import GenerateRequest
 from mediagen.broker import Dispatcher
-from mediagen.db import libpq_url
-from mediagen.schemas import GenerateRequest
+from mediagen.core import jobs
+from mediagen.core.db import libpq_url
 from mediagen.settings import Settings, get_settings
 
 MODES = ("autocommit", "transaction", "grouped", "status")

@@ -35,7 +35,7 @@ import asyncpg  # noqa: E402
 import redis  # noqa: E402
 
 from floor import BODY  # noqa: E402
-from mediagen.db import libpq_url  # noqa: E402
+from mediagen.core.db import libpq_url  # noqa: E402
 from mediagen.settings import Settings  # noqa: E402
 from profiling import Sampler, py_spy, top_frames  # noqa: E402
 from report import Row, render_block, text_table, write_docs  # noqa: E402

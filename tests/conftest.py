@@ -27,9 +27,9 @@ import psycopg
 import pytest
 import redis
 
-from mediagen.db import Database, libpq_url
-from mediagen.dev import migrate
-from mediagen.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
+from mediagen.core.db import Database, libpq_url
+from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
+from mediagen.devtools.launcher import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = uuid.uuid4().hex[:10]
@@ -146,7 +146,7 @@ def fake_replicate(workdir: Path) -> Iterator[FakeReplicate]:
     port = free_port()
     log = open(workdir / "fake.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mediagen.fake_replicate", "--port", str(port), "--latency", "0.3"],
+        [sys.executable, "-m", "fake_replicate", "--port", str(port), "--latency", "0.3"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -235,7 +235,7 @@ def start_api(env: dict[str, str], log_path: Path, **overrides: str) -> Process:
             "-m",
             "uvicorn",
             "--factory",
-            "mediagen.app:create_app",
+            "mediagen.api.app:create_app",
             "--port",
             str(port),
             "--no-access-log",

@@ -269,8 +269,8 @@ def test_the_image_environment_runs_our_code(tmp_path: Path) -> None:
     }
     probe = (
         "import importlib.util, pathlib, sys\n"
-        "import mediagen, mediagen.app, mediagen.actors, mediagen.fake_replicate, mediagen.worker\n"
-        "mediagen.app.create_app()\n"
+        "import mediagen, mediagen.api.app, mediagen.worker.actors, fake_replicate, mediagen.worker\n"
+        "mediagen.api.app.create_app()\n"
         f"assert pathlib.Path(mediagen.__file__).is_relative_to({str(venv)!r}), mediagen.__file__\n"
         "assert importlib.util.find_spec('pytest') is None, 'a dev package in the image'\n"
     )
@@ -278,7 +278,7 @@ def test_the_image_environment_runs_our_code(tmp_path: Path) -> None:
     run([str(python), "-m", "pip", "check"], cwd=app, env=env)
     for program in ("uvicorn", "alembic", "dramatiq"):
         assert (venv / "bin" / program).is_file(), program
-    run([str(python), "-m", "mediagen.fake_replicate", "--help"], cwd=app, env=env)
+    run([str(python), "-m", "fake_replicate", "--help"], cwd=app, env=env)
     sql = run([str(venv / "bin" / "alembic"), "upgrade", "head", "--sql"], cwd=app, env=env).stdout
     assert "CREATE TABLE jobs" in sql
     print(f"image environment built in {build_seconds:.1f}s")

@@ -25,8 +25,8 @@ from replicate.client import Client
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 
-from mediagen.fake_replicate import build_config, build_settings
-from mediagen.providers.fake_server import (
+from fake_replicate import build_config, build_settings
+from fake_replicate.server import (
     CreateFault,
     FakeConfig,
     GetFault,

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 
 from conftest import ROOT, create_database, drop_database
-from mediagen.db import libpq_url
+from mediagen.core.db import libpq_url
 
 
 @pytest.fixture
@@ -53,8 +53,8 @@ def test_the_models_match_the_migrations(empty_database: str) -> None:
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine
 
-    from mediagen.db import sync_url
-    from mediagen.models import Base
+    from mediagen.core.db import sync_url
+    from mediagen.core.models import Base
 
     command.upgrade(alembic_config(empty_database), "head")
     engine = create_engine(sync_url(empty_database))

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import Stack, stop, submit, unique, wait_for_job, wait_http
-from mediagen.embedded import free_port
+from mediagen.devtools.embedded import free_port
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def lying_fake(workdir: Path) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "mediagen.fake_replicate",
+            "fake_replicate",
             "--port",
             str(port),
             "--latency",

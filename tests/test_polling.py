@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 
-from mediagen.polling import MIN_OBSERVATIONS, PollSchedule
 from mediagen.providers.base import Prediction
+from mediagen.worker.polling import MIN_OBSERVATIONS, PollSchedule
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 

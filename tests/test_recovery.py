@@ -21,8 +21,8 @@ import redis as redis_sync
 from sqlalchemy import text
 
 from conftest import FakeReplicate, Stack, kill_group, submit, unique, wait_for_job
-from mediagen.db import Database
-from mediagen.embedded import EmbeddedRedis, free_port
+from mediagen.core.db import Database
+from mediagen.devtools.embedded import EmbeddedRedis, free_port
 
 FAST = {
     "MEDIAGEN_LEASE_SECONDS": "2",

@@ -6,14 +6,14 @@ import random
 
 import pytest
 
-from mediagen.errors import (
+from mediagen.core.errors import (
     OutputDownloadFailed,
     OutputRejected,
     PermanentProviderError,
     TransientProviderError,
     UnknownCreateOutcome,
 )
-from mediagen.retry import RetryPolicy, prediction_failure_is_transient
+from mediagen.core.retry import RetryPolicy, prediction_failure_is_transient
 
 POLICY = RetryPolicy(max_attempts=6, base_seconds=1.0, cap_seconds=8.0, retry_after_cap_seconds=60.0)
 

@@ -10,7 +10,7 @@ import uuid
 import asyncpg
 import pytest
 
-from mediagen.db import StatementPool, libpq_url
+from mediagen.core.db import StatementPool, libpq_url
 
 
 def pool_for(database_url: str, **kwargs: float) -> StatementPool:

@@ -24,9 +24,9 @@ import pytest
 from fastapi import FastAPI
 
 from conftest import submit, unique, wait_for_job
-from mediagen.auth import KeyRing
-from mediagen.errors import StorageMisconfigured, StorageUnavailable
-from mediagen.routes import router
+from mediagen.api.auth import KeyRing
+from mediagen.api.routes import router
+from mediagen.core.errors import StorageMisconfigured, StorageUnavailable
 from mediagen.settings import Settings
 from mediagen.storage import ObjectStream, Storage
 from mediagen.storage.local import LocalStorage

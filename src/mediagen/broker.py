@@ -2,7 +2,7 @@
 
 One message per job delivery, whose Redis message id *is the job id*. That makes every delivery of a
 job addressable, so the recovery sweep can ask Redis "is there still a message for this job?" (see
-mediagen.recovery) instead of guessing, and a duplicate send overwrites rather than multiplies.
+mediagen.worker.recovery) instead of guessing, and a duplicate send overwrites rather than multiplies.
 
 The API and the worker's own code send with `Dispatcher` (redis.asyncio, never blocking the event loop),
 writing exactly what `RedisBroker.enqueue` writes: the message body into `<ns>:<queue>.msgs` and its id
@@ -54,7 +54,7 @@ def build_broker(
         ShutdownNotifications(),
         *extra_middleware,
     ]
-    # Retries are not Dramatiq's job here: mediagen.retry decides and the runner schedules the next
+    # Retries are not Dramatiq's job here: mediagen.core.retry decides and the runner schedules the next
     # attempt itself, so the Retries middleware is left out on purpose.
     return JobBroker(  # type: ignore[no-untyped-call]
         url=redis_url,

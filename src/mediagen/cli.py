@@ -21,9 +21,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from mediagen import jobs
-from mediagen.db import Database
-from mediagen.embedded import EmbeddedPostgres, port_open
+from mediagen.core import jobs
+from mediagen.core.db import Database
+from mediagen.devtools.embedded import EmbeddedPostgres, port_open
 from mediagen.settings import Settings, get_settings
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")

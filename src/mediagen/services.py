@@ -7,13 +7,13 @@ from urllib.parse import urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from mediagen.broker import Dispatcher
-from mediagen.db import Database
-from mediagen.outputs import Downloader
+from mediagen.core.db import Database
 from mediagen.providers.replicate import ReplicateProvider
 from mediagen.settings import Settings
 from mediagen.storage import Storage
 from mediagen.storage.local import LocalStorage
 from mediagen.storage.s3 import S3Storage
+from mediagen.worker.outputs import Downloader
 
 REPLICATE_DELIVERY = "replicate.delivery"
 

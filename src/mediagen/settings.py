@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     """Hosts outputs may come from besides `replicate.delivery` (and subdomains) and the base URL's host."""
     max_output_bytes: int = 50 * 1024 * 1024
 
-    # --- retries and deadlines (see mediagen.retry) -----------------------------------------------
+    # --- retries and deadlines (see mediagen.core.retry) -----------------------------------------------
     max_attempts: int = Field(5, ge=1, le=50)
     retry_base_seconds: float = Field(1.0, gt=0)
     retry_cap_seconds: float = Field(60.0, gt=0)

@@ -8,7 +8,7 @@ What this adapter does that the client does not (see shared/replicate-api.md):
 * tell a create that surely failed (connection refused) from one whose outcome is unknown (a read
   timeout after the request went out): only the latter may have started a paid prediction;
 * one client, one connection pool per worker process, built on the worker's event loop, on a lean
-  transport (mediagen.transport) under the client's own httpx.
+  transport (mediagen.providers.transport) under the client's own httpx.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pydantic.v1 import ValidationError as ClientValidationError
 from replicate.exceptions import ReplicateError
 
 from mediagen import metrics
-from mediagen.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
+from mediagen.core.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
 from mediagen.providers.base import Prediction
-from mediagen.transport import LeanTransport
+from mediagen.providers.transport import LeanTransport
 
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _retry_hint: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(

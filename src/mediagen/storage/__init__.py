@@ -13,7 +13,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
-from mediagen.errors import StorageUnavailable
+from mediagen.core.errors import StorageUnavailable
 
 # Keys are ours alone: `<job uuid>/<index>.<ext>`. Anything else is refused (no path traversal).
 KEY_PATTERN = re.compile(

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from mediagen.errors import StorageMisconfigured, StorageUnavailable
+from mediagen.core.errors import StorageMisconfigured, StorageUnavailable
 from mediagen.storage import CONTENT_TYPES, ObjectStream, StoredObject, require_key
 
 

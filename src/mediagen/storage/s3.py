@@ -31,7 +31,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
-from mediagen.errors import StorageError, StorageMisconfigured, StorageUnavailable
+from mediagen.core.errors import StorageError, StorageMisconfigured, StorageUnavailable
 from mediagen.storage import CONTENT_TYPES, ObjectStream, StoredObject, require_key
 
 T = TypeVar("T")

@@ -13,16 +13,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from mediagen import __version__, services
-from mediagen.auth import KeyRing
+from mediagen.api.auth import KeyRing
+from mediagen.api.http import BodySizeLimit, install_error_handlers
+from mediagen.api.routes import router
+from mediagen.api.submissions import Submissions
 from mediagen.broker import Dispatcher
-from mediagen.db import Database
-from mediagen.http import BodySizeLimit, install_error_handlers
+from mediagen.core.db import Database
 from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import RequestMetrics
-from mediagen.routes import router
 from mediagen.settings import Settings, get_settings
 from mediagen.storage import Storage
-from mediagen.submissions import Submissions
 
 
 @dataclass

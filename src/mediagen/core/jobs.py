@@ -8,9 +8,9 @@ workers can never both hold a job:
        └──due── retrying ◀┘ transient error
     queued | retrying | running ──cancel──▶ canceled
 
-`running` carries a lease (`lease_until`, renewed in bulk by each worker, see mediagen.leases) and a
+`running` carries a lease (`lease_until`, renewed in bulk by each worker, see mediagen.worker.leases) and a
 `claim_token`; a worker's writes count only while its token is the job's. Functions take a connection
-inside a transaction and never commit (see mediagen.db).
+inside a transaction and never commit (see mediagen.core.db).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import orjson
 from sqlalchemy import Row, and_, func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mediagen.db import Database
-from mediagen.errors import JobConflict, JobNotFound
-from mediagen.models import Attempt, AttemptOutcome, Job, JobStatus, Output
+from mediagen.core.db import Database
+from mediagen.core.errors import JobConflict, JobNotFound
+from mediagen.core.models import Attempt, AttemptOutcome, Job, JobStatus, Output
 
 # --- submit and read ----------------------------------------------------------------------------
 

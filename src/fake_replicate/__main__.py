@@ -1,8 +1,8 @@
-"""Run the fake Replicate server: ``python -m mediagen.fake_replicate``.
+"""Run the fake Replicate server: ``python -m fake_replicate``.
 
 Example::
 
-    python -m mediagen.fake_replicate --host 127.0.0.1 --port 5055 \\
+    python -m fake_replicate --host 127.0.0.1 --port 5055 \\
         --latency 1.0 --p-create-500 0.2 --seed 7 --output-mode url
 
 Every FakeConfig field is a flag (``--p-create-429``, ``--retry-after``, ...) and
@@ -10,7 +10,7 @@ can also come from an environment variable ``FAKE_REPLICATE_<NAME>`` (e.g.
 ``FAKE_REPLICATE_LATENCY=0.5``, ``FAKE_REPLICATE_HOST``, ``FAKE_REPLICATE_PORT``).
 Flags win over the environment. Point the client at it with
 ``REPLICATE_BASE_URL=http://127.0.0.1:5055``. Faults can be changed while it runs
-with ``PUT /_fake/config``; see :mod:`mediagen.providers.fake_server` for the
+with ``PUT /_fake/config``; see :mod:`fake_replicate.server` for the
 per-prompt ``[[...]]`` directives and the ``/_fake`` control routes.
 """
 
@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
-from mediagen.providers.fake_server import FakeConfig, config_with, create_app, parse_config_value
+from fake_replicate.server import FakeConfig, config_with, create_app, parse_config_value
 
 ENV_PREFIX = "FAKE_REPLICATE_"
 DEFAULT_HOST = "127.0.0.1"
@@ -65,7 +65,7 @@ def _env_name(name: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mediagen.fake_replicate",
+        prog="python -m fake_replicate",
         description="Fake Replicate HTTP server for tests and benchmarks.",
     )
     parser.add_argument("--host", default=None, help=f"bind address (default {DEFAULT_HOST})")

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from mediagen import metrics
-from mediagen.errors import OutputDownloadFailed, OutputRejected
-from mediagen.jobs import StoredOutput
+from mediagen.core.errors import OutputDownloadFailed, OutputRejected
+from mediagen.core.jobs import StoredOutput
+from mediagen.providers.transport import LeanTransport, proxies_configured
 from mediagen.storage import CONTENT_TYPES, Storage
-from mediagen.transport import LeanTransport, proxies_configured
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"),

@@ -8,11 +8,11 @@ The attempt protocol (no lost job, no double billing):
    earlier create's outcome is unknown, look for its prediction in Replicate's recent list first.
    Only otherwise create one, and store its id at once, before any waiting.
 3. Wait by polling on the event loop (no thread is held busy): first after about as long as this
-   model's predictions take (mediagen.polling), then in growing steps. The lease is renewed for all
-   running jobs at once by mediagen.leases.
+   model's predictions take (mediagen.worker.polling), then in growing steps. The lease is renewed for all
+   running jobs at once by mediagen.worker.leases.
 4. Download each image at once, check it, store it atomically; then close the attempt and the job in
    one transaction, guarded by our claim token.
-5. On error, mediagen.retry decides: retry (job `retrying`, a delayed message) or fail.
+5. On error, mediagen.core.retry decides: retry (job `retrying`, a delayed message) or fail.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mediagen import jobs, metrics
+from mediagen import metrics
 from mediagen.broker import Dispatcher
-from mediagen.db import Database
-from mediagen.errors import (
+from mediagen.core import jobs
+from mediagen.core.db import Database
+from mediagen.core.errors import (
     JobCanceled,
     JobDeadlineExceeded,
     LeaseLost,
@@ -38,13 +39,13 @@ from mediagen.errors import (
     TransientProviderError,
     WorkerStopping,
 )
-from mediagen.leases import Hold, LeaseKeeper
+from mediagen.core.retry import RetryPolicy, prediction_failure_is_transient
 from mediagen.logging import log_event
-from mediagen.outputs import Downloader, store_outputs
-from mediagen.polling import PollSchedule
 from mediagen.providers.base import Prediction, Provider
-from mediagen.retry import RetryPolicy, prediction_failure_is_transient
 from mediagen.storage import Storage
+from mediagen.worker.leases import Hold, LeaseKeeper
+from mediagen.worker.outputs import Downloader, store_outputs
+from mediagen.worker.polling import PollSchedule
 
 # Sends from inside a job's own message go through the delay queue: an immediate send would reuse
 # the Redis id of the message still being processed and be deleted by its acknowledgement.

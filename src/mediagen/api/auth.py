@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from mediagen.errors import MediagenError
+from mediagen.core.errors import MediagenError
 
 ANONYMOUS = ""
 

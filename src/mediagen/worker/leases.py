@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
-from mediagen.db import Database
-from mediagen.errors import JobCanceled, LeaseLost, MediagenError
+from mediagen.core.db import Database
+from mediagen.core.errors import JobCanceled, LeaseLost, MediagenError
 from mediagen.logging import log_event
 
 _RENEW_SQL = text(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mediagen.errors import MediagenError
+from mediagen.core.errors import MediagenError
 
 # A prediction that ends `failed` is the model's verdict and permanent, except for these faults of
 # Replicate's infrastructure, where a new prediction may well succeed.

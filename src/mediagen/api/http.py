@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mediagen.auth import Unauthorized
-from mediagen.errors import DependencyUnavailable, JobConflict, JobNotFound
+from mediagen.api.auth import Unauthorized
+from mediagen.core.errors import DependencyUnavailable, JobConflict, JobNotFound
 from mediagen.logging import log_event
 
 RETRY_AFTER_SECONDS = "5"

@@ -22,7 +22,7 @@ import logging
 from sqlalchemy import text
 
 from mediagen.broker import Dispatcher
-from mediagen.db import Database
+from mediagen.core.db import Database
 from mediagen.logging import log_event
 
 _EXPIRE_SQL = text(

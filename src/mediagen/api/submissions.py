@@ -12,9 +12,9 @@ import asyncio
 import logging
 import uuid
 
-from mediagen import jobs
 from mediagen.broker import Dispatcher
-from mediagen.db import Database
+from mediagen.core import jobs
+from mediagen.core.db import Database
 from mediagen.logging import log_event
 
 

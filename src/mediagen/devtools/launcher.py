@@ -1,4 +1,4 @@
-"""`python -m mediagen.dev` (what `make run` runs): the whole service on one machine, no setup.
+"""`python -m mediagen.devtools` (what `make run` runs): the whole service on one machine, no setup.
 
 Starts what is not configured: embedded PostgreSQL unless DATABASE_URL is set, embedded Redis unless
 REDIS_URL is set, the fake Replicate unless REPLICATE_API_TOKEN is set; migrates; then runs the API
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mediagen.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
+from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
 from mediagen.logging import configure_logging, log_event, redact
 
 
@@ -26,7 +26,7 @@ def api_command(host: str, port: int) -> list[str]:
         "-m",
         "uvicorn",
         "--factory",
-        "mediagen.app:create_app",
+        "mediagen.api.app:create_app",
         "--host",
         host,
         "--port",
@@ -41,7 +41,7 @@ def migrate(database_url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     config = Config(str(root / "alembic.ini"))
     config.set_main_option("script_location", str(root / "migrations"))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
@@ -99,7 +99,7 @@ def main() -> None:
                     [
                         sys.executable,
                         "-m",
-                        "mediagen.fake_replicate",
+                        "fake_replicate",
                         "--host",
                         "127.0.0.1",
                         "--port",

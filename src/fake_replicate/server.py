@@ -95,29 +95,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import colorsys
 import contextlib
 import hashlib
-import io
 import math
 import random
-import re
-import struct
 import time
-import zlib
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 import orjson
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from fake_replicate.config import FakeConfig, config_with, parse_config_value
+from fake_replicate.directives import Directives, create_fault_for, first_n_applies, parse_directives
+from fake_replicate.images import PngCache, palette_index, render_png, with_text_chunk
 
 __all__ = [
     "Directives",
@@ -162,286 +160,6 @@ BAD_GATEWAY_HTML: Final = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n"
 )
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class FakeConfig:
-    """Fault settings of the fake server. The defaults inject no faults."""
-
-    latency: float = 1.0
-    latency_jitter: float = 0.0
-    create_latency: float = 0.0
-    p_create_500: float = 0.0
-    p_create_429: float = 0.0
-    retry_after: int = 1
-    p_get_503: float = 0.0
-    p_get_429: float = 0.0
-    p_flagged: float = 0.0
-    p_model_error: float = 0.0
-    seed: int | None = None
-    output_mode: str = "url"
-    api_token: str | None = None
-    base_url: str | None = None
-
-    def __post_init__(self) -> None:
-        _validate_config(self)
-
-
-_PROBABILITIES: Final = (
-    "p_create_500",
-    "p_create_429",
-    "p_get_503",
-    "p_get_429",
-    "p_flagged",
-    "p_model_error",
-)
-_NON_NEGATIVE: Final = ("latency", "latency_jitter", "create_latency", "retry_after")
-_FIELD_KINDS: Final[Mapping[str, str]] = {
-    "latency": "float",
-    "latency_jitter": "float",
-    "create_latency": "float",
-    "p_create_500": "float",
-    "p_create_429": "float",
-    "retry_after": "int",
-    "p_get_503": "float",
-    "p_get_429": "float",
-    "p_flagged": "float",
-    "p_model_error": "float",
-    "seed": "int?",
-    "output_mode": "str",
-    "api_token": "str?",
-    "base_url": "str?",
-}
-
-
-def _validate_config(config: FakeConfig) -> None:
-    for name in _PROBABILITIES:
-        value = getattr(config, name)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be within [0, 1], got {value!r}")
-    for name in _NON_NEGATIVE:
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0")
-    if config.output_mode not in ("url", "data"):
-        raise ValueError("output_mode must be 'url' or 'data'")
-
-
-def _coerce(name: str, value: object) -> object:
-    """Check one JSON value against a FakeConfig field's type."""
-    kind = _FIELD_KINDS.get(name)
-    if kind is None:
-        raise ValueError(f"unknown config key {name!r}")
-    if value is None and kind.endswith("?"):
-        return None
-    base = kind.rstrip("?")
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: expected {base}, got a boolean")
-    if base == "float" and isinstance(value, (int, float)):
-        return float(value)
-    if base == "int" and isinstance(value, int):
-        return value
-    if base == "int" and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if base == "str" and isinstance(value, str):
-        return value
-    raise ValueError(f"{name}: expected {kind}, got {type(value).__name__}")
-
-
-def config_with(config: FakeConfig, patch: Mapping[str, object]) -> FakeConfig:
-    """Return a copy of ``config`` with ``patch`` merged in (raises ValueError)."""
-    changes = {name: _coerce(name, value) for name, value in patch.items()}
-    return replace(config, **changes)  # type: ignore[arg-type]
-
-
-def parse_config_value(name: str, text: str) -> object:
-    """Parse a command-line or environment string for FakeConfig field ``name``."""
-    kind = _FIELD_KINDS.get(name)
-    if kind is None:
-        raise ValueError(f"unknown config key {name!r}")
-    if kind.endswith("?") and text.strip().lower() in ("", "none", "null"):
-        return None
-    base = kind.rstrip("?")
-    if base == "float":
-        return float(text)
-    if base == "int":
-        return int(text)
-    return text
-
-
-# --------------------------------------------------------------------------- directives
-
-
-@dataclass(frozen=True)
-class CreateFault:
-    """``[[create:STATUS*N:retry_after=S]]``; ``count`` None means always."""
-
-    status: int
-    count: int | None
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True)
-class GetFault:
-    """``[[get:STATUS*N]]``; ``count`` None means always."""
-
-    status: int
-    count: int | None
-
-
-@dataclass(frozen=True)
-class Directives:
-    """Everything the ``[[...]]`` markers of one prompt ask for."""
-
-    create_faults: tuple[CreateFault, ...] = ()
-    get_faults: tuple[GetFault, ...] = ()
-    flagged: bool = False
-    fail: bool = False
-    fail_count: int | None = None
-    invalid: bool = False
-    latency: float | None = None
-    hang_create: float = 0.0
-    hang_count: int | None = None
-    output: str | None = None
-
-    @property
-    def counts_creates(self) -> bool:
-        return bool(self.create_faults)
-
-
-NO_DIRECTIVES: Final = Directives()
-_MARKER_RE: Final = re.compile(r"\[\[([^\[\]]*)\]\]")
-_NUM: Final = r"(\d+(?:\.\d+)?)"
-_CREATE_RE: Final = re.compile(rf"create:(\d{{3}})(?:\*(\d+))?(?::retry_after={_NUM})?")
-_GET_RE: Final = re.compile(r"get:(\d{3})(?:\*(\d+))?")
-_FAIL_RE: Final = re.compile(r"fail(?:\*(\d+))?")
-_LATENCY_RE: Final = re.compile(rf"latency={_NUM}")
-_HANG_RE: Final = re.compile(rf"hang_create={_NUM}(?:\*(\d+))?")
-_OUTPUT_RE: Final = re.compile(r"output:(404|notimage|data|url)")
-
-
-def _count(text: str | None) -> int | None:
-    return None if text is None else int(text)
-
-
-def _apply_marker(marker: str, fields_: dict[str, Any]) -> None:
-    """Update ``fields_`` (Directives keyword arguments) from one marker's text."""
-    if marker == "flagged":
-        fields_["flagged"] = True
-    elif marker == "invalid":
-        fields_["invalid"] = True
-    elif m := _CREATE_RE.fullmatch(marker):
-        after = float(m[3]) if m[3] is not None else None
-        fields_["create_faults"] += (CreateFault(int(m[1]), _count(m[2]), after),)
-    elif m := _GET_RE.fullmatch(marker):
-        fields_["get_faults"] += (GetFault(int(m[1]), _count(m[2])),)
-    elif m := _FAIL_RE.fullmatch(marker):
-        fields_["fail"], fields_["fail_count"] = True, _count(m[1])
-    elif m := _LATENCY_RE.fullmatch(marker):
-        fields_["latency"] = float(m[1])
-    elif m := _HANG_RE.fullmatch(marker):
-        fields_["hang_create"], fields_["hang_count"] = float(m[1]), _count(m[2])
-    elif m := _OUTPUT_RE.fullmatch(marker):
-        fields_["output"] = m[1]
-    # Unknown markers are ignored: they are just part of the prompt.
-
-
-def parse_directives(prompt: str) -> Directives:
-    """Parse the ``[[...]]`` directives of a prompt (see the module docstring)."""
-    if "[[" not in prompt:
-        return NO_DIRECTIVES
-    kwargs: dict[str, Any] = {"create_faults": (), "get_faults": ()}
-    for match in _MARKER_RE.finditer(prompt):
-        _apply_marker(match[1].strip().replace(" ", ""), kwargs)
-    return Directives(**kwargs)
-
-
-def _first_n_applies(count: int | None, index: int) -> bool:
-    """Whether a "first N times" directive applies to the ``index``-th (0-based) event."""
-    return count is None or index < count
-
-
-def _create_fault_for(faults: tuple[CreateFault, ...], attempt: int) -> CreateFault | None:
-    """The create fault (if any) for the ``attempt``-th (0-based) create of a prompt."""
-    for fault in faults:
-        if fault.count is None:
-            return fault
-        if attempt < fault.count:
-            return fault
-        attempt -= fault.count
-    return None
-
-
-# --------------------------------------------------------------------------- images
-
-
-def _palette_entry(index: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Two colours (top, bottom) of palette entry ``index`` (deterministic)."""
-    hue = (index * 0.6180339887) % 1.0
-    top = colorsys.hsv_to_rgb(hue, 0.65, 0.95)
-    bottom = colorsys.hsv_to_rgb((hue + 0.35) % 1.0, 0.8, 0.35)
-    return (
-        (round(top[0] * 255), round(top[1] * 255), round(top[2] * 255)),
-        (round(bottom[0] * 255), round(bottom[1] * 255), round(bottom[2] * 255)),
-    )
-
-
-PALETTE_SIZE: Final = 64
-
-
-def palette_index(prompt: str, seed: int | None, index: int) -> int:
-    digest = hashlib.blake2b(f"{prompt}\0{seed}\0{index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "big") % PALETTE_SIZE
-
-
-def render_png(width: int, height: int, colour: int) -> bytes:
-    """A real width x height PNG: a vertical gradient of palette entry ``colour``."""
-    top, bottom = _palette_entry(colour)
-    strip = Image.new("RGB", (1, 256))
-    strip.putdata([tuple(top[k] + (bottom[k] - top[k]) * i // 255 for k in range(3)) for i in range(256)])
-    image = strip.resize((width, height), Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def with_text_chunk(png: bytes, keyword: str, text: str) -> bytes:
-    """Insert a ``tEXt`` chunk right after IHDR (bytes 8..33 of any PNG)."""
-    data = keyword.encode("latin-1") + b"\0" + text.encode("latin-1", "replace")
-    chunk = struct.pack(">I", len(data)) + b"tEXt" + data
-    chunk += struct.pack(">I", zlib.crc32(b"tEXt" + data))
-    return png[:33] + chunk + png[33:]
-
-
-class PngCache:
-    """LRU of rendered PNGs keyed by (width, height, palette entry), bounded in bytes."""
-
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self.max_bytes = max_bytes
-        self.size = 0
-        self.renders = 0
-        self._items: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
-
-    def get(self, width: int, height: int, colour: int) -> bytes:
-        key = (width, height, colour)
-        png = self._items.get(key)
-        if png is not None:
-            self._items.move_to_end(key)
-            return png
-        png = render_png(width, height, colour)
-        self.renders += 1
-        self._items[key] = png
-        self.size += len(png)
-        while self.size > self.max_bytes and len(self._items) > 1:
-            _, dropped = self._items.popitem(last=False)
-            self.size -= len(dropped)
-        return png
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.size = 0
 
 
 # --------------------------------------------------------------------------- predictions
@@ -893,7 +611,7 @@ class FakeReplicate:
             return None
         attempt = self.create_attempts.get(prompt, 0)
         self.create_attempts[prompt] = attempt + 1
-        fault = _create_fault_for(directives.create_faults, attempt)
+        fault = create_fault_for(directives.create_faults, attempt)
         if fault is None:
             return None
         self.faults[f"create_{fault.status}"] += 1
@@ -916,14 +634,14 @@ class FakeReplicate:
             return fault
         index = self.by_prompt.get(params.prompt, 0)
         pred = self.new_prediction(model, version, raw_input, params, directives, index)
-        if directives.hang_create > 0 and _first_n_applies(directives.hang_count, index):
+        if directives.hang_create > 0 and first_n_applies(directives.hang_count, index):
             await asyncio.sleep(directives.hang_create)
         return await self.create_reply(request, pred)
 
     def outcome(self, directives: Directives, index: int) -> tuple[Status, str | None]:
         if directives.flagged:
             return "failed", FLAGGED_ERROR
-        if directives.fail and _first_n_applies(directives.fail_count, index):
+        if directives.fail and first_n_applies(directives.fail_count, index):
             return "failed", CRASH_ERROR
         if self.chance(self.config.p_flagged):
             return "failed", FLAGGED_ERROR

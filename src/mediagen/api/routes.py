@@ -1,4 +1,4 @@
-"""The HTTP API: thin routes over mediagen.jobs."""
+"""The HTTP API: thin routes over mediagen.core.jobs."""
 
 from __future__ import annotations
 
@@ -18,13 +18,9 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from sqlalchemy import text
 from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
-from mediagen import jobs
-from mediagen.auth import Owner, visible_to
-from mediagen.errors import JobConflict, JobNotFound, StorageError
-from mediagen.http import FastJSON, error
-from mediagen.logging import log_event
-from mediagen.models import JobStatus
-from mediagen.schemas import (
+from mediagen.api.auth import Owner, visible_to
+from mediagen.api.http import FastJSON, error
+from mediagen.api.schemas import (
     ErrorResponse,
     GenerateAccepted,
     GenerateRequest,
@@ -32,6 +28,10 @@ from mediagen.schemas import (
     JobStatusResponse,
     JobView,
 )
+from mediagen.core import jobs
+from mediagen.core.errors import JobConflict, JobNotFound, StorageError
+from mediagen.core.models import JobStatus
+from mediagen.logging import log_event
 from mediagen.storage import CONTENT_TYPES, ObjectStream, is_valid_key
 from mediagen.storage.local import LocalStorage
 

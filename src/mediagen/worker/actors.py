@@ -23,15 +23,15 @@ from dramatiq.middleware import Middleware
 
 from mediagen import services
 from mediagen.broker import ACTOR_NAME, build_broker
-from mediagen.errors import WorkerStopping
-from mediagen.leases import LeaseKeeper
+from mediagen.core.errors import WorkerStopping
+from mediagen.core.retry import RetryPolicy
 from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import serve_worker_metrics
-from mediagen.polling import PollSchedule
-from mediagen.recovery import Sweeper
-from mediagen.retry import RetryPolicy
-from mediagen.runner import WorkerContext, run_job
 from mediagen.settings import Settings, get_settings
+from mediagen.worker.leases import LeaseKeeper
+from mediagen.worker.polling import PollSchedule
+from mediagen.worker.recovery import Sweeper
+from mediagen.worker.runner import WorkerContext, run_job
 
 _context: WorkerContext | None = None
 

@@ -12,7 +12,7 @@ def argv(extra: list[str] | None = None) -> list[str]:
     settings = get_settings()
     return [
         "dramatiq",
-        "mediagen.actors",
+        "mediagen.worker.actors",
         "--processes",
         str(settings.worker_processes),
         "--threads",

@@ -1,0 +1,116 @@
+"""The fake's fault settings (`FakeConfig`): global, probabilistic, changeable while it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+JSON = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class FakeConfig:
+    """Fault settings of the fake server. The defaults inject no faults."""
+
+    latency: float = 1.0
+    latency_jitter: float = 0.0
+    create_latency: float = 0.0
+    p_create_500: float = 0.0
+    p_create_429: float = 0.0
+    retry_after: int = 1
+    p_get_503: float = 0.0
+    p_get_429: float = 0.0
+    p_flagged: float = 0.0
+    p_model_error: float = 0.0
+    seed: int | None = None
+    output_mode: str = "url"
+    api_token: str | None = None
+    base_url: str | None = None
+
+    def __post_init__(self) -> None:
+        _validate_config(self)
+
+
+_PROBABILITIES: Final = (
+    "p_create_500",
+    "p_create_429",
+    "p_get_503",
+    "p_get_429",
+    "p_flagged",
+    "p_model_error",
+)
+_NON_NEGATIVE: Final = ("latency", "latency_jitter", "create_latency", "retry_after")
+_FIELD_KINDS: Final[Mapping[str, str]] = {
+    "latency": "float",
+    "latency_jitter": "float",
+    "create_latency": "float",
+    "p_create_500": "float",
+    "p_create_429": "float",
+    "retry_after": "int",
+    "p_get_503": "float",
+    "p_get_429": "float",
+    "p_flagged": "float",
+    "p_model_error": "float",
+    "seed": "int?",
+    "output_mode": "str",
+    "api_token": "str?",
+    "base_url": "str?",
+}
+
+
+def _validate_config(config: FakeConfig) -> None:
+    for name in _PROBABILITIES:
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be within [0, 1], got {value!r}")
+    for name in _NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0")
+    if config.output_mode not in ("url", "data"):
+        raise ValueError("output_mode must be 'url' or 'data'")
+
+
+def _coerce(name: str, value: object) -> object:
+    """Check one JSON value against a FakeConfig field's type."""
+    kind = _FIELD_KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown config key {name!r}")
+    if value is None and kind.endswith("?"):
+        return None
+    base = kind.rstrip("?")
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected {base}, got a boolean")
+    if base == "float" and isinstance(value, (int, float)):
+        return float(value)
+    if base == "int" and isinstance(value, int):
+        return value
+    if base == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base == "str" and isinstance(value, str):
+        return value
+    raise ValueError(f"{name}: expected {kind}, got {type(value).__name__}")
+
+
+def config_with(config: FakeConfig, patch: Mapping[str, object]) -> FakeConfig:
+    """Return a copy of ``config`` with ``patch`` merged in (raises ValueError)."""
+    changes = {name: _coerce(name, value) for name, value in patch.items()}
+    return replace(config, **changes)  # type: ignore[arg-type]
+
+
+def parse_config_value(name: str, text: str) -> object:
+    """Parse a command-line or environment string for FakeConfig field ``name``."""
+    kind = _FIELD_KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown config key {name!r}")
+    if kind.endswith("?") and text.strip().lower() in ("", "none", "null"):
+        return None
+    base = kind.rstrip("?")
+    if base == "float":
+        return float(text)
+    if base == "int":
+        return int(text)
+    return text

@@ -1,0 +1,109 @@
+"""Per-prompt `[[...]]` directives: deterministic faults for tests."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+# --------------------------------------------------------------------------- directives
+
+
+@dataclass(frozen=True)
+class CreateFault:
+    """``[[create:STATUS*N:retry_after=S]]``; ``count`` None means always."""
+
+    status: int
+    count: int | None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class GetFault:
+    """``[[get:STATUS*N]]``; ``count`` None means always."""
+
+    status: int
+    count: int | None
+
+
+@dataclass(frozen=True)
+class Directives:
+    """Everything the ``[[...]]`` markers of one prompt ask for."""
+
+    create_faults: tuple[CreateFault, ...] = ()
+    get_faults: tuple[GetFault, ...] = ()
+    flagged: bool = False
+    fail: bool = False
+    fail_count: int | None = None
+    invalid: bool = False
+    latency: float | None = None
+    hang_create: float = 0.0
+    hang_count: int | None = None
+    output: str | None = None
+
+    @property
+    def counts_creates(self) -> bool:
+        return bool(self.create_faults)
+
+
+NO_DIRECTIVES: Final = Directives()
+_MARKER_RE: Final = re.compile(r"\[\[([^\[\]]*)\]\]")
+_NUM: Final = r"(\d+(?:\.\d+)?)"
+_CREATE_RE: Final = re.compile(rf"create:(\d{{3}})(?:\*(\d+))?(?::retry_after={_NUM})?")
+_GET_RE: Final = re.compile(r"get:(\d{3})(?:\*(\d+))?")
+_FAIL_RE: Final = re.compile(r"fail(?:\*(\d+))?")
+_LATENCY_RE: Final = re.compile(rf"latency={_NUM}")
+_HANG_RE: Final = re.compile(rf"hang_create={_NUM}(?:\*(\d+))?")
+_OUTPUT_RE: Final = re.compile(r"output:(404|notimage|data|url)")
+
+
+def _count(text: str | None) -> int | None:
+    return None if text is None else int(text)
+
+
+def _apply_marker(marker: str, fields_: dict[str, Any]) -> None:
+    """Update ``fields_`` (Directives keyword arguments) from one marker's text."""
+    if marker == "flagged":
+        fields_["flagged"] = True
+    elif marker == "invalid":
+        fields_["invalid"] = True
+    elif m := _CREATE_RE.fullmatch(marker):
+        after = float(m[3]) if m[3] is not None else None
+        fields_["create_faults"] += (CreateFault(int(m[1]), _count(m[2]), after),)
+    elif m := _GET_RE.fullmatch(marker):
+        fields_["get_faults"] += (GetFault(int(m[1]), _count(m[2])),)
+    elif m := _FAIL_RE.fullmatch(marker):
+        fields_["fail"], fields_["fail_count"] = True, _count(m[1])
+    elif m := _LATENCY_RE.fullmatch(marker):
+        fields_["latency"] = float(m[1])
+    elif m := _HANG_RE.fullmatch(marker):
+        fields_["hang_create"], fields_["hang_count"] = float(m[1]), _count(m[2])
+    elif m := _OUTPUT_RE.fullmatch(marker):
+        fields_["output"] = m[1]
+    # Unknown markers are ignored: they are just part of the prompt.
+
+
+def parse_directives(prompt: str) -> Directives:
+    """Parse the ``[[...]]`` directives of a prompt (see the module docstring)."""
+    if "[[" not in prompt:
+        return NO_DIRECTIVES
+    kwargs: dict[str, Any] = {"create_faults": (), "get_faults": ()}
+    for match in _MARKER_RE.finditer(prompt):
+        _apply_marker(match[1].strip().replace(" ", ""), kwargs)
+    return Directives(**kwargs)
+
+
+def first_n_applies(count: int | None, index: int) -> bool:
+    """Whether a "first N times" directive applies to the ``index``-th (0-based) event."""
+    return count is None or index < count
+
+
+def create_fault_for(faults: tuple[CreateFault, ...], attempt: int) -> CreateFault | None:
+    """The create fault (if any) for the ``attempt``-th (0-based) create of a prompt."""
+    for fault in faults:
+        if fault.count is None:
+            return fault
+        if attempt < fault.count:
+            return fault
+        attempt -= fault.count
+    return None
