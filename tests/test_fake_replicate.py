@@ -25,15 +25,10 @@ from replicate.client import Client
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 
-from fake_replicate import build_config, build_settings
-from fake_replicate.server import (
-    CreateFault,
-    FakeConfig,
-    GetFault,
-    create_app,
-    model_version_id,
-    parse_directives,
-)
+from fake_replicate.cli import build_config, build_settings
+from fake_replicate.config import FakeConfig
+from fake_replicate.directives import CreateFault, GetFault, parse_directives
+from fake_replicate.server import create_app, model_version_id
 
 MODEL = "black-forest-labs/flux-schnell"
 ID_RE = re.compile(r"^[a-z2-7]{26}$")

@@ -113,20 +113,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fake_replicate.config import FakeConfig, config_with, parse_config_value
+from fake_replicate.config import FakeConfig, config_with
 from fake_replicate.directives import Directives, create_fault_for, first_n_applies, parse_directives
-from fake_replicate.images import PngCache, palette_index, render_png, with_text_chunk
+from fake_replicate.images import PngCache, palette_index, with_text_chunk
 
-__all__ = [
-    "Directives",
-    "FakeConfig",
-    "FakeReplicate",
-    "config_with",
-    "create_app",
-    "parse_config_value",
-    "parse_directives",
-    "render_png",
-]
+__all__ = ["FakeReplicate", "create_app"]
 
 JSON = dict[str, Any]
 Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
