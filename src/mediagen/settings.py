@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from mediagen.core.pricing import Price
 
 DEFAULT_MODELS = (
     "black-forest-labs/flux-schnell",
@@ -56,6 +59,9 @@ class Settings(BaseSettings):
     download_allowed_hosts: Annotated[list[str], NoDecode] = []
     """Hosts outputs may come from besides `replicate.delivery` (and subdomains) and the base URL's host."""
     max_output_bytes: int = 50 * 1024 * 1024
+    model_prices: dict[str, Any] = {}
+    """JSON: per-model prices over the defaults of mediagen.core.pricing, e.g.
+    `{"owner/name": {"per_image": "0.01"}}`, `{"owner/name": {"per_second": "0.0014"}}`, or null (unknown)."""
 
     # --- retries and deadlines (see mediagen.core.retry) -----------------------------------------------
     max_attempts: int = Field(5, ge=1, le=50)
@@ -108,6 +114,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("model_prices")
+    @classmethod
+    def _prices_parse(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from mediagen.core.pricing import parse_prices
+
+        parse_prices(value)  # fail at startup, not at the first GET /models
+        return value
+
+    @property
+    def price_table(self) -> dict[str, Price | None]:
+        from mediagen.core.pricing import parse_prices
+
+        return parse_prices(self.model_prices)
 
     @property
     def uses_fake_replicate(self) -> bool:
