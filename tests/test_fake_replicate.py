@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 os.environ["REPLICATE_POLL_INTERVAL"] = "0.05"  # read when replicate is imported
@@ -459,3 +460,66 @@ def test_build_config_from_flags_and_env() -> None:
     assert build_config([], {}) == FakeConfig()
     with pytest.raises(SystemExit):
         build_config(["--output-mode", "ftp"], {})
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+@pytest.mark.asyncio
+async def test_predictions_outlive_a_restart_with_a_data_dir(tmp_path: Path) -> None:
+    """Given a fake with a data dir and predictions finished, running and canceled, when it restarts,
+    then each is found again, a running one finishes on time, and output files are still served."""
+    path = f"/v1/models/{MODEL}/predictions"
+
+    async def create(tc: httpx.AsyncClient, prompt: str) -> dict[str, Any]:
+        body = {"input": {"prompt": prompt, "width": 8, "height": 8}}
+        answer: dict[str, Any] = (await tc.post(path, json=body, headers=AUTH)).json()
+        return answer
+
+    first = create_app(FakeConfig(latency=0), data_dir=tmp_path)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://testserver") as tc:
+        done = await create(tc, "finished")
+        running = await create(tc, "running [[latency=0.6]]")
+        canceled = await create(tc, "canceled [[latency=30]]")
+        assert (await tc.post(f"/v1/predictions/{canceled['id']}/cancel", headers=AUTH)).json()["status"] == "canceled"
+        before = (await tc.get(done["output"][0])).content
+    assert running["status"] == "starting"
+
+    second = create_app(FakeConfig(latency=0), data_dir=tmp_path)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://testserver") as tc:
+
+        async def status(prediction: dict[str, Any]) -> str:
+            return str((await tc.get(f"/v1/predictions/{prediction['id']}", headers=AUTH)).json()["status"])
+
+        assert await status(done) == "succeeded"
+        assert await status(canceled) == "canceled"
+        assert await status(running) in ("starting", "processing")
+        await asyncio.sleep(0.7)
+        assert await status(running) == "succeeded"
+        after = await tc.get(done["output"][0])
+        assert after.status_code == 200 and after.content == before
+        stats = (await tc.get("/_fake/stats")).json()
+        assert stats["predictions"] == 3 and stats["by_prompt"]["finished"] == 1
+        listed = (await tc.get("/v1/predictions", headers=AUTH)).json()["results"]
+        assert [p["id"] for p in listed] == [canceled["id"], running["id"], done["id"]]
+        await tc.post("/_fake/reset")
+
+    third = create_app(FakeConfig(latency=0), data_dir=tmp_path)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=third), base_url="http://testserver") as tc:
+        assert (await tc.get(f"/v1/predictions/{done['id']}", headers=AUTH)).status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_without_a_data_dir_a_restart_forgets_predictions(tmp_path: Path) -> None:
+    body = {"input": {"prompt": "p"}}
+    async with asgi_client(FakeConfig(latency=0)) as tc:
+        made = (await tc.post(f"/v1/models/{MODEL}/predictions", json=body, headers=AUTH)).json()
+    async with asgi_client(FakeConfig(latency=0)) as tc:
+        assert (await tc.get(f"/v1/predictions/{made['id']}", headers=AUTH)).status_code == 404
+
+
+def test_data_dir_from_flag_or_env(tmp_path: Path) -> None:
+    env = {"FAKE_REPLICATE_DATA_DIR": str(tmp_path / "env")}
+    assert build_settings([], env).data_dir == tmp_path / "env"
+    assert build_settings(["--data-dir", str(tmp_path / "flag")], env).data_dir == tmp_path / "flag"
+    assert build_settings([], {}).data_dir is None

@@ -8,7 +8,9 @@ Example::
 Every FakeConfig field is a flag (``--p-create-429``, ``--retry-after``, ...) and
 can also come from an environment variable ``FAKE_REPLICATE_<NAME>`` (e.g.
 ``FAKE_REPLICATE_LATENCY=0.5``, ``FAKE_REPLICATE_HOST``, ``FAKE_REPLICATE_PORT``).
-Flags win over the environment. Point the client at it with
+Flags win over the environment. ``--data-dir`` (``FAKE_REPLICATE_DATA_DIR``) keeps
+the predictions in that directory, found again after a restart (see
+:mod:`fake_replicate.store`); without it they live in memory only. Point the client at it with
 ``REPLICATE_BASE_URL=http://127.0.0.1:5055``. Faults can be changed while it runs
 with ``PUT /_fake/config``; see :mod:`fake_replicate.server` for the
 per-prompt ``[[...]]`` directives and the ``/_fake`` control routes.
@@ -21,6 +23,7 @@ import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from fake_replicate.config import FakeConfig, config_with, parse_config_value
 from fake_replicate.server import create_app
@@ -54,6 +57,7 @@ class ServerSettings:
     host: str
     port: int
     config: FakeConfig
+    data_dir: Path | None = None
 
 
 def _flag(name: str) -> str:
@@ -71,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default=None, help=f"bind address (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"keep predictions here across restarts (default: memory only) [env {_env_name('data_dir')}]",
+    )
     for f in fields(FakeConfig):
         help_text = f"{_HELP.get(f.name, f.name)} [env {_env_name(f.name)}]"
         parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar="VALUE", help=help_text)
@@ -100,7 +109,8 @@ def build_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error(str(exc))
     host = args.host or env.get(_env_name("host")) or DEFAULT_HOST
     port = args.port if args.port is not None else int(env.get(_env_name("port")) or DEFAULT_PORT)
-    return ServerSettings(host=host, port=port, config=config)
+    data_dir = args.data_dir or env.get(_env_name("data_dir")) or None
+    return ServerSettings(host=host, port=port, config=config, data_dir=Path(data_dir) if data_dir else None)
 
 
 def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> FakeConfig:
@@ -118,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     settings = build_settings(argv)
     uvicorn.run(
-        create_app(settings.config),
+        create_app(settings.config, data_dir=settings.data_dir),
         host=settings.host,
         port=settings.port,
         loop="uvloop" if _available("uvloop") else "asyncio",

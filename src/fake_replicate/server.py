@@ -1,10 +1,12 @@
 """Fake Replicate HTTP server: the real, unmodified ``replicate==1.0.7`` client works against it.
 
-``create_app(FakeConfig(...))`` returns a Starlette app. Run it with
-``python -m mediagen.fake_replicate`` (see that module) or mount it in tests.
-Everything lives in memory on ``app.state.fake`` (one process, asyncio only). A
-prediction has no background task: its status is computed from its timestamps
-whenever it is read, so thousands of predictions in flight cost nothing.
+``create_app(FakeConfig(...), data_dir=...)`` returns a Starlette app. Run it with
+``python -m fake_replicate`` (see that module) or mount it in tests.
+Its state lives on ``app.state.fake`` (one process, asyncio only). A prediction
+has no background task: its status is computed from its timestamps whenever it
+is read, so thousands of predictions in flight cost nothing. With a data
+directory, predictions are also kept on disk and found again after a restart,
+finished or not (:mod:`fake_replicate.store`); without one, in memory only.
 
 Replicate routes (see docs ``replicate-api.md`` sections 1 and 2.8)
 -------------------------------------------------------------------
@@ -84,7 +86,7 @@ Control and inspection routes (not Replicate's; no auth)
 ``GET /_fake/config``   the live FakeConfig as JSON.
 ``PUT /_fake/config``   JSON merge into the live FakeConfig (400 on unknown keys or
     bad values); applies to requests from then on. Answers the new config.
-``POST /_fake/reset``   drop predictions and counters (config kept, RNG reseeded).
+``POST /_fake/reset``   drop predictions (also on disk) and counters (config kept, RNG reseeded).
 ``GET /_fake/stats``    ``{"creates": create requests, "predictions": created,
     "by_prompt": {prompt: predictions created}, "statuses": {status: count},
     "requests": {...}, "faults": {...}}``.
@@ -101,9 +103,10 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import orjson
@@ -116,6 +119,7 @@ from starlette.routing import Route
 from fake_replicate.config import FakeConfig, config_with
 from fake_replicate.directives import Directives, create_fault_for, first_n_applies, parse_directives
 from fake_replicate.images import PngCache, palette_index, with_text_chunk
+from fake_replicate.store import PredictionStore
 
 __all__ = ["FakeReplicate", "create_app"]
 
@@ -202,6 +206,7 @@ class Prediction:
         latency: float,
         outcome: Status,
         error: str | None,
+        created_wall: float | None = None,
     ) -> None:
         self.id = id
         self.model = model
@@ -210,8 +215,10 @@ class Prediction:
         self.params = params
         self.directives = directives
         self.output_mode = output_mode
-        self.created_mono = time.monotonic()
-        self.created_wall = time.time()
+        now_wall = time.time()
+        self.created_wall = now_wall if created_wall is None else created_wall
+        # A prediction read back after a restart keeps its age: its status goes on from its timestamps.
+        self.created_mono = time.monotonic() - (now_wall - self.created_wall)
         self.latency = latency
         self.start_delay = min(0.1 * latency, 0.5)
         self.outcome: Status = outcome
@@ -239,12 +246,14 @@ class Prediction:
             return 0.0
         return max(0.0, self.latency - self.elapsed(now))
 
-    def cancel(self, now: float) -> None:
+    def cancel(self, now: float) -> bool:
+        """Cancel unless terminal already; whether it was canceled now."""
         if self.status(now) in TERMINAL:
-            return
+            return False
         self.canceled_after = self.elapsed(now)
         if self.done_event is not None:
             self.done_event.set()
+        return True
 
     async def wait(self, seconds: float) -> None:
         """Sleep until terminal (or canceled) or ``seconds`` pass."""
@@ -436,7 +445,7 @@ def _is_missing(model: str) -> bool:
 class FakeReplicate:
     """The server's state and request handlers (one instance per app)."""
 
-    def __init__(self, config: FakeConfig) -> None:
+    def __init__(self, config: FakeConfig, data_dir: Path | None = None) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
         self.images = PngCache()
@@ -447,6 +456,51 @@ class FakeReplicate:
         self.requests: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.versions: dict[str, str] = {}
+        self.store = PredictionStore(data_dir)
+        for record in self.store.load():
+            self.restore(record)
+
+    # ------------------------------------------------------------------ the store
+
+    @staticmethod
+    def record(pred: Prediction) -> JSON:
+        """What the store keeps of a prediction: what its status and files are derived from."""
+        return {
+            "id": pred.id,
+            "model": pred.model,
+            "version": pred.version,
+            "input": pred.input,
+            "output_mode": pred.output_mode,
+            "created": pred.created_wall,
+            "latency": pred.latency,
+            "outcome": pred.outcome,
+            "error": pred.error,
+        }
+
+    def restore(self, record: JSON) -> None:
+        """A prediction read back from the store (an unreadable one is skipped)."""
+        params, _ = validate_input(record.get("input"))
+        if params is None or record.get("outcome") not in TERMINAL:
+            return
+        pred = Prediction(
+            id=str(record["id"]),
+            model=str(record["model"]),
+            version=str(record["version"]),
+            input=record["input"],
+            params=params,
+            directives=parse_directives(params.prompt),
+            output_mode=str(record.get("output_mode", "url")),
+            latency=float(record["latency"]),
+            outcome=record["outcome"],
+            error=record.get("error"),
+            created_wall=float(record["created"]),
+        )
+        if record.get("canceled_after") is not None:
+            pred.canceled_after = float(record["canceled_after"])
+        self.predictions[pred.id] = pred
+        self.order.append(pred.id)
+        self.by_prompt[params.prompt] = self.by_prompt.get(params.prompt, 0) + 1
+        self.versions.setdefault(pred.version, pred.model)
 
     # ------------------------------------------------------------------ helpers
 
@@ -459,6 +513,7 @@ class FakeReplicate:
         self.requests.clear()
         self.faults.clear()
         self.images.clear()
+        self.store.clear()
 
     def base_url(self, request: Request) -> str:
         if self.config.base_url:
@@ -668,6 +723,7 @@ class FakeReplicate:
         self.predictions[pred.id] = pred
         self.order.append(pred.id)
         self.by_prompt[params.prompt] = index + 1
+        self.store.created(self.record(pred))
         return pred
 
     async def create_reply(self, request: Request, pred: Prediction) -> Response:
@@ -703,7 +759,8 @@ class FakeReplicate:
         pred = self.lookup(request)
         if pred is None:
             return not_found()
-        pred.cancel(time.monotonic())
+        if pred.cancel(time.monotonic()) and pred.canceled_after is not None:
+            self.store.canceled(pred.id, pred.canceled_after)
         return json_response(self.prediction_json(pred, self.base_url(request)))
 
     async def list_predictions(self, request: Request) -> Response:
@@ -884,9 +941,20 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(status, str(detail), headers=getattr(exc, "headers", None))
 
 
-def create_app(config: FakeConfig | None = None) -> Starlette:
-    """Build the fake Replicate app; its state is ``app.state.fake`` (a FakeReplicate)."""
-    fake = FakeReplicate(config or FakeConfig())
-    app = Starlette(routes=fake.routes(), exception_handlers={HTTPException: _http_exception})
+def create_app(config: FakeConfig | None = None, *, data_dir: Path | None = None) -> Starlette:
+    """Build the fake Replicate app; its state is ``app.state.fake`` (a FakeReplicate).
+
+    ``data_dir``: keep predictions there across restarts (see :mod:`fake_replicate.store`).
+    """
+    fake = FakeReplicate(config or FakeConfig(), data_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            fake.store.close()
+
+    app = Starlette(routes=fake.routes(), exception_handlers={HTTPException: _http_exception}, lifespan=lifespan)
     app.state.fake = fake
     return app
