@@ -104,6 +104,8 @@ def main() -> None:
                         "127.0.0.1",
                         "--port",
                         str(fake_port),
+                        "--data-dir",
+                        str(data_dir / "fake_replicate"),
                     ],
                     env=env,
                 )
