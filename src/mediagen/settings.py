@@ -98,6 +98,26 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024
     db_pool_size: int = 10
     """Connections per process (as many again in overflow). PostgreSQL allows 100 by default."""
+    rate_limit_per_minute: int = Field(600, ge=0)
+    """Requests a minute per API key, across every API process (0: no limit)."""
+    max_unfinished_jobs: int = Field(100, ge=0)
+    """Jobs per API key queued, running or retrying at once (0: no limit)."""
+    limit_anonymous: bool = False
+    """Without API keys, apply the limits above to the one anonymous caller too (off: benchmarks
+    submit thousands of jobs a second from one client)."""
+
+    # --- client webhooks (mediagen.core.webhooks, mediagen.worker.webhooks) -----------------------------
+    webhook_secret: SecretStr | None = None
+    """`whsec_<base64>`: the Standard Webhooks signing secret. Unset: `webhook_url` is refused."""
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = []
+    """CIDRs a webhook may reach although not public (e.g. `127.0.0.0/8` for a local receiver)."""
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    webhook_retry_base_seconds: float = Field(5.0, gt=0)
+    webhook_retry_cap_seconds: float = Field(3600.0, gt=0)
+    webhook_give_up_seconds: float = Field(86400.0, gt=0)
+    """A delivery still failing this long after its event is given up."""
+    webhook_poll_seconds: float = Field(0.5, gt=0)
+    """How often each worker process looks for due deliveries."""
 
     # --- worker ------------------------------------------------------------------------------------
     worker_threads: int = Field(256, ge=1)
@@ -108,7 +128,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("allowed_models", "download_allowed_hosts", "cors_origins", "api_keys", mode="before")
+    @field_validator(
+        "allowed_models",
+        "download_allowed_hosts",
+        "cors_origins",
+        "api_keys",
+        "webhook_allowed_networks",
+        mode="before",
+    )
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

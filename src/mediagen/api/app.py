@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from mediagen import __version__, services
 from mediagen.api.auth import KeyRing
 from mediagen.api.http import BodySizeLimit, install_error_handlers
+from mediagen.api.limits import Limits, RateLimitHeaders
 from mediagen.api.routes import router
 from mediagen.api.submissions import Submissions
 from mediagen.broker import Dispatcher
@@ -34,6 +35,7 @@ class ApiState:
     storage: Storage
     keyring: KeyRing
     submissions: Submissions
+    limits: Limits | None = None
 
 
 def _document_allowed_models(app: FastAPI, settings: Settings) -> None:
@@ -69,6 +71,16 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             storage=services.storage(settings),
             keyring=KeyRing([key.get_secret_value() for key in settings.api_keys]),
         )
+        if state.keyring.enabled or settings.limit_anonymous:
+            limits = Limits(
+                redis,
+                db,
+                namespace=settings.redis_namespace,
+                per_minute=settings.rate_limit_per_minute,
+                max_unfinished=settings.max_unfinished_jobs,
+                job_lifetime_seconds=settings.job_deadline_seconds,
+            )
+            state.limits = limits if limits.enabled else None
         app.state.api = state
         # Everything built so far lives as long as the process: keep it out of the collector's
         # sight, and collect the young generation less often (fewer pauses in the request path).
@@ -103,9 +115,11 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
-            expose_headers=["Location", "Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After", "RateLimit", "RateLimit-Policy", "Preference-Applied"],
         )
+    if settings.api_keys or settings.limit_anonymous:
+        app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app

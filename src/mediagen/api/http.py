@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mediagen.api.auth import Unauthorized
+from mediagen.api.limits import RateLimited
 from mediagen.core.errors import DependencyUnavailable, JobConflict, JobNotFound
 from mediagen.logging import log_event
 
@@ -120,6 +121,11 @@ async def _unauthorized(request: Request, exc: Exception) -> Response:
     return error(401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"})
 
 
+async def _rate_limited(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RateLimited)
+    return error(429, "rate_limited", {"limit": exc.limit, "message": exc.message}, headers=exc.headers)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
@@ -138,6 +144,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFound, _not_found)
     app.add_exception_handler(JobConflict, _conflict)
     app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(RateLimited, _rate_limited)
     for kind in (
         DependencyUnavailable,
         sqlalchemy.exc.OperationalError,

@@ -20,6 +20,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response, Stream
 
 from mediagen.api.auth import Owner, visible_to
 from mediagen.api.http import FastJSON, error
+from mediagen.api.limits import LimitedOwner
 from mediagen.api.schemas import (
     ErrorResponse,
     GenerateAccepted,
@@ -40,6 +41,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse},
     404: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
+    429: {"model": ErrorResponse, "description": "A per-key limit; see Retry-After and RateLimit"},
     503: {"model": ErrorResponse},
 }
 
@@ -76,6 +78,7 @@ def _request_hash(body: GenerateRequest) -> str:
     summary="Submit a prompt; answers at once with the job id",
 )
 async def generate(
+    request: Request,
     body: GenerateRequest,
     state: Api,
     owner: Owner,
@@ -115,7 +118,16 @@ async def generate(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )
-    if not await state.submissions.submit(job):
+    limits = state.limits
+    if limits is not None:
+        request.state.ratelimit = await limits.admit(owner, job.id)
+    inserted = False
+    try:
+        inserted = await state.submissions.submit(job)
+    finally:
+        if limits is not None and not inserted:
+            await limits.forget(owner, [job.id])
+    if not inserted:
         async with state.db.connect() as conn:
             earlier = await jobs.find_by_idempotency_key(conn, owner, idempotency_key or "")
         if earlier is None:  # the key's job was deleted in between: extremely unlikely, but honest
@@ -144,7 +156,7 @@ def _accepted(job_id: uuid.UUID, status: str, code: int) -> Response:
     responses={**_ERRORS, 200: {"model": JobStatusResponse}, 409: {"model": ErrorResponse}},
     summary="Cancel a job: a waiting one at once, a running one by canceling its prediction",
 )
-async def cancel(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
+async def cancel(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response:
     async with state.db.transaction() as conn:
         new_status = await jobs.request_cancel(conn, job_id, visible_to(owner))
     log_event("job.cancel_requested", job_id=str(job_id), status=new_status)
@@ -159,7 +171,7 @@ async def cancel(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
     responses=_ERRORS,
     summary="Where a job is: status, attempts, error, result URLs",
 )
-async def status(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
+async def status(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response:
     view = await jobs.get_status(state.db, job_id, visible_to(owner))
     if view is None:
         raise JobNotFound(f"no job {job_id}")
@@ -177,7 +189,7 @@ def _status_body(state: Any, view: jobs.JobStatusView) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="The full job")
-async def job_detail(job_id: uuid.UUID, state: Api, owner: Owner) -> Response:
+async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response:
     async with state.db.connect() as conn:
         detail = await jobs.get_detail(conn, job_id, visible_to(owner))
     if detail is None:
@@ -244,7 +256,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
 @router.get("/jobs", response_model=JobPage, responses=_ERRORS, summary="Jobs, newest first")
 async def list_jobs(
     state: Api,
-    owner: Owner,
+    owner: LimitedOwner,
     status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
@@ -300,7 +312,7 @@ async def list_jobs(
     },
     summary="An image's bytes",
 )
-async def media(key: str, state: Api, owner: Owner) -> Response:
+async def media(key: str, state: Api, owner: LimitedOwner) -> Response:
     if not is_valid_key(key):
         return error(404, "not_found", "no such image")
     job_id = uuid.UUID(key.split("/", 1)[0])

@@ -1,0 +1,249 @@
+"""Per-key limits, enforced in Redis so that every API process shares them.
+
+Two limits per API key (the anonymous caller counts as one key when `MEDIAGEN_LIMIT_ANONYMOUS` is on):
+
+* requests a minute (`MEDIAGEN_RATE_LIMIT_PER_MINUTE`): a GCRA bucket (one key holding its
+  "theoretical arrival time"), so a client may spend its minute's quota in a burst, then one request
+  every 60/q seconds;
+* unfinished jobs at once (`MEDIAGEN_MAX_UNFINISHED_JOBS`): a sorted set of the key's job ids. Jobs
+  leave it lazily: only when a key is at its limit are its members looked up in PostgreSQL (the
+  truth), and finished ones removed. Members older than the job deadline expire on their own.
+
+Both are decided by one Lua script, in one round trip, and neither is charged when the other refuses.
+A refusal is a `RateLimited` error: 429 with `Retry-After`, and the IETF draft's `RateLimit-Policy`
+and `RateLimit` headers, which every answer to a limited caller carries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mediagen.api.auth import current_owner
+from mediagen.core.db import Database
+from mediagen.core.errors import MediagenError
+
+WINDOW_SECONDS = 60
+# A job counted but not yet committed (its batch is being written) is not "finished" when unseen.
+UNCOMMITTED_GRACE_SECONDS = 30.0
+
+# KEYS: rate bucket, active set. ARGV: now ms, rate quota (0: none), window ms, job limit (0: none),
+# job id ("": a request that starts no job), active member lifetime ms.
+# Returns {allowed (1/0), refused limit ("" / "requests" / "jobs"), remaining requests, reset ms,
+#          retry after ms, unfinished jobs}.
+_ADMIT = """
+local now, quota, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local job_limit, job, lifetime = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local remaining, reset, new_tat = -1, 0, 0
+if quota > 0 then
+  local interval = window / quota
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat < now then tat = now end
+  new_tat = tat + interval
+  local allow_at = new_tat - window
+  if now < allow_at then
+    return {0, 'requests', 0, math.ceil(tat - now), math.ceil(allow_at - now), -1}
+  end
+  remaining = math.floor((now + window - new_tat) / interval)
+  reset = math.ceil(new_tat - now)
+end
+local unfinished = -1
+if job ~= '' and job_limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - lifetime)
+  unfinished = redis.call('ZCARD', KEYS[2])
+  if unfinished >= job_limit then
+    return {0, 'jobs', remaining, reset, 1000, unfinished}
+  end
+  redis.call('ZADD', KEYS[2], now, job)
+  redis.call('PEXPIRE', KEYS[2], lifetime)
+  unfinished = unfinished + 1
+end
+if quota > 0 then
+  redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+end
+return {1, '', remaining, reset, 0, unfinished}
+"""
+
+_STATUSES_SQL = text("SELECT id, status FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
+_UNFINISHED = frozenset({"queued", "running", "retrying"})
+
+_NAMES = {"requests": "requests_per_minute", "jobs": "unfinished_jobs"}
+
+
+class RateLimited(MediagenError):
+    """A per-key limit refused the request (429)."""
+
+    def __init__(self, limit: str, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    refused: str
+    remaining: int
+    reset_seconds: int
+    retry_after_seconds: int
+    unfinished: int
+
+
+class Limits:
+    def __init__(
+        self,
+        redis: Redis,
+        db: Database,
+        *,
+        namespace: str,
+        per_minute: int,
+        max_unfinished: int,
+        job_lifetime_seconds: float,
+    ) -> None:
+        self.redis = redis
+        self.db = db
+        self.namespace = namespace
+        self.per_minute = per_minute
+        self.max_unfinished = max_unfinished
+        self.job_lifetime_ms = int(job_lifetime_seconds * 1000) + 60_000
+        self._script = redis.register_script(_ADMIT)
+        policies = []
+        if per_minute:
+            policies.append(f'"requests";q={per_minute};w={WINDOW_SECONDS}')
+        if max_unfinished:
+            policies.append(f'"jobs";q={max_unfinished}')
+        self.policy_header = ", ".join(policies)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.per_minute or self.max_unfinished)
+
+    def _keys(self, owner: str) -> list[str]:
+        tag = owner or "anonymous"
+        return [f"{self.namespace}:limits:{{{tag}}}:requests", f"{self.namespace}:limits:{{{tag}}}:jobs"]
+
+    async def _run(self, owner: str, job_id: uuid.UUID | None) -> Verdict:
+        raw = await self._script(
+            keys=self._keys(owner),
+            args=[
+                int(time.time() * 1000),
+                self.per_minute,
+                WINDOW_SECONDS * 1000,
+                self.max_unfinished,
+                str(job_id) if job_id else "",
+                self.job_lifetime_ms,
+            ],
+        )
+        allowed, refused, remaining, reset, retry, unfinished = raw
+        return Verdict(
+            bool(allowed),
+            refused.decode() if isinstance(refused, bytes) else str(refused),
+            int(remaining),
+            math.ceil(int(reset) / 1000),
+            max(1, math.ceil(int(retry) / 1000)),
+            int(unfinished),
+        )
+
+    async def admit(self, owner: str, job_id: uuid.UUID | None = None) -> dict[str, str]:
+        """Charge one request (and, with `job_id`, one unfinished job); the headers to answer with.
+
+        Raises RateLimited when a limit refuses: then nothing is charged.
+        """
+        verdict = await self._run(owner, job_id)
+        if not verdict.allowed and verdict.refused == "jobs" and await self._prune(owner):
+            verdict = await self._run(owner, job_id)
+        headers = self._headers(verdict)
+        if verdict.allowed:
+            return headers
+        headers["Retry-After"] = str(verdict.retry_after_seconds)
+        if verdict.refused == "requests":
+            message = f"more than {self.per_minute} requests a minute; try again in {verdict.retry_after_seconds} s"
+        else:
+            message = f"{self.max_unfinished} jobs are unfinished already; wait for one to end"
+        raise RateLimited(_NAMES[verdict.refused], message, headers)
+
+    def _headers(self, verdict: Verdict) -> dict[str, str]:
+        items = []
+        if self.per_minute:
+            remaining = 0 if verdict.refused == "requests" else max(verdict.remaining, 0)
+            items.append(f'"requests";r={remaining};t={verdict.reset_seconds}')
+        if self.max_unfinished and verdict.unfinished >= 0:
+            items.append(f'"jobs";r={max(self.max_unfinished - verdict.unfinished, 0)}')
+        headers = {"RateLimit-Policy": self.policy_header}
+        if items:
+            headers["RateLimit"] = ", ".join(items)
+        return headers
+
+    async def forget(self, owner: str, job_ids: Sequence[uuid.UUID]) -> None:
+        """Jobs counted but never created (an idempotent replay, a failed insert)."""
+        if job_ids:
+            await self.redis.zrem(self._keys(owner)[1], *(str(job_id) for job_id in job_ids))
+
+    async def _prune(self, owner: str) -> bool:
+        """Drop the key's finished jobs from its set (PostgreSQL is the truth); True if any left."""
+        key = self._keys(owner)[1]
+        members: list[tuple[bytes, float]] = await self.redis.zrange(key, 0, -1, withscores=True)  # type: ignore[assignment]
+        if not members:
+            return False
+        ids = [uuid.UUID(member.decode()) for member, _ in members]
+        async with self.db.connect() as conn:
+            statuses = {row.id: row.status for row in await conn.execute(_STATUSES_SQL, {"ids": ids})}
+        uncommitted_since = time.time() * 1000 - UNCOMMITTED_GRACE_SECONDS * 1000
+        gone = [
+            str(job_id)
+            for job_id, (_, added) in zip(ids, members, strict=True)
+            if (job_id in statuses and statuses[job_id] not in _UNFINISHED)
+            or (job_id not in statuses and added < uncommitted_since)
+        ]
+        if gone:
+            await self.redis.zrem(key, *gone)
+        return bool(gone)
+
+
+class RateLimitHeaders:
+    """Adds the headers a limit check left in the request's state to the answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = scope.get("state", {}).get("ratelimit")
+                if extra:
+                    raw = list(message.get("headers", []))
+                    names = {name.lower() for name, _ in raw}
+                    raw += [
+                        (name.lower().encode(), value.encode())
+                        for name, value in extra.items()
+                        if name.lower().encode() not in names
+                    ]
+                    message = {**message, "headers": raw}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+async def limited_owner(request: Request) -> str:
+    """The caller (see mediagen.api.auth), charged one request against its limits."""
+    owner = await current_owner(request)
+    limits: Limits | None = request.app.state.api.limits
+    if limits is not None:
+        request.state.ratelimit = await limits.admit(owner)
+    return owner
+
+
+LimitedOwner = Annotated[str, Depends(limited_owner)]

@@ -1,0 +1,87 @@
+"""Per-key limits: shared by every API process through Redis, refused with 429 and the IETF headers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import start_api, stop
+
+KEYS = ("key-rate", "key-jobs", "key-other")
+PER_MINUTE = 8
+MAX_UNFINISHED = 2
+
+
+@pytest.fixture(scope="module")
+def limited(service_env: dict[str, str], workdir: Path) -> Iterator[tuple[str, str]]:
+    """Two API processes of one deployment, with keys and small limits."""
+    settings = {
+        "MEDIAGEN_API_KEYS": ",".join(KEYS),
+        "MEDIAGEN_RATE_LIMIT_PER_MINUTE": str(PER_MINUTE),
+        "MEDIAGEN_MAX_UNFINISHED_JOBS": str(MAX_UNFINISHED),
+    }
+    apis = [start_api(service_env, workdir / f"api-limited-{n}.log", **settings) for n in range(2)]
+    yield apis[0].extra["url"], apis[1].extra["url"]
+    for process in apis:
+        stop(process.proc)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_requests_per_minute_are_counted_across_api_processes(limited: tuple[str, str]) -> None:
+    answers = [httpx.get(f"{limited[n % 2]}/jobs", headers=auth("key-rate")) for n in range(PER_MINUTE)]
+    assert [a.status_code for a in answers] == [200] * PER_MINUTE
+    assert answers[0].headers["RateLimit-Policy"] == f'"requests";q={PER_MINUTE};w=60, "jobs";q={MAX_UNFINISHED}'
+    assert answers[0].headers["RateLimit"].startswith(f'"requests";r={PER_MINUTE - 1};t=')
+
+    refused = httpx.get(f"{limited[0]}/jobs", headers=auth("key-rate"))
+
+    assert refused.status_code == 429
+    assert refused.json()["error"] == "rate_limited"
+    assert refused.json()["detail"]["limit"] == "requests_per_minute"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60 // PER_MINUTE + 1
+    assert refused.headers["RateLimit"].startswith('"requests";r=0;t=')
+    assert "RateLimit-Policy" in refused.headers
+    # Another key has a bucket of its own.
+    assert httpx.get(f"{limited[1]}/jobs", headers=auth("key-other")).status_code == 200
+
+
+def test_unfinished_jobs_at_once_are_limited_until_one_ends(limited: tuple[str, str]) -> None:
+    def submit(url: str) -> httpx.Response:
+        return httpx.post(f"{url}/generate", json={"prompt": "a slow lighthouse [[latency=30]]"}, headers=auth("key-jobs"))
+
+    first, second = submit(limited[0]), submit(limited[1])
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert second.headers["RateLimit"].endswith('"jobs";r=0')
+
+    refused = submit(limited[0])
+
+    assert refused.status_code == 429
+    assert refused.json()["detail"]["limit"] == "unfinished_jobs"
+    assert "Retry-After" in refused.headers
+    canceled = httpx.post(f"{limited[1]}/jobs/{first.json()['job_id']}/cancel", headers=auth("key-jobs"))
+    assert canceled.status_code == 200
+    assert submit(limited[1]).status_code == 202
+
+
+def test_an_idempotent_replay_takes_no_second_slot(limited: tuple[str, str]) -> None:
+    headers = {**auth("key-other"), "Idempotency-Key": "limits-replay"}
+    body: dict[str, Any] = {"prompt": "the same slow request twice [[latency=30]]"}
+    answers = [httpx.post(f"{limited[n % 2]}/generate", json=body, headers=headers) for n in range(3)]
+    assert [a.status_code for a in answers] == [202, 200, 200]
+
+    another = {"prompt": "another slow one [[latency=30]]"}
+    assert httpx.post(f"{limited[0]}/generate", json=another, headers=auth("key-other")).status_code == 202
+    assert httpx.post(f"{limited[1]}/generate", json=another, headers=auth("key-other")).status_code == 429
+
+
+def test_without_api_keys_there_are_no_limits_by_default(api_url: str) -> None:
+    answer = httpx.get(f"{api_url}/jobs?limit=1")
+    assert answer.status_code == 200
+    assert "RateLimit" not in answer.headers
