@@ -54,7 +54,9 @@ def test_requests_per_minute_are_counted_across_api_processes(limited: tuple[str
 
 def test_unfinished_jobs_at_once_are_limited_until_one_ends(limited: tuple[str, str]) -> None:
     def submit(url: str) -> httpx.Response:
-        return httpx.post(f"{url}/generate", json={"prompt": "a slow lighthouse [[latency=30]]"}, headers=auth("key-jobs"))
+        return httpx.post(
+            f"{url}/generate", json={"prompt": "a slow lighthouse [[latency=30]]"}, headers=auth("key-jobs")
+        )
 
     first, second = submit(limited[0]), submit(limited[1])
     assert (first.status_code, second.status_code) == (202, 202)
