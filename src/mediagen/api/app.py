@@ -22,6 +22,7 @@ from mediagen.broker import Dispatcher
 from mediagen.core.db import Database
 from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import RequestMetrics
+from mediagen.notify import Notifier
 from mediagen.settings import Settings, get_settings
 from mediagen.storage import Storage
 
@@ -35,6 +36,7 @@ class ApiState:
     storage: Storage
     keyring: KeyRing
     submissions: Submissions
+    notifier: Notifier
     limits: Limits | None = None
 
 
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             submissions=Submissions(db, dispatcher),
             storage=services.storage(settings),
             keyring=KeyRing([key.get_secret_value() for key in settings.api_keys]),
+            notifier=Notifier(redis, namespace=settings.redis_namespace),
         )
         if state.keyring.enabled or settings.limit_anonymous:
             limits = Limits(
@@ -98,6 +101,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         try:
             yield
         finally:
+            await state.notifier.aclose()
             await state.db.dispose()
             await redis.aclose()
 

@@ -160,6 +160,8 @@ async def cancel(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response
     async with state.db.transaction() as conn:
         new_status = await jobs.request_cancel(conn, job_id, visible_to(owner))
     log_event("job.cancel_requested", job_id=str(job_id), status=new_status)
+    if new_status == "canceled":
+        state.notifier.publish(job_id, {"type": "job", "status": "canceled"})
     view = await jobs.get_status(state.db, job_id)
     assert view is not None
     return FastJSON(_status_body(state, view), status_code=200 if new_status == "canceled" else 202)

@@ -27,6 +27,7 @@ from mediagen.core.errors import WorkerStopping
 from mediagen.core.retry import RetryPolicy
 from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import serve_worker_metrics
+from mediagen.notify import Notifier
 from mediagen.settings import Settings, get_settings
 from mediagen.worker.leases import LeaseKeeper
 from mediagen.worker.polling import PollSchedule
@@ -131,6 +132,7 @@ class WorkerResources(Middleware):
             ),
             lease_seconds=s.lease_seconds,
             polls=PollSchedule(initial=s.poll_initial_seconds, maximum=s.poll_max_seconds),
+            notifier=Notifier(self.redis, namespace=s.redis_namespace),
         )
         leases.start()
         self.sweeper = Sweeper(
@@ -160,6 +162,7 @@ class WorkerResources(Middleware):
         if self.sweeper is not None:
             await self.sweeper.stop()
         await _context.leases.stop()
+        await _context.notifier.aclose()
         await _context.provider.aclose()
         await _context.downloader.aclose()
         await _context.db.dispose()

@@ -41,6 +41,7 @@ from mediagen.core.errors import (
 )
 from mediagen.core.retry import RetryPolicy, prediction_failure_is_transient
 from mediagen.logging import log_event
+from mediagen.notify import Notifier
 from mediagen.providers.base import Prediction, Provider
 from mediagen.storage import Storage
 from mediagen.worker.leases import Hold, LeaseKeeper
@@ -65,6 +66,7 @@ class WorkerContext:
     policy: RetryPolicy
     lease_seconds: float
     polls: PollSchedule
+    notifier: Notifier
     stopping: bool = False
     """Set when the worker begins to shut down: it takes no new job from then on."""
 
@@ -109,6 +111,7 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         attempt=claim.attempt,
         resumed_prediction=claim.resume_prediction_id,
     )
+    _announce(ctx, claim, "running")
     hold = ctx.leases.hold(job_id, claim.token)
     metrics.in_flight.inc()
     try:
@@ -144,6 +147,7 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
                 seconds=round(time.monotonic() - started, 3),
             )
             log_event("job.succeeded", job_id=str(claim.job_id), attempt=claim.attempt)
+            _announce(ctx, claim, "succeeded")
         else:
             _log_lost(claim)
     except LeaseLost:
@@ -283,6 +287,7 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
             delay_seconds=retry_delay,
             error_class=failure.error_class,
         )
+        _announce(ctx, claim, "retrying", delay_seconds=retry_delay, error_class=failure.error_class)
         await _send_quietly(ctx, claim.job_id, max(retry_delay, MIN_RESEND_DELAY))
     else:
         if prediction is not None and not prediction.done:
@@ -295,6 +300,7 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
             error_class=failure.error_class,
             error=failure.message,
         )
+        _announce(ctx, claim, "failed", error_class=failure.error_class, error=failure.message)
 
 
 async def _cancel_prediction(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction) -> str | None:
@@ -318,6 +324,7 @@ async def _cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction 
         metrics.jobs_finished.labels("canceled").inc()
         _attempt_closed(claim.job_id, claim.attempt, "canceled", "JobCanceled", error="canceled on request")
         log_event("job.canceled", job_id=str(claim.job_id), attempt=claim.attempt)
+        _announce(ctx, claim, "canceled")
 
 
 async def _release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
@@ -328,6 +335,7 @@ async def _release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
         return  # the lease will expire and the sweep hands the job back
     if held:
         _attempt_closed(claim.job_id, claim.attempt, "abandoned", "WorkerShutdown", error=reason)
+        _announce(ctx, claim, "retrying", delay_seconds=0.0, error_class="WorkerShutdown")
         await _send_quietly(ctx, claim.job_id, MIN_RESEND_DELAY)
 
 
@@ -352,6 +360,11 @@ def _attempt_closed(
     if error_class:
         fields["error_class"] = error_class
     log_event(event, level, job_id=str(job_id), attempt=attempt, outcome=outcome, **fields)
+
+
+def _announce(ctx: WorkerContext, claim: jobs.Claim, status: str, **fields: Any) -> None:
+    """Tell listeners (mediagen.notify) that the job's row changed: fire and forget, after the commit."""
+    ctx.notifier.publish(claim.job_id, {"type": "job", "status": status, "attempt": claim.attempt, **fields})
 
 
 def _log_lost(claim: jobs.Claim) -> None:
