@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import httpx
 import pytest
+from sqlalchemy import text
 
-from conftest import submit, unique, wait_for_job
+from conftest import FakeReplicate, submit, unique, wait_for_job
+from mediagen.core.db import Database
+from mediagen.devtools.embedded import free_port
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -55,3 +59,64 @@ async def test_jobs_lists_failed_ones_and_retry_runs_one_again(
 def test_an_unknown_job_is_an_error(service_env: dict[str, str]) -> None:
     result = mediagen(service_env, "job", "00000000-0000-0000-0000-000000000000")
     assert result.returncode == 1 and "no job" in result.stderr
+
+
+async def failed_job_holding(db: Database, api: httpx.AsyncClient, prompt: str, prediction: Callable[[], str]) -> str:
+    """A failed job whose last attempt holds `prediction()`, not failed itself (the state in which
+    a retry used to resume the old prediction)."""
+    job_id = await submit(api, prompt, width=64, height=64)
+    assert (await wait_for_job(api, job_id))["status"] == "failed"
+    async with db.transaction() as conn:
+        await conn.execute(
+            text("UPDATE attempts SET prediction_id = :p, prediction_status = 'succeeded' WHERE job_id = :id"),
+            {"p": prediction(), "id": job_id},
+        )
+    return job_id
+
+
+async def test_retry_starts_a_fresh_prediction_instead_of_resuming_the_old_one(
+    api: httpx.AsyncClient, service_env: dict[str, str], db: Database, fake_replicate: FakeReplicate
+) -> None:
+    prompt = unique("retried by hand [[create:422*1]]")
+
+    def existing_prediction() -> str:
+        made: str = httpx.post(
+            f"{fake_replicate.url}/v1/models/black-forest-labs/flux-schnell/predictions",
+            json={"input": {"prompt": prompt, "width": 64, "height": 64}},
+            headers={"Authorization": "Bearer test"},
+        ).json()["id"]
+        return made
+
+    job_id = await failed_job_holding(db, api, prompt, existing_prediction)
+    old = (await api.get(f"/jobs/{job_id}")).json()["attempt_history"][-1]["prediction_id"]
+    assert fake_replicate.predictions_for(prompt) == 1 and old
+
+    retried = mediagen(service_env, "retry", job_id)
+
+    assert retried.returncode == 0, retried.stderr
+    assert "fresh prediction" in retried.stdout
+    assert (await wait_for_job(api, job_id))["status"] == "succeeded"
+    detail = (await api.get(f"/jobs/{job_id}")).json()
+    last = detail["attempt_history"][-1]
+    assert last["outcome"] == "succeeded" and not last["resumed"]
+    assert last["prediction_id"] not in (None, old)
+    assert fake_replicate.predictions_for(prompt) == 2
+
+
+async def test_retry_prints_the_real_redis_error_and_the_sweep_still_runs_the_job(
+    api: httpx.AsyncClient, service_env: dict[str, str], db: Database
+) -> None:
+    job_id = await failed_job_holding(db, api, unique("redis refused [[create:422*1]]"), lambda: "gone-before-retry")
+
+    retried = mediagen({**service_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "retry", job_id)
+
+    assert retried.returncode == 0, retried.stderr
+    assert "ConnectionError" in retried.stderr and "Redis not reachable" not in retried.stderr
+    assert (await wait_for_job(api, job_id))["status"] == "succeeded"
+
+
+def test_retry_help_says_what_may_be_retried(service_env: dict[str, str]) -> None:
+    result = mediagen(service_env, "retry", "--help")
+    assert result.returncode == 0
+    text_ = " ".join(result.stdout.split())
+    assert "failed or canceled" in text_ and "failed at Replicate" in text_ and "fresh prediction" in text_

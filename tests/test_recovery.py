@@ -129,6 +129,47 @@ async def test_a_worker_killed_mid_job_is_replaced_and_the_prediction_resumed(
     assert fake_replicate.predictions_for(prompt) == 1
 
 
+async def test_a_prediction_gone_on_resume_is_recorded_and_replaced_by_a_new_one(
+    make_stack: Any, client: Any, fake_replicate: FakeReplicate
+) -> None:
+    """Given a job due again whose last attempt holds a prediction Replicate does not know (a 404),
+    when a worker resumes it, then the attempt records the lost id and creates one new prediction."""
+    stack: Stack = make_stack(**FAST)
+    api = client(stack.start_api())
+    stack.start_worker()
+    prompt = unique("forgotten upstream [[create:422*1]]")
+    job_id = await submit(api, prompt, width=64, height=64)
+    assert (await wait_for_job(api, job_id))["status"] == "failed"
+    db = Database(stack.database_url, pool_size=1)
+    try:
+        async with db.transaction() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE attempts SET prediction_id = 'gone0', prediction_status = 'processing' WHERE job_id = :id"
+                ),
+                {"id": job_id},
+            )
+            await conn.execute(
+                text(
+                    "UPDATE jobs SET status = 'retrying', next_attempt_at = now(), finished_at = NULL, "
+                    "max_attempts = 2, dispatched_at = now() - interval '1 hour' WHERE id = :id"
+                ),
+                {"id": job_id},
+            )
+    finally:
+        await db.dispose()
+
+    status = await wait_for_job(api, job_id, timeout=20)
+
+    assert status["status"] == "succeeded"
+    attempts = await attempts_of(stack, job_id)
+    assert attempts[-1].gone_prediction_id == "gone0" and not attempts[-1].resumed
+    assert attempts[-1].prediction_id not in (None, "gone0")
+    assert fake_replicate.predictions_for(prompt) == 1
+    gone = [line for line in stack.log_lines() if line.get("event") == "job.prediction.gone"]
+    assert [(line["job_id"], line["prediction_id"]) for line in gone] == [(job_id, "gone0")]
+
+
 async def test_a_worker_stopped_with_sigterm_hands_its_jobs_back(
     make_stack: Any, client: Any, fake_replicate: FakeReplicate
 ) -> None:

@@ -2,7 +2,7 @@
 
     mediagen job <id>                       a job's timeline: every attempt, its error, the wait after it
     mediagen jobs [--status failed] [--since 1h] [--limit 50]
-    mediagen retry <id>                     run a failed (or canceled) job again, as a new attempt
+    mediagen retry <id>                     run a failed (or canceled) job again, on a fresh prediction
 
 Uses DATABASE_URL (and REDIS_URL for `retry`); without them, the embedded servers `make run` keeps in
 MEDIAGEN_DATA_DIR.
@@ -29,16 +29,14 @@ from mediagen.settings import Settings, get_settings
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
-_RETRY_SQL = text(
-    """
-    UPDATE jobs SET status = 'queued', max_attempts = attempts + :budget, error_class = NULL,
-           error_message = NULL, finished_at = NULL, cancel_requested = false, claim_token = NULL,
-           lease_until = NULL, next_attempt_at = NULL, dispatched_at = now(), updated_at = now(),
-           deadline_at = now() + make_interval(secs => :deadline)
-    WHERE id = :id AND status IN ('failed', 'canceled')
-    RETURNING attempts
-    """
-)
+RETRY_HELP = """\
+Run a failed or canceled job again, whatever it failed of, including a prediction that failed at
+Replicate (flagged content, a model error): the job gets MEDIAGEN_MAX_ATTEMPTS more attempts and a
+new deadline, and its next attempt creates a fresh prediction (which Replicate bills again); no
+earlier prediction of the job is resumed. A job that is queued, running, retrying or succeeded
+cannot be retried. The job is sent to the workers through Redis; if Redis cannot take it, a
+worker's recovery sweep picks it up within seconds.
+"""
 
 
 def parse_since(value: str) -> timedelta:
@@ -75,6 +73,8 @@ def timeline(detail: jobs.JobDetail) -> list[str]:
         )
         if attempt.prediction_id:
             line += f"  prediction {attempt.prediction_id}{' (resumed)' if attempt.resumed else ''}"
+        if attempt.gone_prediction_id:
+            line += f"  (replaced {attempt.gone_prediction_id}, gone at Replicate)"
         lines.append(line)
         if attempt.error_class:
             lines.append(f"      {attempt.error_class}: {attempt.error_message}")
@@ -116,13 +116,10 @@ async def list_jobs(db: Database, status: str | None, since: timedelta | None, l
 
 async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
     async with db.transaction() as conn:
-        row = (
-            await conn.execute(
-                _RETRY_SQL,
-                {"id": job_id, "budget": settings.max_attempts, "deadline": settings.job_deadline_seconds},
-            )
-        ).first()
-    if row is None:
+        attempts = await jobs.retry_finished(
+            conn, job_id, budget=settings.max_attempts, deadline_seconds=settings.job_deadline_seconds
+        )
+    if attempts is None:
         print(f"job {job_id} is not failed or canceled (or does not exist)", file=sys.stderr)
         return 1
     redis_url = settings.redis_url or _embedded_redis_url()
@@ -132,11 +129,15 @@ async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
         redis = services.redis_client(settings.model_copy(update={"redis_url": redis_url}))
         try:
             await services.dispatcher(settings, redis).send([job_id])
-        except Exception:
-            print("Redis not reachable: a worker's recovery sweep will pick the job up", file=sys.stderr)
+        except Exception as error:
+            print(
+                f"could not send the job through Redis ({type(error).__name__}: {error}): "
+                "a worker's recovery sweep will pick it up",
+                file=sys.stderr,
+            )
         finally:
             await redis.aclose()
-    print(f"job {job_id} queued again: attempt {row.attempts + 1} is next")
+    print(f"job {job_id} queued again: attempt {attempts + 1} is next, on a fresh prediction")
     return 0
 
 
@@ -155,7 +156,12 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", choices=["queued", "running", "retrying", "succeeded", "failed", "canceled"])
     listing.add_argument("--since", type=parse_since, help="e.g. 30m, 1h, 2d")
     listing.add_argument("--limit", type=int, default=50)
-    retry = commands.add_parser("retry", help="run a failed job again")
+    retry = commands.add_parser(
+        "retry",
+        help="run a failed or canceled job again, on a fresh prediction",
+        description=RETRY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     retry.add_argument("job_id", type=uuid.UUID)
     return root
 

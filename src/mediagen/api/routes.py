@@ -225,6 +225,7 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
                     "http_status": a.http_status,
                     "prediction_id": a.prediction_id,
                     "resumed": a.resumed,
+                    "gone_prediction_id": a.gone_prediction_id,
                     "retry_delay_seconds": a.retry_delay_seconds,
                 }
                 for a in detail.attempts

@@ -86,6 +86,8 @@ class AttemptView(BaseModel):
     http_status: int | None
     prediction_id: str | None
     resumed: bool
+    gone_prediction_id: str | None = None
+    """A prediction this attempt was to resume but Replicate no longer knew (404): replaced by `prediction_id`."""
     retry_delay_seconds: float | None
 
 

@@ -226,19 +226,23 @@ _CLAIM_SQL = """
               status = 'queued'
            OR (status = 'retrying' AND next_attempt_at <= now() + interval '250 milliseconds')
            OR (status = 'running' AND lease_until < now()))
-        RETURNING id, attempts, prompt, parameters, model, max_attempts, deadline_at
+        RETURNING id, attempts, prompt, parameters, model, max_attempts, deadline_at, retried_at
     ), last AS (
-        SELECT a.id, a.number, a.prediction_id, a.prediction_status, a.create_sent_at, a.finished_at
+        SELECT a.id, a.number, a.prediction_id, a.prediction_status, a.create_sent_at, a.finished_at,
+               a.started_at
         FROM attempts a JOIN claimed c ON a.job_id = c.id
         ORDER BY a.number DESC LIMIT 1
     ), unrecorded AS (
-        -- Creates whose prediction, if any, was never recorded: each may have started one.
+        -- Creates whose prediction, if any, was never recorded: each may have started one (none from
+        -- before an operator's retry, which asked for a fresh prediction).
         SELECT min(a.create_sent_at) AS since
         FROM attempts a JOIN claimed c ON a.job_id = c.id
         WHERE a.prediction_id IS NULL AND a.create_sent_at IS NOT NULL
+          AND (c.retried_at IS NULL OR a.create_sent_at > c.retried_at)
     ), decided AS (
         SELECT CASE WHEN l.prediction_id IS NOT NULL
                          AND coalesce(l.prediction_status, '') NOT IN ('failed', 'canceled', 'aborted')
+                         AND (claimed.retried_at IS NULL OR l.started_at > claimed.retried_at)
                     THEN l.prediction_id END AS resume,
                CASE WHEN l.prediction_id IS NULL THEN (SELECT since FROM unrecorded) END AS reconcile_since,
                CASE WHEN l.id IS NOT NULL AND l.finished_at IS NULL THEN l.id END AS abandon_id,
@@ -288,6 +292,29 @@ async def claim(db: Database, job_id: uuid.UUID, *, lease_seconds: float) -> Cla
     )
 
 
+_RETRY_SQL = text(
+    """
+    UPDATE jobs SET status = 'queued', max_attempts = attempts + :budget, error_class = NULL,
+           error_message = NULL, finished_at = NULL, cancel_requested = false, claim_token = NULL,
+           lease_until = NULL, next_attempt_at = NULL, dispatched_at = now(), updated_at = now(),
+           retried_at = now(), deadline_at = now() + make_interval(secs => :deadline)
+    WHERE id = :id AND status IN ('failed', 'canceled')
+    RETURNING attempts
+    """
+)
+
+
+async def retry_finished(
+    conn: AsyncConnection, job_id: uuid.UUID, *, budget: int, deadline_seconds: float
+) -> int | None:
+    """An operator runs a failed or canceled job again: `budget` more attempts, a new deadline, and a
+    fresh prediction (the job's earlier predictions are neither resumed nor adopted, whatever became
+    of them). Returns the number of attempts made so far, or None when the job is not failed or canceled.
+    """
+    row = (await conn.execute(_RETRY_SQL, {"id": job_id, "budget": budget, "deadline": deadline_seconds})).first()
+    return int(row.attempts) if row is not None else None
+
+
 async def due_in(conn: AsyncConnection, job_id: uuid.UUID) -> float | None:
     """Seconds until a `retrying` job is due (None unless it is retrying and not yet due)."""
     row = (
@@ -315,6 +342,24 @@ async def record_prediction(db: Database, claim: Claim, prediction_id: str, stat
     claimed the job (unless it found it through reconciliation, see `prediction_owner`).
     """
     result = await db.execute(_RECORD_SQL, claim.attempt_id, claim.job_id, prediction_id, status, claim.token)
+    return result.endswith(" 1")
+
+
+_GONE_SQL = """
+    UPDATE attempts SET gone_prediction_id = prediction_id, prediction_id = NULL, prediction_status = NULL,
+           resumed = false, create_sent_at = now()
+    WHERE id = $1 AND prediction_id = $3
+      AND EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND claim_token = $4 AND status = 'running')
+"""
+
+
+async def forget_gone_prediction(db: Database, claim: Claim, prediction_id: str) -> bool:
+    """The prediction this attempt was to resume is gone (Replicate answered 404): keep its id as
+    `gone_prediction_id` and clear the way for a new one, created next (a 404 proves there is nothing
+    to be billed twice). The attempt is then a create like any other: sent now, outcome unknown until
+    recorded. False: the job is no longer ours.
+    """
+    result = await db.execute(_GONE_SQL, claim.attempt_id, claim.job_id, prediction_id, claim.token)
     return result.endswith(" 1")
 
 
@@ -490,6 +535,7 @@ __all__ = [
     "fail_attempt",
     "find_by_idempotency_key",
     "finish_canceled",
+    "forget_gone_prediction",
     "get_detail",
     "get_status",
     "list_jobs",
@@ -497,5 +543,6 @@ __all__ = [
     "record_prediction",
     "release",
     "request_cancel",
+    "retry_finished",
     "succeed",
 ]

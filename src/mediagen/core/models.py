@@ -87,6 +87,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retried_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When an operator last ran the job again (`mediagen retry`): no prediction from before is resumed."""
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_statuses(JobStatus)})", name="status"),
@@ -113,6 +115,9 @@ class Attempt(Base):
     number: Mapped[int] = mapped_column(Integer, nullable=False)
     prediction_id: Mapped[str | None] = mapped_column(Text)
     prediction_status: Mapped[str | None] = mapped_column(Text)
+    gone_prediction_id: Mapped[str | None] = mapped_column(Text)
+    """The prediction this attempt was to resume but Replicate no longer knew (404); `prediction_id`
+    is the one created in its place."""
     resumed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
     create_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

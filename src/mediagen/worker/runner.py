@@ -4,9 +4,10 @@ The attempt protocol (no lost job, no double billing):
 
 1. Claim the job (a conditional UPDATE) and open an attempt row in the same transaction. Nothing
    claimed: someone else holds it, or it is finished, or it is not due yet. Stop.
-2. If an earlier attempt started a prediction that has not itself failed, resume it (GET). If an
-   earlier create's outcome is unknown, look for its prediction in Replicate's recent list first.
-   Only otherwise create one, and store its id at once, before any waiting.
+2. If an earlier attempt started a prediction that has not itself failed, resume it (GET); if
+   Replicate no longer knows it (404), note it on the attempt and go on as below. If an earlier
+   create's outcome is unknown, look for its prediction in Replicate's recent list first. Only
+   otherwise create one, and store its id at once, before any waiting.
 3. Wait by polling on the event loop (no thread is held busy): first after about as long as this
    model's predictions take (mediagen.worker.polling), then in growing steps. The lease is renewed for all
    running jobs at once by mediagen.worker.leases.
@@ -175,7 +176,9 @@ def _check_deadline(claim: jobs.Claim) -> None:
 async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> tuple[Prediction, bool]:
     """The attempt's prediction, and whether it was created just now (not resumed or adopted)."""
     if claim.resume_prediction_id is not None:
-        return await ctx.provider.get(claim.resume_prediction_id), False
+        resumed = await _resume(ctx, claim, claim.resume_prediction_id)
+        if resumed is not None:
+            return resumed, False
     data = model_input(claim)
     if claim.reconcile_since is not None:
         adopted = await _reconcile(ctx, claim, data)
@@ -191,6 +194,31 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> tuple[Predi
             await _cancel_prediction(ctx, claim, prediction)
         raise LeaseLost("the job was taken over while its prediction was being created")
     return prediction, True
+
+
+async def _resume(ctx: WorkerContext, claim: jobs.Claim, prediction_id: str) -> Prediction | None:
+    """The prediction an earlier attempt started, or None when Replicate no longer knows it.
+
+    A 404 is not a dead end: it proves no such prediction exists to be billed, so the attempt records
+    the loss and creates a new one (e.g. a stand-in that forgot its predictions, or an id from
+    another account).
+    """
+    try:
+        return await ctx.provider.get(prediction_id)
+    except PermanentProviderError as error:
+        if error.http_status != 404:
+            raise
+    if not await jobs.forget_gone_prediction(ctx.db, claim, prediction_id):
+        raise LeaseLost("the job was taken over while its prediction was found gone")
+    log_event(
+        "job.prediction.gone",
+        logging.WARNING,
+        job_id=str(claim.job_id),
+        attempt=claim.attempt,
+        prediction_id=prediction_id,
+        http_status=404,
+    )
+    return None
 
 
 async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]) -> Prediction | None:
