@@ -27,6 +27,10 @@ def fuzzer(operation: Any) -> Callable[[], None]:
         if operation.path == "/jobs" and case.query and "cursor" in case.query:
             # A cursor is opaque: only those this API handed out are valid, and others get a 422.
             excluded.append(positive_data_acceptance)
+        if operation.path == "/generate" and isinstance(case.body, dict) and case.body.get("webhook_url"):
+            # Whether a webhook is accepted depends on the server (a signing secret must be set) and on
+            # where the URL points (inner addresses are refused): a 422 the schema cannot express.
+            excluded.append(positive_data_acceptance)
         case.call_and_validate(excluded_checks=excluded)
 
     return fuzz  # type: ignore[no-any-return]

@@ -82,6 +82,18 @@ def timeline(detail: jobs.JobDetail) -> list[str]:
             lines.append(f"      then waited {attempt.retry_delay_seconds:.2f}s before the next attempt")
     for output in detail.outputs:
         lines.append(f"  output {output.index}: {output.storage_key} {output.size_bytes} bytes sha256 {output.sha256}")
+    for delivery in detail.webhook_deliveries:
+        lines.append(
+            f"  webhook {delivery['id']} {delivery['event']:<9} {delivery['state']} after {delivery['tries']} tries"
+        )
+        for attempt in delivery["history"]:
+            answer = f"HTTP {attempt['status_code']}" if attempt.get("status_code") else "no answer"
+            line = f"      try {attempt['try']} {attempt['at'][:19].replace('T', ' ')} {answer} {attempt['ms']}ms"
+            if attempt.get("error"):
+                line += f"  {attempt['error']}"
+            if attempt.get("next_try_at"):
+                line += f"  next try {attempt['next_try_at'][:19].replace('T', ' ')}"
+            lines.append(line)
     return lines
 
 

@@ -6,12 +6,14 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import ipaddress
 import logging
 import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -29,7 +31,7 @@ from mediagen.api.schemas import (
     JobStatusResponse,
     JobView,
 )
-from mediagen.core import jobs
+from mediagen.core import jobs, webhooks
 from mediagen.core.errors import JobConflict, JobNotFound, StorageError
 from mediagen.core.models import JobStatus
 from mediagen.logging import log_event
@@ -58,7 +60,24 @@ def media_url(state: Any, key: str) -> str:
 
 
 def _request_hash(body: GenerateRequest) -> str:
-    return hashlib.sha256(orjson.dumps(body.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    data = body.model_dump()
+    for key in ("webhook_url", "webhook_events"):  # absent: hashed as before these fields existed
+        if data[key] is None:
+            del data[key]
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _webhook_refusal(settings: Any, url: str) -> str | None:
+    """Why this webhook URL is refused at once: no signing secret, or an address it may not reach.
+    (A host name is resolved and checked when each delivery is sent.)"""
+    if settings.webhook_secret is None:
+        return "webhooks are off on this server (MEDIAGEN_WEBHOOK_SECRET is not set)"
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return webhooks.refusal(host, webhooks.networks(settings.webhook_allowed_networks))
 
 
 @router.post(
@@ -106,6 +125,17 @@ async def generate(
     if params["seed"] is None:
         # A seed of our own makes the input unique, so an unknown create can be found again safely.
         params["seed"] = random.randrange(2**32)
+    if body.webhook_url is not None:
+        refused = _webhook_refusal(settings, body.webhook_url)
+        if refused is not None:
+            return error(
+                422,
+                "validation_failed",
+                {
+                    "message": f"webhook_url: {refused}",
+                    "fields": [{"field": "webhook_url", "message": refused, "type": "webhook_url"}],
+                },
+            )
     request_hash = _request_hash(body) if idempotency_key is not None else None
     job = jobs.NewJob(
         id=uuid.uuid4(),
@@ -117,6 +147,8 @@ async def generate(
         owner=owner,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        webhook_url=body.webhook_url,
+        webhook_events=tuple(body.webhook_events or webhooks.DEFAULT_EVENTS),
     )
     limits = state.limits
     if limits is not None:
@@ -181,13 +213,8 @@ async def status(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response
 
 
 def _status_body(state: Any, view: jobs.JobStatusView) -> dict[str, Any]:
-    return {
-        "job_id": str(view.id),
-        "status": view.status,
-        "attempts": view.attempts,
-        "error": view.error_message if view.status in ("failed", "canceled") else None,
-        "result_urls": [media_url(state, key) for key in view.output_keys],
-    }
+    urls = [media_url(state, key) for key in view.output_keys]
+    return jobs.status_object(view.id, view.status, view.attempts, view.error_message, view.progress, urls)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="The full job")
@@ -214,6 +241,7 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
             "finished_at": job.finished_at,
             "next_attempt_at": job.next_attempt_at,
             "deadline_at": job.deadline_at,
+            "progress": jobs.shown_progress(job.status, job.progress),
             "attempt_history": [
                 {
                     "number": a.number,
@@ -240,6 +268,7 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
                 }
                 for o in detail.outputs
             ],
+            "webhook_deliveries": detail.webhook_deliveries,
         }
     )
 

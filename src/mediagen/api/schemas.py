@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from mediagen.core.webhooks import EVENTS
 
 MAX_PROMPT = 2000
 NO_NUL = r"^[^\x00]*$"
@@ -23,6 +26,24 @@ def _integral(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]
+
+
+WEBHOOK_URL = r"^https?://[A-Za-z0-9.:\[\]-]+(/[!-~]*)?$"
+WebhookEvent = Literal["running", "progress", "retrying", "succeeded", "failed", "canceled"]
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        raise ValueError("must have a valid port") from None
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    return value
+
+
+WebhookUrl = Annotated[str, StringConstraints(max_length=2000, pattern=WEBHOOK_URL), AfterValidator(_url)]
 
 
 def _storable(value: str) -> str:
@@ -60,6 +81,12 @@ class GenerateRequest(BaseModel):
         AfterValidator(_storable),
     ]
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+    webhook_url: (
+        Annotated[str, StringConstraints(max_length=2000, pattern=WEBHOOK_URL), AfterValidator(_url)] | None
+    ) = Field(None, description="Where to POST the job's events, signed per Standard Webhooks (see the README).")
+    webhook_events: Annotated[list[WebhookEvent], Field(min_length=1, max_length=len(EVENTS))] | None = Field(
+        None, description="Events to send to webhook_url; by default the terminal ones (succeeded, failed, canceled)."
+    )
 
 
 class GenerateAccepted(BaseModel):
@@ -74,6 +101,7 @@ class JobStatusResponse(BaseModel):
     attempts: int
     error: str | None
     result_urls: list[str]
+    progress: float | None = Field(description="0 to 1 while running (from the model's logs), 1 when succeeded")
 
 
 class AttemptView(BaseModel):
@@ -99,6 +127,28 @@ class OutputView(BaseModel):
     sha256: str
 
 
+class WebhookTry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    try_: int = Field(alias="try")
+    at: datetime
+    status_code: int | None
+    error: str | None
+    ms: int
+    next_try_at: datetime | None
+
+
+class WebhookDeliveryView(BaseModel):
+    id: str = Field(description="The webhook-id header of every try of this delivery")
+    event: str
+    state: str = Field(description="pending, delivered or failed (given up)")
+    tries: int
+    created_at: datetime
+    finished_at: datetime | None
+    next_attempt_at: datetime | None
+    history: list[WebhookTry]
+
+
 class JobView(BaseModel):
     job_id: uuid.UUID
     status: str
@@ -115,8 +165,10 @@ class JobView(BaseModel):
     finished_at: datetime | None
     next_attempt_at: datetime | None
     deadline_at: datetime
+    progress: float | None = Field(description="0 to 1 while running (from the model's logs), 1 when succeeded")
     attempt_history: list[AttemptView]
     outputs: list[OutputView]
+    webhook_deliveries: list[WebhookDeliveryView]
 
 
 class JobSummary(BaseModel):

@@ -219,6 +219,10 @@ class Database:
         status: str = await self._fast.run("execute", query, args, 30)
         return status
 
+    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._fast.run("fetch", query, args, 30)
+        return rows
+
     async def fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
         """One row through the statement pool (prepared and cached per connection)."""
         row: asyncpg.Record | None = await self._fast.run("fetchrow", query, args, 10)

@@ -25,6 +25,7 @@ import orjson
 from sqlalchemy import Row, and_, func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mediagen.core import webhooks
 from mediagen.core.db import Database
 from mediagen.core.errors import JobConflict, JobNotFound
 from mediagen.core.models import Attempt, AttemptOutcome, Job, JobStatus, Output
@@ -43,6 +44,8 @@ class NewJob:
     owner: str = ""
     idempotency_key: str | None = None
     request_hash: str | None = None
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] = ()
 
 
 _CREATE_SQL = text(
@@ -132,10 +135,30 @@ class JobStatusView:
     error_class: str | None
     error_message: str | None
     output_keys: list[str]
+    progress: float | None = None
+
+
+def shown_progress(status: str, progress: float | None) -> float | None:
+    """Progress as clients see it: the running attempt's, 1 once succeeded, else none."""
+    return 1.0 if status == "succeeded" else (progress if status == "running" else None)
+
+
+def status_object(
+    job_id: uuid.UUID, status: str, attempts: int, error: str | None, progress: float | None, urls: list[str]
+) -> dict[str, Any]:
+    """The job's status object, as `GET /status/{id}` answers it."""
+    return {
+        "job_id": str(job_id),
+        "status": status,
+        "attempts": attempts,
+        "error": error if status in ("failed", "canceled") else None,
+        "result_urls": urls,
+        "progress": shown_progress(status, progress),
+    }
 
 
 STATUS_SQL = """
-    SELECT j.id, j.status, j.attempts, j.error_class, j.error_message,
+    SELECT j.id, j.status, j.attempts, j.error_class, j.error_message, j.progress,
            CASE WHEN j.status = 'succeeded' THEN
              ARRAY(SELECT o.storage_key FROM outputs o WHERE o.job_id = j.id ORDER BY o.index)
            END AS output_keys
@@ -149,7 +172,13 @@ async def get_status(db: Database, job_id: uuid.UUID, owner: str | None = None) 
     if row is None:
         return None
     return JobStatusView(
-        row["id"], row["status"], row["attempts"], row["error_class"], row["error_message"], row["output_keys"] or []
+        row["id"],
+        row["status"],
+        row["attempts"],
+        row["error_class"],
+        row["error_message"],
+        row["output_keys"] or [],
+        row["progress"],
     )
 
 
@@ -158,6 +187,7 @@ class JobDetail:
     job: Row[Any]
     attempts: list[Row[Any]] = field(default_factory=list)
     outputs: list[Row[Any]] = field(default_factory=list)
+    webhook_deliveries: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def get_detail(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None = None) -> JobDetail | None:
@@ -171,7 +201,8 @@ async def get_detail(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None
         await conn.execute(select(Attempt.__table__).where(Attempt.job_id == job_id).order_by(Attempt.number))
     ).all()
     outputs = (await conn.execute(select(Output.__table__).where(Output.job_id == job_id).order_by(Output.index))).all()
-    return JobDetail(job, list(attempts), list(outputs))
+    deliveries = await webhooks.for_job(conn, job_id)
+    return JobDetail(job, list(attempts), list(outputs), deliveries)
 
 
 async def list_jobs(
@@ -544,5 +575,7 @@ __all__ = [
     "release",
     "request_cancel",
     "retry_finished",
+    "shown_progress",
+    "status_object",
     "succeed",
 ]

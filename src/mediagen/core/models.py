@@ -22,7 +22,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -89,6 +89,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retried_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """When an operator last ran the job again (`mediagen retry`): no prediction from before is resumed."""
+    progress: Mapped[float | None] = mapped_column(Double)
+    """0 to 1 from the running prediction's logs, written when it moves by a step (mediagen.worker.progress)."""
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_statuses(JobStatus)})", name="status"),
@@ -150,3 +152,51 @@ class Output(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
     __table_args__ = (UniqueConstraint("job_id", "index"),)
+
+
+class JobWebhook(Base):
+    """Where a job's events go (`webhook_url` and `webhook_events` of its submit)."""
+
+    __tablename__ = "job_webhooks"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    events: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False)
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # given up
+
+
+class WebhookDelivery(Base):
+    """One event of one job to its webhook: written by a trigger on `jobs` in the transaction that
+    changed the job (so no event is lost), sent and retried by the workers (mediagen.worker.webhooks)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    )
+    event: Mapped[str] = mapped_column(Text, nullable=False)
+    job_status: Mapped[str] = mapped_column(Text, nullable=False)
+    job_attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    job_error: Mapped[str | None] = mapped_column(Text)
+    job_progress: Mapped[float | None] = mapped_column(Double)
+    state: Mapped[str] = mapped_column(Text, nullable=False, server_default="pending")
+    tries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default="[]")
+    """One entry a try: when, HTTP status, error, milliseconds, the next try."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(f"state IN ({_statuses(DeliveryState)})", name="state"),
+        Index("ix_webhook_deliveries_job_id", "job_id"),
+        Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=text("state = 'pending'")),
+    )

@@ -7,7 +7,9 @@ REDIS_URL is set, the fake Replicate unless REPLICATE_API_TOKEN is set; migrates
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -47,6 +49,19 @@ def migrate(database_url: str) -> None:
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
+
+
+def _webhooks_for_a_local_receiver(env: dict[str, str], data_dir: Path) -> None:
+    """Webhooks on, to receivers on this machine too: a signing secret kept in the data dir."""
+    if not env.get("MEDIAGEN_WEBHOOK_SECRET"):
+        path = data_dir / "webhook-secret"
+        if not path.exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+            path.chmod(0o600)
+        env["MEDIAGEN_WEBHOOK_SECRET"] = path.read_text().strip()
+        log_event("dev.webhook_secret", path=str(path))
+    env.setdefault("MEDIAGEN_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")
 
 
 def main() -> None:
@@ -112,6 +127,7 @@ def main() -> None:
             )
             env["REPLICATE_BASE_URL"] = f"http://127.0.0.1:{fake_port}"
             log_event("dev.fake_replicate", url=env["REPLICATE_BASE_URL"])
+        _webhooks_for_a_local_receiver(env, data_dir)
         migrate(env["DATABASE_URL"])
         log_event("dev.migrated")
         children.append(subprocess.Popen(api_command(host, port), env=env))

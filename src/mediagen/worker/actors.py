@@ -33,6 +33,7 @@ from mediagen.worker.leases import LeaseKeeper
 from mediagen.worker.polling import PollSchedule
 from mediagen.worker.recovery import Sweeper
 from mediagen.worker.runner import WorkerContext, run_job
+from mediagen.worker.webhooks import WebhookSender
 
 _context: WorkerContext | None = None
 
@@ -77,6 +78,7 @@ class WorkerResources(Middleware):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sweeper: Sweeper | None = None
+        self.webhook_sender: WebhookSender | None = None
         self.redis: Any = None
         self._sync_redis: Any = None
 
@@ -139,6 +141,19 @@ class WorkerResources(Middleware):
             db, dispatcher, interval=s.sweep_interval_seconds, stale_seconds=s.stale_dispatch_seconds
         )
         self.sweeper.start()
+        if s.webhook_secret is not None:
+            self.webhook_sender = WebhookSender(
+                db,
+                secret=s.webhook_secret.get_secret_value(),
+                public_base_url=s.public_base_url,
+                allowed_networks=s.webhook_allowed_networks,
+                timeout_seconds=s.webhook_timeout_seconds,
+                retry_base_seconds=s.webhook_retry_base_seconds,
+                retry_cap_seconds=s.webhook_retry_cap_seconds,
+                give_up_seconds=s.webhook_give_up_seconds,
+                poll_seconds=s.webhook_poll_seconds,
+            )
+            self.webhook_sender.start()
 
     def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
         if _context is not None:
@@ -161,6 +176,8 @@ class WorkerResources(Middleware):
         assert _context is not None
         if self.sweeper is not None:
             await self.sweeper.stop()
+        if self.webhook_sender is not None:
+            await self.webhook_sender.stop()
         await _context.leases.stop()
         await _context.notifier.aclose()
         await _context.provider.aclose()

@@ -1,0 +1,196 @@
+"""Sends clients' webhooks: signed (Standard Webhooks), at least once, retried for about a day.
+
+Every worker process runs a `WebhookSender`: every `webhook_poll_seconds` it takes the due deliveries
+(mediagen.core.webhooks), POSTs each, and records the try. A delivery that fails is due again after
+`min(cap, base * 2^(tries-1))` seconds, half of it jittered, until `webhook_give_up_seconds` after its
+event; one refused for where it points (below) is given up at once.
+
+Where a webhook may go (SSRF): the host is resolved first, and every address it resolves to must be
+public, unless in `MEDIAGEN_WEBHOOK_ALLOWED_NETWORKS`; the request then goes to that very address
+(no second lookup an attacker could answer differently). Redirects are not followed, timeouts are
+short, and at most 64 KiB of the answer is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from standardwebhooks.webhooks import Webhook
+
+from mediagen.core import jobs, webhooks
+from mediagen.core.db import Database
+from mediagen.logging import log_event
+
+MAX_ANSWER_BYTES = 64 * 1024
+
+
+class Refused(Exception):
+    """The webhook points somewhere it may not go: retrying cannot help."""
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        secret: str,
+        public_base_url: str,
+        allowed_networks: list[str],
+        timeout_seconds: float,
+        retry_base_seconds: float,
+        retry_cap_seconds: float,
+        give_up_seconds: float,
+        poll_seconds: float,
+        batch: int = 50,
+    ) -> None:
+        self.db = db
+        self.signer = Webhook(secret)
+        self.public_base_url = public_base_url
+        self.allowed = webhooks.networks(allowed_networks)
+        self.timeout = timeout_seconds
+        self.base = retry_base_seconds
+        self.cap = retry_cap_seconds
+        self.give_up = give_up_seconds
+        self.poll = poll_seconds
+        self.batch = batch
+        self.client = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, 3.0)),
+            trust_env=False,
+            headers={"User-Agent": "mediagen-webhooks"},
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="webhook-sender")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                sent = await self.send_due()
+            except Exception:
+                log_event("webhook.sender.failed", logging.WARNING, exc_info=True)
+                sent = 0
+            if sent < self.batch:
+                await asyncio.sleep(self.poll)
+
+    async def send_due(self) -> int:
+        """Send every delivery due now (one batch); how many were tried."""
+        # Held for twice a try's own time limit: a delivery whose worker died is due again after that.
+        due = await webhooks.claim_due(self.db, batch=self.batch, lease_seconds=2 * self.timeout + 1)
+        if due:
+            await asyncio.gather(*(self._deliver(delivery) for delivery in due))
+        return len(due)
+
+    async def _deliver(self, due: webhooks.Due) -> None:
+        started = time.monotonic()
+        status_code: int | None = None
+        error: str | None = None
+        retry = True
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                status_code = await self._post(due)
+            if not 200 <= status_code < 300:
+                error = f"HTTP {status_code}" + (" (redirects are not followed)" if 300 <= status_code < 400 else "")
+        except Refused as refused:
+            error, retry = f"refused: {refused}", False
+        except (httpx.HTTPError, OSError, TimeoutError) as failure:
+            error = f"{type(failure).__name__}: {failure}".rstrip(": ")
+        delivered = error is None
+        retry_in = self._next_try(due) if not delivered and retry else None
+        await webhooks.record_try(
+            self.db,
+            due.id,
+            delivered=delivered,
+            status_code=status_code,
+            error=error,
+            milliseconds=int((time.monotonic() - started) * 1000),
+            retry_in=retry_in,
+        )
+        fields: dict[str, Any] = {
+            "job_id": str(due.job_id),
+            "webhook_id": webhooks.message_id(due.id),
+            "event": due.event,
+        }
+        if delivered:
+            log_event("webhook.delivered", tries=due.tries, status_code=status_code, **fields)
+        else:
+            log_event(
+                "webhook.failed" if retry_in is not None else "webhook.given_up",
+                logging.WARNING,
+                tries=due.tries,
+                status_code=status_code,
+                error=error,
+                retry_in=retry_in,
+                **fields,
+            )
+
+    def _next_try(self, due: webhooks.Due) -> float | None:
+        delay = min(self.cap, self.base * 2 ** (due.tries - 1))
+        delay = delay / 2 + random.uniform(0, delay / 2)
+        age = (datetime.now(UTC) - due.created_at).total_seconds()
+        return None if age + delay > self.give_up else delay
+
+    async def _post(self, due: webhooks.Due) -> int:
+        urls = [f"{self.public_base_url}/media/{key}" for key in due.output_keys]
+        body = jobs.status_object(due.job_id, due.job_status, due.job_attempts, due.job_error, due.job_progress, urls)
+        payload = webhooks.encode({**body, "event": due.event})
+        msg_id = webhooks.message_id(due.id)
+        now = datetime.now(UTC)
+        parts = urlsplit(due.url)
+        host = parts.hostname or ""
+        address = await self._address(host, parts.port or (443 if parts.scheme == "https" else 80))
+        netloc = f"[{address}]" if ":" in address else address
+        if parts.port:
+            netloc += f":{parts.port}"
+        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        headers = {
+            "Host": parts.netloc.rpartition("@")[2],
+            "Content-Type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": self.signer.sign(msg_id, now, payload),
+        }
+        extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+        request = self.client.build_request("POST", target, content=payload, headers=headers, extensions=extensions)
+        response = await self.client.send(request, stream=True)
+        try:
+            read = 0
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read >= MAX_ANSWER_BYTES:
+                    break
+        finally:
+            await response.aclose()
+        return response.status_code
+
+    async def _address(self, host: str, port: int) -> str:
+        """The address to connect to: every address `host` resolves to must be allowed."""
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            raise OSError(f"cannot resolve {host}: {error}") from None
+        addresses = [str(info[4][0]) for info in found]
+        for address in addresses:
+            reason = webhooks.refusal(address, self.allowed)
+            if reason is not None:
+                raise Refused(f"{host} resolves to {reason}")
+        if not addresses:
+            raise OSError(f"{host} resolves to no address")
+        return addresses[0]
