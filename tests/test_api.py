@@ -46,11 +46,51 @@ async def test_bad_input_gets_a_422_naming_the_field(api: httpx.AsyncClient, bod
     assert field in fields_of(response)
 
 
-async def test_malformed_json_gets_a_422(api: httpx.AsyncClient) -> None:
-    response = await api.post("/generate", content=b'{"prompt": ', headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"prompt": ', "line 1 column 12"),
+        (b'{"prompt": "a cat",}', "line 1 column 20"),
+        (b"{'prompt': 'a cat'}", "line 1 column 2"),
+        (b'{"prompt": "a cat"} trailing', "Extra data"),
+        (b'{"prompt": "\xff"}', "not UTF-8"),
+        (b'{"prompt": "a cat", "prompt": "a dog"}', "'prompt' appears twice"),
+        (b'{"prompt": "a cat", "parameters": {"width": 64, "width": 4096}}', "'width' appears twice"),
+    ],
+)
+async def test_malformed_json_or_a_key_given_twice_gets_a_400_saying_where(
+    api: httpx.AsyncClient, body: bytes, says: str
+) -> None:
+    response = await api.post("/generate", content=body, headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "malformed_json"
+    assert says in response.json()["detail"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/xml"])
+async def test_a_body_that_is_not_json_gets_a_415(api: httpx.AsyncClient, content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = await api.post("/generate", content=b'{"prompt": "a cat"}', headers=headers)
+
+    assert response.status_code == 415
+    assert response.json()["error"] == "unsupported_media_type"
+
+
+async def test_json_with_a_charset_is_json(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/generate",
+        content=b'{"prompt": "a cat", "parameters": {"width": 64, "height": 64}}',
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+
+    assert response.status_code == 202
+
+
+async def test_well_formed_json_of_the_wrong_shape_is_still_a_422(api: httpx.AsyncClient) -> None:
+    response = await api.post("/generate", content=b'["a cat"]', headers={"Content-Type": "application/json"})
 
     assert response.status_code == 422
-    assert response.json()["error"] == "validation_failed"
 
 
 async def test_an_oversized_body_gets_a_413(api: httpx.AsyncClient) -> None:

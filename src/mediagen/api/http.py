@@ -1,16 +1,25 @@
-"""HTTP plumbing shared by the routes: fast JSON responses, the body-size limit, error answers."""
+"""HTTP plumbing shared by the routes: fast JSON responses, JSON request bodies, the body-size limit,
+error answers.
+
+A route with a body (`JSONBodyRoute`) takes `application/json` only (anything else is a 415) and
+parses it once, strictly: malformed JSON and an object with a key twice are a 400 that says where,
+before any field is validated (a field's problem is a 422).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
 import orjson
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +41,70 @@ class FastJSON(JSONResponse):
 
 def error(status: int, code: str, detail: Any = None, headers: dict[str, str] | None = None) -> FastJSON:
     return FastJSON({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+class MalformedJSON(HTTPException):
+    """A request body that is not one well-formed JSON document with unique keys (a 400)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(400, detail)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # the rare case: find the culprit
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise MalformedJSON(f"the key {key!r} appears twice in one JSON object")
+            seen.add(key)
+    return obj
+
+
+_decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+
+
+def parse_json(body: bytes) -> Any:
+    """One JSON document, or MalformedJSON naming where it breaks or the key given twice."""
+    try:
+        return _decode(body.decode())
+    except UnicodeDecodeError as exc:
+        raise MalformedJSON(f"the body is not UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedJSON(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise MalformedJSON("the JSON is nested too deeply") from None
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+class _JSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json(await self.body())
+        return self._json
+
+
+class JSONBodyRoute(APIRoute):
+    """A route whose body is JSON: 415 for another media type, 400 for malformed JSON (see `parse_json`)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def json_body(request: Request) -> Response:
+            content_type = request.headers.get("content-type")
+            if content_type is None or not _is_json(content_type):
+                return error(
+                    415, "unsupported_media_type", "the body must be JSON, sent as Content-Type: application/json"
+                )
+            return await handler(_JSONRequest(request.scope, request.receive))
+
+        return json_body
 
 
 class BodySizeLimit:
@@ -129,6 +202,8 @@ async def _rate_limited(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+    if isinstance(exc, MalformedJSON):
+        return error(400, "malformed_json", exc.detail)
     headers = dict(exc.headers) if exc.headers else None
     return error(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers=headers)
 

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from mediagen.api.auth import Owner, visible_to
-from mediagen.api.http import FastJSON, error
+from mediagen.api.http import FastJSON, JSONBodyRoute, error
 from mediagen.api.limits import LimitedOwner
 from mediagen.api.schemas import (
     ErrorResponse,
@@ -38,7 +38,7 @@ from mediagen.logging import log_event
 from mediagen.storage import CONTENT_TYPES, ObjectStream, is_valid_key
 from mediagen.storage.local import LocalStorage
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse},
     404: {"model": ErrorResponse},
@@ -90,9 +90,11 @@ def _webhook_refusal(settings: Any, url: str) -> str | None:
             "model": GenerateAccepted,
             "description": "The job submitted earlier with this Idempotency-Key",
         },
+        400: {"model": ErrorResponse, "description": "Malformed JSON, or a key given twice in one object"},
         401: {"model": ErrorResponse},
         409: {"model": ErrorResponse, "description": "This Idempotency-Key was used with another body"},
         413: {"model": ErrorResponse},
+        415: {"model": ErrorResponse, "description": "The body is not application/json"},
     },
     summary="Submit a prompt; answers at once with the job id",
 )
