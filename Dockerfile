@@ -31,4 +31,4 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
-CMD ["uvicorn", "--factory", "mediagen.api.app:create_app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log"]
+CMD ["uvicorn", "--factory", "mediagen.api.app:create_app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log", "--http", "mediagen.api.serving:HeaderTimeoutProtocol"]

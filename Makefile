@@ -42,7 +42,7 @@ migrate: install ## upgrade DATABASE_URL to the newest schema
 	$(VENV)/bin/alembic upgrade head
 
 api: install
-	$(VENV)/bin/uvicorn --factory mediagen.api.app:create_app --host 127.0.0.1 --port 8000
+	$(VENV)/bin/uvicorn --factory mediagen.api.app:create_app --host 127.0.0.1 --port 8000 --http mediagen.api.serving:HeaderTimeoutProtocol
 
 worker: install
 	$(PY) -m mediagen.worker

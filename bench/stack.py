@@ -257,8 +257,8 @@ class Stack:
 
     def start_api(self, **overrides: str) -> None:
         self.api_port = free_port()
-        # The service's own launch command, with uvloop and httptools asked for explicitly.
-        command = [*api_command(LOOPBACK, self.api_port), "--workers", "1", "--loop", "uvloop", "--http", "httptools"]
+        # The service's own launch command (httptools with a header timeout), with uvloop asked for explicitly.
+        command = [*api_command(LOOPBACK, self.api_port), "--workers", "1", "--loop", "uvloop"]
         self.api = self._spawn(
             "api",
             command,

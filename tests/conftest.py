@@ -27,6 +27,7 @@ import psycopg
 import pytest
 import redis
 
+from mediagen.api.serving import PROTOCOL
 from mediagen.core.db import Database, libpq_url
 from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
 from mediagen.devtools.launcher import migrate
@@ -239,6 +240,8 @@ def start_api(env: dict[str, str], log_path: Path, **overrides: str) -> Process:
             "--port",
             str(port),
             "--no-access-log",
+            "--http",
+            PROTOCOL,
         ],
         env={**env, **overrides},
         stdout=log,

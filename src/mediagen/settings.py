@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     """When set, every route but health needs `Authorization: Bearer <one of these>`."""
     max_body_bytes: int = 64 * 1024
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    """A client whose request headers take longer gets a 408 and is disconnected (see mediagen.api.serving)."""
     db_pool_size: int = 10
     """Connections per process (as many again in overflow). PostgreSQL allows 100 by default."""
     rate_limit_per_minute: int = Field(600, ge=0)
