@@ -36,6 +36,8 @@ def api_command(host: str, port: int) -> list[str]:
         "--no-access-log",
         "--log-level",
         "warning",
+        "--http",
+        "mediagen.api.serving:HeaderTimeoutProtocol",  # httptools with a header timeout
     ]
 
 
