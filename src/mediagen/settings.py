@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     download_allowed_hosts: Annotated[list[str], NoDecode] = []
     """Hosts outputs may come from besides `replicate.delivery` (and subdomains) and the base URL's host."""
     max_output_bytes: int = 50 * 1024 * 1024
+    default_output_format: str = "png"
+    """Sent as `output_format` when the client chose none and the model offers it ("" : the model's own,
+    webp for the default models). PNG by default, so every model answers with the same lossless kind."""
+    model_schema_refresh_seconds: float = Field(3600.0, gt=0)
+    """How often the allowed models' input schemas are read again from Replicate (cached in Redis)."""
     model_prices: dict[str, Any] = {}
     """JSON: per-model prices over the defaults of mediagen.core.pricing, e.g.
     `{"owner/name": {"per_image": "0.01"}}`, `{"owner/name": {"per_second": "0.0014"}}`, or null (unknown)."""

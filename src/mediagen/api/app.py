@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,10 +21,13 @@ from mediagen.api.limits import Limits, RateLimitHeaders
 from mediagen.api.routes import router
 from mediagen.api.submissions import Submissions
 from mediagen.broker import Dispatcher
+from mediagen.catalog.catalog import Catalog
 from mediagen.core.db import Database
+from mediagen.core.pricing import Price
 from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import RequestMetrics
 from mediagen.notify import Notifier
+from mediagen.providers.replicate import ReplicateProvider
 from mediagen.settings import Settings, get_settings
 from mediagen.storage import Storage
 
@@ -37,6 +42,8 @@ class ApiState:
     keyring: KeyRing
     submissions: Submissions
     notifier: Notifier
+    catalog: Catalog
+    prices: dict[str, Price | None]
     limits: Limits | None = None
 
 
@@ -54,6 +61,17 @@ def _document_allowed_models(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+async def _start_refresh(catalog: Catalog, provider: ReplicateProvider, settings: Settings) -> asyncio.Task[None]:
+    """Adopt the cached schemas; read the ones we have none for (not even a snapshot) before serving,
+    for a few seconds at most; then keep them fresh in the background."""
+    period = settings.model_schema_refresh_seconds
+    await catalog.load_cached()
+    if any(catalog.get(model) is None for model in catalog.models):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(catalog.refresh(provider.model_schema, period=period, fetch_seconds=3.0), 5.0)
+    return asyncio.create_task(catalog.run_refresh(provider.model_schema, period=period))
+
+
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
     settings = settings or get_settings()
 
@@ -64,6 +82,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         redis = services.redis_client(settings)
         db = services.database(settings)
         dispatcher = services.dispatcher(settings, redis)
+        catalog = Catalog(settings.allowed_models, redis=redis, namespace=settings.redis_namespace)
+        provider = services.provider(settings)
+        refresher = await _start_refresh(catalog, provider, settings)
         state = ApiState(
             settings=settings,
             db=db,
@@ -73,6 +94,8 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             storage=services.storage(settings),
             keyring=KeyRing([key.get_secret_value() for key in settings.api_keys]),
             notifier=Notifier(redis, namespace=settings.redis_namespace),
+            catalog=catalog,
+            prices=settings.price_table,
         )
         if state.keyring.enabled or settings.limit_anonymous:
             limits = Limits(
@@ -101,6 +124,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         try:
             yield
         finally:
+            refresher.cancel()
+            await asyncio.gather(refresher, return_exceptions=True)
+            await provider.aclose()
             await state.notifier.aclose()
             await state.db.dispose()
             await redis.aclose()

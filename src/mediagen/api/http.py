@@ -26,7 +26,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mediagen.api.auth import Unauthorized
 from mediagen.api.limits import RateLimited
-from mediagen.core.errors import DependencyUnavailable, JobConflict, JobNotFound
+from mediagen.core.errors import (
+    DependencyUnavailable,
+    InvalidParameters,
+    JobConflict,
+    JobNotFound,
+    ModelSchemaUnknown,
+)
 from mediagen.logging import log_event
 
 RETRY_AFTER_SECONDS = "5"
@@ -172,6 +178,15 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error(422, "validation_failed", {"message": summary, "fields": problems})
 
 
+async def _invalid_parameters(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidParameters)
+    return error(422, "validation_failed", {"message": exc.message, "fields": exc.fields})
+
+
+async def _schema_unknown(request: Request, exc: Exception) -> Response:
+    return error(503, "service_unavailable", str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
 async def _unavailable(request: Request, exc: Exception) -> Response:
     log_event("api.dependency_unavailable", logging.WARNING, path=request.url.path, error=type(exc).__name__)
     return error(
@@ -218,6 +233,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(JobNotFound, _not_found)
     app.add_exception_handler(JobConflict, _conflict)
+    app.add_exception_handler(InvalidParameters, _invalid_parameters)
+    app.add_exception_handler(ModelSchemaUnknown, _schema_unknown)
     app.add_exception_handler(Unauthorized, _unauthorized)
     app.add_exception_handler(RateLimited, _rate_limited)
     for kind in (

@@ -8,7 +8,6 @@ import binascii
 import hashlib
 import ipaddress
 import logging
-import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -30,10 +29,12 @@ from mediagen.api.schemas import (
     JobPage,
     JobStatusResponse,
     JobView,
+    ModelList,
 )
 from mediagen.core import jobs, webhooks
-from mediagen.core.errors import JobConflict, JobNotFound, StorageError
+from mediagen.core.errors import JobConflict, JobNotFound, ModelSchemaUnknown, StorageError
 from mediagen.core.models import JobStatus
+from mediagen.core.pricing import price_for
 from mediagen.logging import log_event
 from mediagen.storage import CONTENT_TYPES, ObjectStream, is_valid_key
 from mediagen.storage.local import LocalStorage
@@ -124,9 +125,10 @@ async def generate(
                 "fields": [{"field": "parameters.model", "message": "not an allowed model", "type": "model"}],
             },
         )
-    if params["seed"] is None:
-        # A seed of our own makes the input unique, so an unknown create can be found again safely.
-        params["seed"] = random.randrange(2**32)
+    schema = state.catalog.get(model)
+    if schema is None:
+        raise ModelSchemaUnknown(f"the input schema of {model} has not been read from Replicate yet; try again shortly")
+    model_input = schema.build_input(body.prompt, params, default_output_format=settings.default_output_format)
     if body.webhook_url is not None:
         refused = _webhook_refusal(settings, body.webhook_url)
         if refused is not None:
@@ -143,6 +145,7 @@ async def generate(
         id=uuid.uuid4(),
         prompt=body.prompt,
         parameters=params,
+        input=model_input,
         model=model,
         max_attempts=settings.max_attempts,
         deadline_seconds=settings.job_deadline_seconds,
@@ -232,6 +235,7 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
             "status": job.status,
             "prompt": job.prompt,
             "parameters": job.parameters,
+            "input": job.input,
             "model": job.model,
             "attempts": job.attempts,
             "max_attempts": job.max_attempts,
@@ -267,12 +271,48 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
                     "content_type": o.content_type,
                     "size_bytes": o.size_bytes,
                     "sha256": o.sha256,
+                    "width": o.width,
+                    "height": o.height,
                 }
                 for o in detail.outputs
             ],
             "webhook_deliveries": detail.webhook_deliveries,
         }
     )
+
+
+@router.get(
+    "/models",
+    response_model=ModelList,
+    responses=_ERRORS,
+    summary="The allowed models: each one's input schema, defaults, sizes, output kind and price",
+)
+async def models(state: Api, _: Owner) -> Response:
+    settings = state.settings
+    listed = []
+    for name in settings.allowed_models:
+        schema = state.catalog.get(name)
+        if schema is None:
+            continue  # not read from Replicate yet: a submit would get a 503 too
+        price = price_for(name, state.prices)
+        service_defaults = {}
+        if settings.default_output_format in schema.properties.get("output_format", {}).get("enum", []):
+            service_defaults["output_format"] = settings.default_output_format
+        listed.append(
+            {
+                "model": name,
+                "default": name == settings.default_model,
+                "version": schema.version,
+                "schema_source": schema.source,
+                "input_schema": schema.input_schema,
+                "defaults": schema.defaults(),
+                "service_defaults": service_defaults,
+                "sizes": [size.as_json() for size in schema.sizes],
+                "output": {"kind": schema.output_kind, "multiple": schema.output_multiple},
+                "price": price.as_json() if price else None,
+            }
+        )
+    return FastJSON({"models": listed})
 
 
 def _encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:

@@ -7,25 +7,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from mediagen.core.webhooks import EVENTS
 
 MAX_PROMPT = 2000
-NO_NUL = r"^[^\x00]*$"
 # Something to draw: at least one character that is not ASCII white space, and no NUL. Expressed as a
 # pattern (not by stripping) so that the OpenAPI document says exactly what is accepted.
 SOME_TEXT = r"^[^\x00]*[^\x00\t\n\r\x0b\x0c ][^\x00]*$"
-
-
-def _integral(value: Any) -> Any:
-    """JSON has one number type: 512.0 is the integer 512 (JSON Schema agrees); strings stay wrong."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_integral)]
 
 
 WEBHOOK_URL = r"^https?://[A-Za-z0-9.:\[\]-]+(/[!-~]*)?$"
@@ -57,19 +46,40 @@ def _storable(value: str) -> str:
     return value
 
 
-class GenerationParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+def _storable_json(value: Any) -> Any:
+    """Every string in a JSON value must be storable text (the parameters are kept in JSONB)."""
+    if isinstance(value, str):
+        _storable(value)
+    elif isinstance(value, list):
+        for item in value:
+            _storable_json(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key)
+            _storable_json(item)
+    return value
 
-    width: Int = Field(1024, ge=64, le=2048, multiple_of=8, description="Pixels; a multiple of 8.")
-    height: Int = Field(1024, ge=64, le=2048, multiple_of=8, description="Pixels; a multiple of 8.")
-    num_outputs: Int = Field(1, ge=1, le=4)
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integral)] | None = Field(
-        None, description="Chosen at random when absent."
+
+class GenerationParameters(BaseModel):
+    """The model's own inputs (see `GET /models`: each model's JSON Schema), checked against its schema.
+
+    Besides them: `model`, and the portable `width`/`height` (mapped onto the model's own size inputs
+    when a size it makes matches exactly) and `num_outputs` (1 is accepted by single-output models).
+    An input the model does not declare is a 422: Replicate would silently ignore it.
+    """
+
+    model_config = ConfigDict(
+        extra="allow",
+        strict=True,
+        json_schema_extra={"additionalProperties": True},
     )
-    negative_prompt: (
-        Annotated[str, StringConstraints(max_length=MAX_PROMPT, pattern=NO_NUL), AfterValidator(_storable)] | None
-    ) = None
+
     model: str | None = Field(None, description="One of the allowed models; the default when absent.")
+
+    @model_validator(mode="after")
+    def _extras_storable(self) -> GenerationParameters:
+        _storable_json(self.model_extra or {})
+        return self
 
 
 class GenerateRequest(BaseModel):
@@ -125,6 +135,8 @@ class OutputView(BaseModel):
     content_type: str
     size_bytes: int
     sha256: str
+    width: int | None = Field(description="Pixels, read from the stored file; null when unknown (e.g. video)")
+    height: int | None
 
 
 class WebhookTry(BaseModel):
@@ -154,6 +166,7 @@ class JobView(BaseModel):
     status: str
     prompt: str
     parameters: dict[str, Any]
+    input: dict[str, Any] | None = Field(description="The exact input sent to Replicate")
     model: str
     attempts: int
     max_attempts: int
@@ -185,6 +198,34 @@ class JobSummary(BaseModel):
 class JobPage(BaseModel):
     items: list[JobSummary]
     next_cursor: str | None
+
+
+class ModelOutput(BaseModel):
+    kind: str = Field(description="image or video")
+    multiple: bool = Field(description="true: a list of outputs; false: one output per prediction")
+
+
+class ModelSize(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    width: int
+    height: int
+
+
+class ModelView(BaseModel):
+    model: str = Field(description="owner/name, the value of parameters.model")
+    default: bool = Field(description="the model used when parameters.model is absent")
+    version: str | None
+    schema_source: str = Field(description="snapshot (shipped with mediagen) or replicate (read from it)")
+    input_schema: dict[str, Any] = Field(description="JSON Schema of the model's inputs, enums inline, in x-order")
+    defaults: dict[str, Any] = Field(description="the model's own defaults")
+    service_defaults: dict[str, Any] = Field(description="what mediagen sends when the client leaves it out")
+    sizes: list[ModelSize] = Field(description="width x height this model makes, and the inputs that make each")
+    output: ModelOutput
+    price: dict[str, Any] | None = Field(description='{"usd": "0.003", "per": "image" | "second"}, null if unknown')
+
+
+class ModelList(BaseModel):
+    models: list[ModelView]
 
 
 class ErrorResponse(BaseModel):

@@ -19,6 +19,8 @@
 Domain errors the API maps to HTTP answers:
 
     JobNotFound (404) · JobConflict (409) · DependencyUnavailable (503)
+    InvalidParameters (422: each bad field of a job's parameters, against the model's own schema)
+    ModelSchemaUnknown (503: an allowed model whose schema has not been read from Replicate yet)
 
 Every error carries `error_class` (a stable name for logs, the database and metrics) and, where there
 was one, `http_status` and `retry_after` (the provider's hint, in seconds).
@@ -113,3 +115,16 @@ class DependencyUnavailable(MediagenError):
 
 class WorkerStopping(MediagenError):
     pass
+
+
+class InvalidParameters(MediagenError):
+    """Parameters the model's own schema refuses; `fields` names each: `{field, message, type}`."""
+
+    def __init__(self, model: str, fields: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{p['field']}: {p['message']}" for p in fields) or f"invalid input for {model}")
+        self.model = model
+        self.fields = fields
+
+
+class ModelSchemaUnknown(MediagenError):
+    transient = True

@@ -46,18 +46,20 @@ class NewJob:
     request_hash: str | None = None
     webhook_url: str | None = None
     webhook_events: tuple[str, ...] = ()
+    input: dict[str, Any] | None = None
+    """The exact model input to send to Replicate (None: built from `parameters` by the worker)."""
 
 
 _CREATE_SQL = text(
     """
-    INSERT INTO jobs (id, status, prompt, parameters, model, owner, idempotency_key, request_hash,
+    INSERT INTO jobs (id, status, prompt, parameters, input, model, owner, idempotency_key, request_hash,
                       max_attempts, deadline_at, dispatched_at)
-    SELECT n.id, 'queued', n.prompt, CAST(n.parameters AS jsonb), n.model, n.owner, n.idempotency_key,
-           n.request_hash, n.max_attempts, now() + make_interval(secs => n.deadline), now()
+    SELECT n.id, 'queued', n.prompt, CAST(n.parameters AS jsonb), CAST(n.input AS jsonb), n.model, n.owner,
+           n.idempotency_key, n.request_hash, n.max_attempts, now() + make_interval(secs => n.deadline), now()
     FROM unnest(CAST(:ids AS uuid[]), CAST(:prompts AS text[]), CAST(:parameters AS text[]),
-                CAST(:models AS text[]), CAST(:owners AS text[]), CAST(:keys AS text[]),
+                CAST(:inputs AS text[]), CAST(:models AS text[]), CAST(:owners AS text[]), CAST(:keys AS text[]),
                 CAST(:hashes AS text[]), CAST(:max_attempts AS int[]), CAST(:deadlines AS float8[]))
-         AS n(id, prompt, parameters, model, owner, idempotency_key, request_hash, max_attempts, deadline)
+         AS n(id, prompt, parameters, input, model, owner, idempotency_key, request_hash, max_attempts, deadline)
     ON CONFLICT (owner, idempotency_key) DO NOTHING
     RETURNING id
     """
@@ -75,6 +77,7 @@ async def create_jobs(conn: AsyncConnection, jobs: Sequence[NewJob]) -> set[uuid
             "ids": [job.id for job in jobs],
             "prompts": [job.prompt for job in jobs],
             "parameters": [orjson.dumps(job.parameters).decode() for job in jobs],
+            "inputs": [None if job.input is None else orjson.dumps(job.input).decode() for job in jobs],
             "models": [job.model for job in jobs],
             "owners": [job.owner for job in jobs],
             "keys": [job.idempotency_key for job in jobs],
@@ -240,6 +243,8 @@ class Claim:
     model: str
     max_attempts: int
     deadline_at: datetime
+    input: dict[str, Any] | None
+    """The exact model input decided at submit (None for jobs submitted before it was recorded)."""
     resume_prediction_id: str | None
     """A prediction an earlier attempt started and that has not failed: wait on it, do not create."""
     reconcile_since: datetime | None
@@ -257,7 +262,7 @@ _CLAIM_SQL = """
               status = 'queued'
            OR (status = 'retrying' AND next_attempt_at <= now() + interval '250 milliseconds')
            OR (status = 'running' AND lease_until < now()))
-        RETURNING id, attempts, prompt, parameters, model, max_attempts, deadline_at, retried_at
+        RETURNING id, attempts, prompt, parameters, input, model, max_attempts, deadline_at, retried_at
     ), last AS (
         SELECT a.id, a.number, a.prediction_id, a.prediction_status, a.create_sent_at, a.finished_at,
                a.started_at
@@ -291,7 +296,7 @@ _CLAIM_SQL = """
         FROM claimed c, decided d
         RETURNING id
     )
-    SELECT c.attempts, c.prompt, c.parameters, c.model, c.max_attempts, c.deadline_at,
+    SELECT c.attempts, c.prompt, c.parameters, c.input, c.model, c.max_attempts, c.deadline_at,
            o.id AS attempt_id, d.resume, d.reconcile_since, (SELECT number FROM abandoned) AS abandoned
     FROM claimed c, decided d, opened o
 """
@@ -317,6 +322,7 @@ async def claim(db: Database, job_id: uuid.UUID, *, lease_seconds: float) -> Cla
         model=row["model"],
         max_attempts=row["max_attempts"],
         deadline_at=row["deadline_at"],
+        input=row["input"],
         resume_prediction_id=row["resume"],
         reconcile_since=row["reconcile_since"],
         abandoned_attempt=row["abandoned"],
@@ -405,6 +411,8 @@ class StoredOutput:
     content_type: str
     size_bytes: int
     sha256: str
+    width: int | None = None
+    height: int | None = None
 
 
 _SUCCEED_SQL = """
@@ -417,10 +425,10 @@ _SUCCEED_SQL = """
         UPDATE attempts SET finished_at = now(), outcome = 'succeeded', prediction_status = $4
         WHERE id = $3 AND EXISTS (SELECT 1 FROM done)
     ), stored AS (
-        INSERT INTO outputs (job_id, index, storage_key, content_type, size_bytes, sha256)
-        SELECT $1, o.index, o.storage_key, o.content_type, o.size_bytes, o.sha256
-        FROM unnest($5::int[], $6::text[], $7::text[], $8::bigint[], $9::text[])
-             AS o(index, storage_key, content_type, size_bytes, sha256)
+        INSERT INTO outputs (job_id, index, storage_key, content_type, size_bytes, sha256, width, height)
+        SELECT $1, o.index, o.storage_key, o.content_type, o.size_bytes, o.sha256, o.width, o.height
+        FROM unnest($5::int[], $6::text[], $7::text[], $8::bigint[], $9::text[], $10::int[], $11::int[])
+             AS o(index, storage_key, content_type, size_bytes, sha256, width, height)
         WHERE EXISTS (SELECT 1 FROM done)
     )
     SELECT count(*) AS held FROM done
@@ -441,6 +449,8 @@ async def succeed(db: Database, claim: Claim, outputs: Sequence[StoredOutput], p
         [o.content_type for o in outputs],
         [o.size_bytes for o in outputs],
         [o.sha256 for o in outputs],
+        [o.width for o in outputs],
+        [o.height for o in outputs],
     )
     return bool(held)
 

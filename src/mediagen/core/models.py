@@ -69,6 +69,8 @@ class Job(Base):
     status: Mapped[str] = mapped_column(Text, nullable=False)
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
     parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    input: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    """The exact input sent to Replicate (the model's own fields), decided at submit."""
     model: Mapped[str] = mapped_column(Text, nullable=False)
     owner: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
     idempotency_key: Mapped[str | None] = mapped_column(Text)
@@ -149,6 +151,9 @@ class Output(Base):
     content_type: Mapped[str] = mapped_column(Text, nullable=False)
     size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
     sha256: Mapped[str] = mapped_column(Text, nullable=False)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    """Pixels, read from the stored file (None when they could not be read, e.g. most videos)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
     __table_args__ = (UniqueConstraint("job_id", "index"),)

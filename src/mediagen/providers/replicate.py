@@ -167,6 +167,14 @@ class ReplicateProvider:
     async def cancel(self, prediction_id: str) -> None:
         await self._call(lambda: self.client.predictions.async_cancel(prediction_id), operation="cancel")
 
+    async def model_schema(self, model: str) -> tuple[str | None, dict[str, Any]]:
+        """(latest version id, its openapi_schema) from `GET /v1/models/{owner}/{name}`."""
+        found = await self._call(lambda: self.client.models.async_get(model), operation="model")
+        latest = found.latest_version
+        if latest is None or not isinstance(latest.openapi_schema, dict):
+            raise PermanentProviderError(f"{model} has no latest version with a schema", error_class="NoSchema")
+        return latest.id, latest.openapi_schema
+
     async def find_recent(self, model: str, input: dict[str, Any], since: datetime) -> list[Prediction]:
         found: list[Prediction] = []
         cursor: Any = ...

@@ -17,10 +17,17 @@ from mediagen.core.errors import StorageUnavailable
 
 # Keys are ours alone: `<job uuid>/<index>.<ext>`. Anything else is refused (no path traversal).
 KEY_PATTERN = re.compile(
-    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/[0-9]{1,2}\.(png|jpg|webp|gif)$"
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/[0-9]{1,2}\.(png|jpg|webp|gif|mp4|webm)$"
 )
 
-CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+CONTENT_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "mp4": "video/mp4",
+    "webm": "video/webm",
+}
 
 CHUNK_BYTES = 64 * 1024
 

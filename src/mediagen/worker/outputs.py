@@ -1,7 +1,11 @@
-"""Fetching a prediction's images at once (Replicate deletes them after an hour) and storing them.
+"""Fetching a prediction's outputs at once (Replicate deletes them after an hour) and storing them.
+
+A model answers one URL or a list (shorter than `num_outputs` when it dropped NSFW-flagged images:
+recorded as it is, not an error); each file is an image (PNG, JPEG, WebP, GIF) or a video (MP4, WebM),
+stored under the extension and content type its bytes show, with its pixel size read from the header.
 
 Only from hosts we trust (`replicate.delivery` and its subdomains, the provider's own host, and the
-`MEDIAGEN_DOWNLOAD_ALLOWED_HOSTS`), no redirects, at most `max_output_bytes`, and only images (the
+`MEDIAGEN_DOWNLOAD_ALLOWED_HOSTS`), no redirects, at most `max_output_bytes`, and only media (the
 bytes are sniffed, not just the header believed). Each image is read into memory once, hashed as it
 arrives, and written atomically.
 """
@@ -11,12 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from PIL import Image
 
 from mediagen import metrics
 from mediagen.core.errors import OutputDownloadFailed, OutputRejected
@@ -32,14 +38,30 @@ _MAGIC = (
 )
 
 
-def sniff_image(data: bytes) -> str | None:
-    """The image kind (`png`, `jpg`, `webp`, `gif`) of these bytes, or None."""
+def sniff_media(data: bytes) -> str | None:
+    """The media kind (`png`, `jpg`, `webp`, `gif`, `mp4`, `webm`) of these bytes, or None."""
     for magic, kind in _MAGIC:
         if data.startswith(magic):
             return kind
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
+    if data[4:8] == b"ftyp":  # ISO base media: the first box is the file type box
+        return "mp4"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):  # EBML, the container of WebM
+        return "webm"
     return None
+
+
+def pixel_size(data: bytes, kind: str) -> tuple[int | None, int | None]:
+    """An image's width and height from its header (Pillow reads no pixels for this); None for video."""
+    if kind in ("mp4", "webm"):
+        return None, None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None, None
+    return width, height
 
 
 def output_urls(output: Any) -> list[str]:
@@ -142,12 +164,13 @@ async def store_outputs(downloader: Downloader, storage: Storage, job_id: uuid.U
     for index, url in enumerate(urls):
         with metrics.timed(metrics.download_latency):
             data = await downloader.fetch(url)
-        kind = sniff_image(data)
+        kind = sniff_media(data)
         if kind is None:
-            raise OutputRejected(f"output {index} is not an image")
+            raise OutputRejected(f"output {index} is not an image or a video")
         key = f"{job_id}/{index}.{kind}"
+        width, height = pixel_size(data, kind)
         digest = hashlib.sha256(data).hexdigest()
         with metrics.timed(metrics.store_latency):
             obj = await storage.save(key, data, CONTENT_TYPES[kind], digest)
-        stored.append(StoredOutput(index, key, obj.content_type, obj.size, digest))
+        stored.append(StoredOutput(index, key, obj.content_type, obj.size, digest, width, height))
     return stored

@@ -73,6 +73,9 @@ class WorkerContext:
 
 
 def model_input(claim: jobs.Claim) -> dict[str, Any]:
+    """The input decided at submit; for a job from before it was recorded, the old portable five."""
+    if claim.input is not None:
+        return claim.input
     params = claim.parameters
     data: dict[str, Any] = {"prompt": claim.prompt}
     for key in ("width", "height", "num_outputs", "seed", "negative_prompt"):
