@@ -10,6 +10,10 @@ import pytest
 
 from conftest import submit, unique
 
+DEV = "black-forest-labs/flux-dev"
+PRO = "black-forest-labs/flux-1.1-pro"
+SD35 = "stability-ai/stable-diffusion-3.5-large"
+
 
 def fields_of(response: httpx.Response) -> list[str]:
     body = response.json()
@@ -27,16 +31,37 @@ def fields_of(response: httpx.Response) -> list[str]:
         ({}, "prompt"),
         ({"prompt": 42}, "prompt"),
         ({"prompt": "ok", "colour": "red"}, "colour"),
-        ({"prompt": "ok", "parameters": {"width": 100}}, "parameters.width"),
-        ({"prompt": "ok", "parameters": {"width": 4096}}, "parameters.width"),
-        ({"prompt": "ok", "parameters": {"height": 32}}, "parameters.height"),
+        ({"prompt": "ok", "parameters": {"width": 100, "height": 512}}, "parameters.width"),
+        ({"prompt": "ok", "parameters": {"width": 4096, "height": 4096}}, "parameters.width"),
+        ({"prompt": "ok", "parameters": {"height": 32}}, "parameters.width"),
         ({"prompt": "ok", "parameters": {"width": "512"}}, "parameters.width"),
         ({"prompt": "ok", "parameters": {"num_outputs": 5}}, "parameters.num_outputs"),
         ({"prompt": "ok", "parameters": {"num_outputs": 0}}, "parameters.num_outputs"),
-        ({"prompt": "ok", "parameters": {"seed": -1}}, "parameters.seed"),
+        ({"prompt": "ok", "parameters": {"seed": 1.5}}, "parameters.seed"),
         ({"prompt": "ok", "parameters": {"steps": 4}}, "parameters.steps"),
         ({"prompt": "ok", "parameters": {"model": "someone/unknown"}}, "parameters.model"),
         ({"prompt": "ok", "parameters": "wide"}, "parameters"),
+        ({"prompt": "ok", "parameters": {"prompt": "again"}}, "parameters.prompt"),
+        # per model: each one's own schema is the contract
+        ({"prompt": "ok", "parameters": {"width": 1000, "height": 300}}, "parameters.width"),
+        ({"prompt": "ok", "parameters": {"aspect_ratio": "7:5"}}, "parameters.aspect_ratio"),
+        ({"prompt": "ok", "parameters": {"megapixels": 1}}, "parameters.megapixels"),
+        ({"prompt": "ok", "parameters": {"num_inference_steps": 5}}, "parameters.num_inference_steps"),
+        ({"prompt": "ok", "parameters": {"negative_prompt": "blur"}}, "parameters.negative_prompt"),
+        ({"prompt": "ok", "parameters": {"output_format": "gif"}}, "parameters.output_format"),
+        ({"prompt": "ok", "parameters": {"model": DEV, "guidance": 11}}, "parameters.guidance"),
+        ({"prompt": "ok", "parameters": {"model": PRO, "num_outputs": 2}}, "parameters.num_outputs"),
+        ({"prompt": "ok", "parameters": {"model": PRO, "width": 128, "height": 512}}, "parameters.width"),
+        ({"prompt": "ok", "parameters": {"model": PRO, "width": 500, "height": 512}}, "parameters.width"),
+        (
+            {"prompt": "ok", "parameters": {"model": PRO, "aspect_ratio": "1:1", "width": 512}},
+            "parameters.aspect_ratio",
+        ),
+        ({"prompt": "ok", "parameters": {"model": PRO, "megapixels": "1"}}, "parameters.megapixels"),
+        ({"prompt": "ok", "parameters": {"model": SD35, "width": 512, "height": 512}}, "parameters.width"),
+        ({"prompt": "ok", "parameters": {"model": SD35, "aspect_ratio": "4:3"}}, "parameters.aspect_ratio"),
+        ({"prompt": "ok", "parameters": {"model": SD35, "cfg": 0.5}}, "parameters.cfg"),
+        ({"prompt": "ok", "parameters": {"model": SD35, "negative_prompt": "a\x00b"}}, "parameters"),
     ],
 )
 async def test_bad_input_gets_a_422_naming_the_field(api: httpx.AsyncClient, body: dict[str, Any], field: str) -> None:
@@ -125,7 +150,9 @@ async def test_a_rejected_submission_leaves_no_job_behind(api: httpx.AsyncClient
 
 
 async def test_submit_answers_202_with_the_job_id_and_its_location(api: httpx.AsyncClient) -> None:
-    response = await api.post("/generate", json={"prompt": unique("a fox"), "parameters": {"width": 64, "height": 64}})
+    response = await api.post(
+        "/generate", json={"prompt": unique("a fox"), "parameters": {"width": 512, "height": 512}}
+    )
 
     assert response.status_code == 202
     body = response.json()
@@ -135,14 +162,17 @@ async def test_submit_answers_202_with_the_job_id_and_its_location(api: httpx.As
     assert status["job_id"] == body["job_id"] and status["status"] in ("queued", "running", "succeeded")
 
 
-async def test_the_seed_is_chosen_and_recorded_when_absent(api: httpx.AsyncClient) -> None:
-    job_id = await submit(api, unique("a seed"), width=64, height=64)
+async def test_the_exact_input_sent_is_recorded_with_a_seed_chosen_when_absent(api: httpx.AsyncClient) -> None:
+    prompt = unique("a seed")
+    job_id = await submit(api, prompt, width=512, height=512)
 
     job = (await api.get(f"/jobs/{job_id}")).json()
 
-    assert isinstance(job["parameters"]["seed"], int)
     assert job["model"] == "black-forest-labs/flux-schnell"
-    assert job["parameters"]["width"] == 64 and job["parameters"]["num_outputs"] == 1
+    assert job["parameters"] == {"width": 512, "height": 512}
+    seed = job["input"].pop("seed")
+    assert isinstance(seed, int)
+    assert job["input"] == {"prompt": prompt, "aspect_ratio": "1:1", "megapixels": "0.25", "output_format": "png"}
 
 
 async def test_an_unknown_job_is_404_and_a_malformed_id_is_422(api: httpx.AsyncClient) -> None:
@@ -168,7 +198,7 @@ async def test_media_never_serves_outside_its_folder(api: httpx.AsyncClient, pat
 
 
 async def test_jobs_are_listed_newest_first_across_pages(api: httpx.AsyncClient) -> None:
-    ids = [await submit(api, unique(f"page {i}"), width=64, height=64) for i in range(5)]
+    ids = [await submit(api, unique(f"page {i}"), width=512, height=512) for i in range(5)]
 
     seen: list[str] = []
     cursor = None

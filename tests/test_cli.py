@@ -26,7 +26,7 @@ def mediagen(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 async def test_job_prints_each_attempt_with_its_error_and_the_wait(
     api: httpx.AsyncClient, service_env: dict[str, str]
 ) -> None:
-    job_id = await submit(api, unique("told twice [[create:500*1]]"), width=64, height=64)
+    job_id = await submit(api, unique("told twice [[create:500*1]]"), width=512, height=512)
     await wait_for_job(api, job_id)
 
     result = mediagen(service_env, "job", job_id)
@@ -41,7 +41,7 @@ async def test_job_prints_each_attempt_with_its_error_and_the_wait(
 async def test_jobs_lists_failed_ones_and_retry_runs_one_again(
     api: httpx.AsyncClient, service_env: dict[str, str]
 ) -> None:
-    job_id = await submit(api, unique("fails at first [[create:422*1]]"), width=64, height=64)
+    job_id = await submit(api, unique("fails at first [[create:422*1]]"), width=512, height=512)
     assert (await wait_for_job(api, job_id))["status"] == "failed"
 
     listed = mediagen(service_env, "jobs", "--status", "failed", "--since", "1h", "--limit", "500")

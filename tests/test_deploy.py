@@ -271,6 +271,9 @@ def test_the_image_environment_runs_our_code(tmp_path: Path) -> None:
         "import importlib.util, pathlib, sys\n"
         "import mediagen, mediagen.api.app, mediagen.worker.actors, fake_replicate, mediagen.worker\n"
         "mediagen.api.app.create_app()\n"
+        "from mediagen.catalog.catalog import load_snapshot\n"
+        "from mediagen.settings import DEFAULT_MODELS\n"
+        "assert all(load_snapshot(model) is not None for model in DEFAULT_MODELS), 'the schema snapshots'\n"
         f"assert pathlib.Path(mediagen.__file__).is_relative_to({str(venv)!r}), mediagen.__file__\n"
         "assert importlib.util.find_spec('pytest') is None, 'a dev package in the image'\n"
     )

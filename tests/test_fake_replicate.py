@@ -31,7 +31,7 @@ from fake_replicate.config import FakeConfig
 from fake_replicate.directives import CreateFault, GetFault, parse_directives
 from fake_replicate.server import create_app, model_version_id
 
-MODEL = "black-forest-labs/flux-schnell"
+MODEL = "acme/stand-in"  # the generic stand-in: the per-model behaviour is pinned in test_fake_models.py
 ID_RE = re.compile(r"^[a-z2-7]{26}$")
 ISO_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 AUTH = {"Authorization": "Bearer test"}

@@ -33,7 +33,7 @@ async def test_the_api_counts_requests_by_route_and_status(api: httpx.AsyncClien
 async def test_the_worker_counts_attempts_retries_and_outcomes(
     api: httpx.AsyncClient, worker: Process, service_env: dict[str, str]
 ) -> None:
-    job_id = await submit(api, unique("measured [[create:500*1]]"), width=64, height=64)
+    job_id = await submit(api, unique("measured [[create:500*1]]"), width=512, height=512)
     await wait_for_job(api, job_id)
 
     [port] = re.findall(r'"metrics_port":(\d+)', worker.log_path.read_text())[:1]

@@ -44,7 +44,7 @@ async def test_outputs_from_a_host_we_do_not_trust_fail_the_job(make_stack: Any,
     stack: Stack = make_stack(REPLICATE_BASE_URL=lying_fake)
     stack.start_worker()
     async with httpx.AsyncClient(base_url=stack.start_api(), timeout=10) as api:
-        job_id = await submit(api, unique("from elsewhere"), width=64, height=64)
+        job_id = await submit(api, unique("from elsewhere"), width=512, height=512)
 
         status = await wait_for_job(api, job_id)
 
@@ -82,9 +82,9 @@ async def test_secrets_never_appear_in_logs_errors_or_answers(make_stack: Any, f
     stack.start_worker()
     headers = {"Authorization": f"Bearer {SECRETS['api_key']}"}
     async with httpx.AsyncClient(base_url=stack.start_api(), timeout=10, headers=headers) as api:
-        ok = await submit(api, unique("a quiet harbour"), width=64, height=64)
-        bad = await submit(api, unique("refused [[flagged]]"), width=64, height=64)
-        retried = await submit(api, unique("throttled [[create:429*1:retry_after=1]]"), width=64, height=64)
+        ok = await submit(api, unique("a quiet harbour"), width=512, height=512)
+        bad = await submit(api, unique("refused [[flagged]]"), width=512, height=512)
+        retried = await submit(api, unique("throttled [[create:429*1:retry_after=1]]"), width=512, height=512)
         answers = [await wait_for_job(api, job_id) for job_id in (ok, bad, retried)]
         answers += [(await api.get(f"/jobs/{job_id}")).json() for job_id in (ok, bad, retried)]
         answers.append((await api.get("/jobs")).json())

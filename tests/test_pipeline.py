@@ -30,7 +30,7 @@ async def job_view(api: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
 
 async def test_a_prompt_becomes_a_stored_png(api: httpx.AsyncClient, fake_replicate: FakeReplicate) -> None:
     prompt = unique("a ninja drinking coffee")
-    job_id = await submit(api, prompt, width=512, height=384)
+    job_id = await submit(api, prompt, width=576, height=448)  # flux-schnell at 4:3, 0.25 megapixels
 
     status = await wait_for_job(api, job_id)
 
@@ -40,9 +40,10 @@ async def test_a_prompt_becomes_a_stored_png(api: httpx.AsyncClient, fake_replic
     assert image.status_code == 200
     assert image.headers["content-type"] == "image/png"
     assert "immutable" in image.headers["cache-control"]
-    assert Image.open(io.BytesIO(image.content)).size == (512, 384)
+    assert Image.open(io.BytesIO(image.content)).size == (576, 448)
     job = await job_view(api, job_id)
     [output] = job["outputs"]
+    assert (output["width"], output["height"]) == (576, 448)
     assert output["sha256"] == hashlib.sha256(image.content).hexdigest()
     assert output["size_bytes"] == len(image.content)
     assert job["attempt_history"][0]["outcome"] == "succeeded"
@@ -51,7 +52,7 @@ async def test_a_prompt_becomes_a_stored_png(api: httpx.AsyncClient, fake_replic
 
 
 async def test_several_outputs_are_all_stored(api: httpx.AsyncClient) -> None:
-    job_id = await submit(api, unique("three cats"), width=64, height=64, num_outputs=3)
+    job_id = await submit(api, unique("three cats"), width=512, height=512, num_outputs=3)
 
     status = await wait_for_job(api, job_id)
 
@@ -65,7 +66,7 @@ async def test_a_500_on_create_then_success_takes_two_attempts(
     api: httpx.AsyncClient, fake_replicate: FakeReplicate, worker: Process, db: Any
 ) -> None:
     prompt = unique("a lighthouse [[create:500*1]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 
@@ -94,7 +95,7 @@ async def test_a_500_on_create_then_success_takes_two_attempts(
 
 
 async def test_a_429_with_retry_after_waits_at_least_that_long(api: httpx.AsyncClient) -> None:
-    job_id = await submit(api, unique("a slow river [[create:429*1:retry_after=2]]"), width=64, height=64)
+    job_id = await submit(api, unique("a slow river [[create:429*1:retry_after=2]]"), width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 
@@ -110,7 +111,7 @@ async def test_a_flagged_prompt_fails_after_one_attempt_with_the_models_message(
     api: httpx.AsyncClient, fake_replicate: FakeReplicate
 ) -> None:
     prompt = unique("something forbidden [[flagged]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 
@@ -120,7 +121,7 @@ async def test_a_flagged_prompt_fails_after_one_attempt_with_the_models_message(
 
 
 async def test_invalid_input_at_the_provider_fails_at_once(api: httpx.AsyncClient) -> None:
-    job_id = await submit(api, unique("a bad input [[invalid]]"), width=64, height=64)
+    job_id = await submit(api, unique("a bad input [[invalid]]"), width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 
@@ -130,7 +131,7 @@ async def test_invalid_input_at_the_provider_fails_at_once(api: httpx.AsyncClien
 
 
 async def test_exhausted_retries_fail_with_the_last_error(api: httpx.AsyncClient, worker: Process) -> None:
-    job_id = await submit(api, unique("always down [[create:503*99]]"), width=64, height=64)
+    job_id = await submit(api, unique("always down [[create:503*99]]"), width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 
@@ -147,7 +148,7 @@ async def test_a_failed_prediction_is_replaced_by_a_new_one(
     api: httpx.AsyncClient, fake_replicate: FakeReplicate
 ) -> None:
     prompt = unique("a cold start [[fail*1]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 
@@ -158,7 +159,7 @@ async def test_a_failed_prediction_is_replaced_by_a_new_one(
 
 
 async def test_an_output_that_is_not_an_image_is_rejected(api: httpx.AsyncClient) -> None:
-    job_id = await submit(api, unique("a web page [[output:notimage]]"), width=64, height=64)
+    job_id = await submit(api, unique("a web page [[output:notimage]]"), width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 
@@ -170,7 +171,7 @@ async def test_a_missing_output_file_is_retried_on_the_same_prediction(
     api: httpx.AsyncClient, fake_replicate: FakeReplicate
 ) -> None:
     prompt = unique("gone [[output:404]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 

@@ -75,7 +75,7 @@ async def test_a_job_submitted_while_redis_is_down_still_runs(
     prompt = unique("submitted in the dark")
 
     started = time.monotonic()
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
 
     assert time.monotonic() - started < 2
     ready = await api.get("/readyz")
@@ -95,7 +95,7 @@ async def test_flushing_redis_loses_no_job(
         api = client(stack.start_api())
         stack.start_worker()
         prompts = [unique(f"flushed {i} [[latency=1]]") for i in range(12)]
-        ids = [await submit(api, prompt, width=64, height=64) for prompt in prompts]
+        ids = [await submit(api, prompt, width=512, height=512) for prompt in prompts]
         await wait_for_job(api, ids[0], until=("running",))
 
         redis_sync.Redis.from_url(private.url).execute_command("FLUSHALL")
@@ -114,7 +114,7 @@ async def test_a_worker_killed_mid_job_is_replaced_and_the_prediction_resumed(
     api = client(stack.start_api())
     doomed = stack.start_worker()
     prompt = unique("interrupted [[latency=3]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
     await wait_running_with_prediction(stack, job_id)
 
     kill_group(doomed.proc, signal.SIGKILL)
@@ -177,7 +177,7 @@ async def test_a_worker_stopped_with_sigterm_hands_its_jobs_back(
     api = client(stack.start_api())
     leaving = stack.start_worker()
     prompt = unique("handed over [[latency=3]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
     await wait_running_with_prediction(stack, job_id)
 
     leaving.proc.send_signal(signal.SIGTERM)  # as an orchestrator does: to the main process only
@@ -201,7 +201,7 @@ async def test_a_create_that_timed_out_is_found_again_not_repeated(
     stack.start_worker()
     prompt = unique("slow to answer [[hang_create=3*1]]")
 
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
 
     status = await wait_for_job(api, job_id, timeout=30)
     assert status["status"] == "succeeded"
@@ -220,7 +220,7 @@ async def test_a_job_past_its_deadline_is_canceled_at_replicate_and_fails(
     stack.start_worker()
     prompt = unique("takes forever [[latency=60]]")
 
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
 
     status = await wait_for_job(api, job_id, timeout=20)
     assert status["status"] == "failed" and "deadline" in status["error"]
@@ -294,7 +294,7 @@ async def test_postgres_down_gets_a_quick_503_and_the_api_recovers(make_stack: A
     proxy.port = proxy_port
     await proxy.start()
     api = client(stack.start_api(DATABASE_URL=url))
-    job_id = await submit(api, unique("before the outage"), width=64, height=64)
+    job_id = await submit(api, unique("before the outage"), width=512, height=512)
 
     await proxy.stop()
     for path in (f"/status/{job_id}", "/jobs"):

@@ -59,7 +59,7 @@ async def test_canceling_a_running_job_cancels_its_prediction(
     api: httpx.AsyncClient, fake_replicate: FakeReplicate
 ) -> None:
     prompt = unique("a very long render [[latency=30]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
     await wait_for_job(api, job_id, until=("running",))
 
     response = await api.post(f"/jobs/{job_id}/cancel")
@@ -79,7 +79,7 @@ async def test_canceling_a_running_job_cancels_its_prediction(
 async def test_a_canceled_queued_job_never_runs(api: httpx.AsyncClient, fake_replicate: FakeReplicate) -> None:
     # A 429 with a long Retry-After keeps the job waiting in `retrying` while we cancel it.
     prompt = unique("never mind [[create:429*1:retry_after=30]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
     await wait_for_job(api, job_id, until=("retrying",))
 
     response = await api.post(f"/jobs/{job_id}/cancel")
@@ -90,7 +90,7 @@ async def test_a_canceled_queued_job_never_runs(api: httpx.AsyncClient, fake_rep
 
 
 async def test_canceling_a_finished_job_is_a_conflict(api: httpx.AsyncClient) -> None:
-    job_id = await submit(api, unique("done quickly"), width=64, height=64)
+    job_id = await submit(api, unique("done quickly"), width=512, height=512)
     await wait_for_job(api, job_id)
 
     response = await api.post(f"/jobs/{job_id}/cancel")
@@ -135,7 +135,7 @@ async def test_with_api_keys_every_route_but_health_needs_one(keyed_api: Process
 
 
 async def test_a_job_is_visible_only_to_the_key_that_made_it(alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
-    job_id = await submit(alice, unique("alice's secret garden"), width=64, height=64)
+    job_id = await submit(alice, unique("alice's secret garden"), width=512, height=512)
     status = await wait_for_job(alice, job_id)
 
     assert (await bob.get(f"/status/{job_id}")).status_code == 404

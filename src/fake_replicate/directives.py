@@ -40,6 +40,8 @@ class Directives:
     hang_create: float = 0.0
     hang_count: int | None = None
     output: str | None = None
+    nsfw: int = 0
+    """``[[nsfw:N]]``: N of the images are flagged (flux drops them from the output; all flagged: failed)."""
 
     @property
     def counts_creates(self) -> bool:
@@ -55,6 +57,7 @@ _FAIL_RE: Final = re.compile(r"fail(?:\*(\d+))?")
 _LATENCY_RE: Final = re.compile(rf"latency={_NUM}")
 _HANG_RE: Final = re.compile(rf"hang_create={_NUM}(?:\*(\d+))?")
 _OUTPUT_RE: Final = re.compile(r"output:(404|notimage|data|url)")
+_NSFW_RE: Final = re.compile(r"nsfw:(\d+)")
 
 
 def _count(text: str | None) -> int | None:
@@ -80,6 +83,8 @@ def _apply_marker(marker: str, fields_: dict[str, Any]) -> None:
         fields_["hang_create"], fields_["hang_count"] = float(m[1]), _count(m[2])
     elif m := _OUTPUT_RE.fullmatch(marker):
         fields_["output"] = m[1]
+    elif m := _NSFW_RE.fullmatch(marker):
+        fields_["nsfw"] = int(m[1])
     # Unknown markers are ignored: they are just part of the prompt.
 
 

@@ -1,4 +1,8 @@
-"""Real images for the fake's outputs: a gradient per (prompt, seed, index), cached."""
+"""Real images for the fake's outputs: a gradient per (prompt, seed, index), in PNG, WebP or JPEG, cached.
+
+Each file is marked with its prediction and index (a PNG `tEXt` chunk, a JPEG comment, WebP XMP), so
+every file's bytes differ although the pixels come from a cache of at most 64 gradients per size.
+"""
 
 from __future__ import annotations
 
@@ -34,15 +38,42 @@ def palette_index(prompt: str, seed: int | None, index: int) -> int:
     return int.from_bytes(digest, "big") % PALETTE_SIZE
 
 
-def render_png(width: int, height: int, colour: int) -> bytes:
-    """A real width x height PNG: a vertical gradient of palette entry ``colour``."""
+MARK_BYTES: Final = 96
+_XMP_PLACEHOLDER: Final = b"\0" * MARK_BYTES
+
+
+def render(width: int, height: int, colour: int, fmt: str = "png") -> bytes:
+    """A real width x height image (``png``, ``webp`` or ``jpg``): a vertical gradient of palette entry ``colour``."""
     top, bottom = _palette_entry(colour)
     strip = Image.new("RGB", (1, 256))
     strip.putdata([tuple(top[k] + (bottom[k] - top[k]) * i // 255 for k in range(3)) for i in range(256)])
     image = strip.resize((width, height), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=1)
+    if fmt == "webp":
+        # method 0: the fastest encoder; the XMP placeholder is overwritten per file (see mark()).
+        image.save(buffer, "WEBP", quality=80, method=0, xmp=_XMP_PLACEHOLDER)
+    elif fmt == "jpg":
+        image.save(buffer, "JPEG", quality=80)
+    else:
+        image.save(buffer, "PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def render_png(width: int, height: int, colour: int) -> bytes:
+    return render(width, height, colour, "png")
+
+
+def mark(data: bytes, fmt: str, text: str) -> bytes:
+    """``data`` (from render()) with ``text`` written into its metadata."""
+    if fmt == "png":
+        return with_text_chunk(data, "Comment", text)
+    payload = text.encode("latin-1", "replace")[:MARK_BYTES]
+    if fmt == "jpg":  # a COM segment right after SOI
+        return data[:2] + b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+    at = data.rfind(_XMP_PLACEHOLDER)
+    if at < 0:
+        return data
+    return data[:at] + payload.ljust(MARK_BYTES, b" ") + data[at + MARK_BYTES :]
 
 
 def with_text_chunk(png: bytes, keyword: str, text: str) -> bytes:
@@ -54,21 +85,21 @@ def with_text_chunk(png: bytes, keyword: str, text: str) -> bytes:
 
 
 class PngCache:
-    """LRU of rendered PNGs keyed by (width, height, palette entry), bounded in bytes."""
+    """LRU of rendered images keyed by (width, height, palette entry, format), bounded in bytes."""
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
         self.size = 0
         self.renders = 0
-        self._items: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._items: OrderedDict[tuple[int, int, int, str], bytes] = OrderedDict()
 
-    def get(self, width: int, height: int, colour: int) -> bytes:
-        key = (width, height, colour)
+    def get(self, width: int, height: int, colour: int, fmt: str = "png") -> bytes:
+        key = (width, height, colour, fmt)
         png = self._items.get(key)
         if png is not None:
             self._items.move_to_end(key)
             return png
-        png = render_png(width, height, colour)
+        png = render(width, height, colour, fmt)
         self.renders += 1
         self._items[key] = png
         self.size += len(png)

@@ -23,19 +23,27 @@ Replicate routes (see docs ``replicate-api.md`` sections 1 and 2.8)
 ``GET /v1/predictions[?cursor=...]``  newest first, 100 per page, ``next`` is an absolute URL.
 ``GET /v1/models/{owner}/{name}`` and ``GET /v1/models/{owner}/{name}/versions/{id}``
 ``GET /v1/webhooks/default/secret``   ``{"key": "whsec_..."}`` (webhooks are never sent)
-``GET /files/{prediction_id}/{index}.png``  the output image (no auth needed)
+``GET /files/{prediction_id}/out-{index}.{format}``  an output file (no auth needed;
+    ``/files/{id}/{index}.png``, the old name, still answers)
 
 Auth: ``Authorization: Bearer X`` or ``Token X``. A missing header answers 401;
 when ``FakeConfig.api_token`` is set any other token answers 401 too.
 
-Inputs: ``prompt`` (required, non-empty string), ``width``/``height`` (int
-1..4096, default 1024), ``num_outputs`` (1..4, default 1), ``seed`` (int),
-``negative_prompt`` (string). Other keys are ignored. The output is a list of
-``num_outputs`` URLs ``{base}/files/{id}/{i}.png`` (or ``data:image/png;base64,``
-strings in ``data`` output mode). Each file is a real PNG of exactly
-width x height: a two-colour gradient chosen from a 64-entry palette by a hash of
-(prompt, seed, index), cached by (width, height, palette entry), plus a
-``tEXt`` chunk naming the prediction and index so every file's bytes differ.
+Models (``fake_replicate.models``): flux-schnell, flux-dev, flux-1.1-pro and
+stable-diffusion-3.5-large as Replicate describes them (shared/replicate-models.md),
+plus ``fake/tiny-video`` (one tiny real MP4). Each has its own Input schema (served
+at the models endpoints in Cog's shape, enums behind ``$ref``), validates like
+Replicate (422 ``Input validation failed`` with ``invalid_fields``; unknown input
+keys ignored), renders its ``output_format`` (WebP by default; PNG, JPEG) at the
+size its ``aspect_ratio``/``megapixels`` (or custom ``width``/``height``) make, and
+answers a list of URLs (flux-schnell, flux-dev) or one URL (flux-1.1-pro, SD3.5,
+the video model), named ``{base}/files/{id}/out-{i}.{format}``. Any other model
+name gets the generic stand-in: ``width``/``height`` (1..4096, default 1024),
+``num_outputs`` (1..4), ``seed``, ``negative_prompt``, PNG, a list. Images are real:
+a two-colour gradient chosen from a 64-entry palette by a hash of (prompt, seed,
+index), cached by (width, height, palette entry, format), marked with the
+prediction and index so every file's bytes differ. ``data`` output mode gives
+``data:<type>;base64,`` strings instead.
 
 Timing: a prediction is ``starting`` for ``min(0.1 * latency, 0.5)`` s, then
 ``processing`` (with tqdm-style progress lines in ``logs``), then terminal at
@@ -80,6 +88,9 @@ first N times"; without it the directive always applies.
 ``[[output:404]]``  the output file URLs answer 404.
 ``[[output:notimage]]``  the file route answers 200 ``text/html`` ``<html>``.
 ``[[output:data]]`` / ``[[output:url]]``  force the output mode for this prompt.
+``[[nsfw:N]]``  N images are flagged: flux drops them from its output (logs say
+    ``Total safe images: K out of M``) and fails when all are; the API-proxy models
+    (flux-1.1-pro, SD3.5) fail with the E005 message.
 
 Control and inspection routes (not Replicate's; no auth)
 --------------------------------------------------------
@@ -118,8 +129,10 @@ from starlette.routing import Route
 
 from fake_replicate.config import FakeConfig, config_with
 from fake_replicate.directives import Directives, create_fault_for, first_n_applies, parse_directives
-from fake_replicate.images import PngCache, palette_index, with_text_chunk
+from fake_replicate.images import PngCache, mark, palette_index
+from fake_replicate.models import GENERIC, MODELS, ModelSpec, openapi_schema, plan, spec_for, validate
 from fake_replicate.store import PredictionStore
+from fake_replicate.video import TINY_MP4
 
 __all__ = ["FakeReplicate", "create_app"]
 
@@ -129,9 +142,9 @@ Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
 TERMINAL: Final = frozenset({"succeeded", "failed", "canceled"})
 PAGE_SIZE: Final = 100
 MAX_WAIT: Final = 60.0
-MAX_SIDE: Final = 4096
 PROGRESS_STEPS: Final = 4
 FLAGGED_ERROR: Final = "The input or output was flagged as sensitive. (E005)"
+NSFW_ERROR: Final = "All generated images contained NSFW content. Try running it again with a different prompt."
 CRASH_ERROR: Final = "Prediction failed: the model timed out while starting (E6716)"
 OOM_ERROR: Final = "CUDA out of memory. Tried to allocate 2.00 GiB; GPU 0 has a total capacity of 23.69 GiB (E001)"
 WEBHOOK_SECRET: Final = (
@@ -162,13 +175,21 @@ BAD_GATEWAY_HTML: Final = (
 
 @dataclass(frozen=True)
 class Params:
-    """The validated model inputs."""
+    """The validated model inputs, and what the model makes of them (fake_replicate.models)."""
 
     prompt: str
     width: int
     height: int
     num_outputs: int
     seed: int | None
+    spec: ModelSpec = GENERIC
+    format: str = "png"
+    flagged: int = 0
+    """Images flagged NSFW (the ``[[nsfw:N]]`` directive), dropped from the output by flux."""
+
+    @property
+    def kept(self) -> int:
+        return max(self.num_outputs - self.flagged, 0)
 
 
 class Prediction:
@@ -288,16 +309,21 @@ def _progress_line(step: int) -> str:
 
 
 def _logs(pred: Prediction, status: Status, elapsed: float) -> str:
+    """Like the real model's: tqdm bars where it writes them (the flux fp8 path), NSFW counts where it drops."""
     if status == "starting":
         return ""
-    seed = pred.params.seed if pred.params.seed is not None else int(pred.id[:6], 36) % 100000
+    params = pred.params
+    seed = params.seed if params.seed is not None else int(pred.id[:6], 36) % 100000
     lines = [f"Using seed: {seed}"]
     run_time = max(pred.latency - pred.start_delay, 1e-9)
     if status in ("succeeded",):
         steps = PROGRESS_STEPS
     else:
         steps = min(PROGRESS_STEPS, int(PROGRESS_STEPS * (elapsed - pred.start_delay) / run_time))
-    lines += [_progress_line(i) for i in range(max(steps, 0) + 1)]
+    if params.spec.progress:
+        lines += [_progress_line(i) for i in range(max(steps, 0) + 1)]
+    if params.spec.nsfw_drop and status == "succeeded":
+        lines.append(f"Total safe images: {params.kept} out of {params.num_outputs}")
     if status == "failed":
         lines.append(f"Traceback (most recent call last):\nRuntimeError: {pred.error}")
     return "\n".join(lines) + "\n"
@@ -374,44 +400,19 @@ def invalid_version() -> Response:
 # --------------------------------------------------------------------------- input validation
 
 
-def _int_field(raw: JSON, name: str, default: int, low: int, high: int, errors: list[tuple[str, str, str]]) -> int:
-    value = raw.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        errors.append(("type", f"input.{name}", "Invalid type. Expected: integer"))
-        return default
-    if value < low:
-        errors.append(("number_gte", f"input.{name}", f"Must be greater than or equal to {low}"))
-    elif value > high:
-        errors.append(("number_lte", f"input.{name}", f"Must be less than or equal to {high}"))
-    return value
-
-
-def validate_input(raw: object) -> tuple[Params | None, list[tuple[str, str, str]]]:
-    """Validate a create body's ``input``; returns (params, []) or (None, errors)."""
-    if not isinstance(raw, dict):
-        return None, [("type", "input", "Invalid type. Expected: object")]
-    errors: list[tuple[str, str, str]] = []
-    prompt = raw.get("prompt")
-    if prompt is None:
-        errors.append(("required", "input", "prompt is required"))
-    elif not isinstance(prompt, str):
-        errors.append(("type", "input.prompt", "Invalid type. Expected: string"))
-    elif not prompt.strip():
-        errors.append(("string_gte", "input.prompt", "String length must be greater than or equal to 1"))
-    width = _int_field(raw, "width", 1024, 1, MAX_SIDE, errors)
-    height = _int_field(raw, "height", 1024, 1, MAX_SIDE, errors)
-    num_outputs = _int_field(raw, "num_outputs", 1, 1, 4, errors)
-    seed = raw.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        errors.append(("type", "input.seed", "Invalid type. Expected: integer"))
-    negative = raw.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        errors.append(("type", "input.negative_prompt", "Invalid type. Expected: string"))
-    if errors or not isinstance(prompt, str):
+def validate_input(raw: object, model: str = "") -> tuple[Params | None, list[tuple[str, str, str]]]:
+    """Validate a create body's ``input`` as ``model`` would; returns (params, []) or (None, errors)."""
+    spec = spec_for(model)
+    errors = validate(spec, raw)
+    if errors or not isinstance(raw, dict):
         return None, errors
-    return Params(prompt, width, height, num_outputs, seed if isinstance(seed, int) else None), []
+    prompt = str(raw["prompt"])
+    seed = raw.get("seed")
+    run = plan(spec, raw)
+    flagged = parse_directives(prompt).nsfw
+    return Params(
+        prompt, run.width, run.height, run.count, seed if isinstance(seed, int) else None, spec, run.format, flagged
+    ), []
 
 
 def parse_prefer_wait(header: str | None) -> float | None:
@@ -431,8 +432,9 @@ def parse_prefer_wait(header: str | None) -> float | None:
 
 
 def model_version_id(model: str) -> str:
-    """The fixed fake version hash of a model."""
-    return hashlib.sha256(f"mediagen-fake:{model}".encode()).hexdigest()
+    """The model's version id: the real one for the models the fake knows, else a fixed fake hash."""
+    spec = MODELS.get(model)
+    return spec.version if spec is not None else hashlib.sha256(f"mediagen-fake:{model}".encode()).hexdigest()
 
 
 def _is_missing(model: str) -> bool:
@@ -479,7 +481,7 @@ class FakeReplicate:
 
     def restore(self, record: JSON) -> None:
         """A prediction read back from the store (an unreadable one is skipped)."""
-        params, _ = validate_input(record.get("input"))
+        params, _ = validate_input(record.get("input"), str(record.get("model", "")))
         if params is None or record.get("outcome") not in TERMINAL:
             return
         pred = Prediction(
@@ -538,16 +540,24 @@ class FakeReplicate:
         raw = self.rng.getrandbits(128).to_bytes(16, "big")
         return base64.b32encode(raw).decode().lower()[:26]
 
-    def png_bytes(self, pred: Prediction, index: int) -> bytes:
+    def file_bytes(self, pred: Prediction, index: int) -> bytes:
         p = pred.params
-        png = self.images.get(p.width, p.height, palette_index(p.prompt, p.seed, index))
-        return with_text_chunk(png, "Comment", f"mediagen fake replicate {pred.id} {index} seed={p.seed}")
+        if p.format == "mp4":
+            return TINY_MP4
+        image = self.images.get(p.width, p.height, palette_index(p.prompt, p.seed, index), p.format)
+        return mark(image, p.format, f"mediagen fake replicate {pred.id} {index} seed={p.seed}")
 
-    def output(self, pred: Prediction, base: str) -> list[str]:
-        count = pred.params.num_outputs
+    def output(self, pred: Prediction, base: str) -> list[str] | str:
+        """A list of URLs, or one URL for a model that makes one output (fake_replicate.models)."""
+        p = pred.params
+        media = {"mp4": "video/mp4", "jpg": "image/jpeg"}.get(p.format, f"image/{p.format}")
         if pred.output_mode == "data":
-            return ["data:image/png;base64," + base64.b64encode(self.png_bytes(pred, i)).decode() for i in range(count)]
-        return [f"{base}/files/{pred.id}/{i}.png" for i in range(count)]
+            urls = [
+                f"data:{media};base64," + base64.b64encode(self.file_bytes(pred, i)).decode() for i in range(p.kept)
+            ]
+        else:
+            urls = [f"{base}/files/{pred.id}/out-{i}.{p.format}" for i in range(p.kept)]
+        return urls[0] if p.spec.output == "string" and urls else urls
 
     def prediction_json(self, pred: Prediction, base: str, *, hide_running: bool = False) -> JSON:
         """The Replicate prediction object; ``hide_running`` shows non-terminal as starting."""
@@ -575,12 +585,19 @@ class FakeReplicate:
             "created_at": _iso(pred.created_wall),
             "started_at": _iso(pred.created_wall + pred.start_delay) if started else None,
             "completed_at": _iso(pred.created_wall + end) if terminal else None,
-            "metrics": {"predict_time": round(max(end - pred.start_delay, 0.0), 6)} if terminal else {},
+            "metrics": self.metrics(pred, status, end) if terminal else {},
             "urls": {
                 "get": f"{base}/v1/predictions/{pred.id}",
                 "cancel": f"{base}/v1/predictions/{pred.id}/cancel",
             },
         }
+
+    @staticmethod
+    def metrics(pred: Prediction, status: Status, end: float) -> JSON:
+        metrics: JSON = {"predict_time": round(max(end - pred.start_delay, 0.0), 6)}
+        if status == "succeeded" and pred.params.format != "mp4":
+            metrics["image_count"] = pred.params.kept
+        return metrics
 
     def lookup(self, request: Request) -> Prediction | None:
         return self.predictions.get(str(request.path_params["prediction_id"]))
@@ -669,7 +686,7 @@ class FakeReplicate:
         if fault is not None:
             return fault
         raw_input = body.get("input")
-        params, errors = validate_input(raw_input)
+        params, errors = validate_input(raw_input, model)
         if params is None or not isinstance(raw_input, dict):
             return invalid_input(errors)
         directives = parse_directives(params.prompt)
@@ -684,9 +701,13 @@ class FakeReplicate:
             await asyncio.sleep(directives.hang_create)
         return await self.create_reply(request, pred)
 
-    def outcome(self, directives: Directives, index: int) -> tuple[Status, str | None]:
+    def outcome(self, directives: Directives, index: int, params: Params) -> tuple[Status, str | None]:
         if directives.flagged:
             return "failed", FLAGGED_ERROR
+        if params.flagged and not params.spec.nsfw_drop:
+            return "failed", FLAGGED_ERROR  # the API proxies refuse a flagged image outright
+        if params.flagged and params.kept == 0:
+            return "failed", NSFW_ERROR
         if directives.fail and first_n_applies(directives.fail_count, index):
             return "failed", CRASH_ERROR
         if self.chance(self.config.p_flagged):
@@ -706,7 +727,7 @@ class FakeReplicate:
     def new_prediction(
         self, model: str, version: str, raw_input: JSON, params: Params, directives: Directives, index: int
     ) -> Prediction:
-        outcome, error = self.outcome(directives, index)
+        outcome, error = self.outcome(directives, index, params)
         mode = directives.output if directives.output in ("data", "url") else self.config.output_mode
         pred = Prediction(
             id=self.new_id(),
@@ -785,31 +806,13 @@ class FakeReplicate:
 
     # ------------------------------------------------------------------ models, versions, webhooks
 
-    def version_json(self, version_id: str) -> JSON:
-        uri_list = {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"}
-        inputs = {
-            "type": "object",
-            "title": "Input",
-            "required": ["prompt"],
-            "properties": {
-                "prompt": {"type": "string", "title": "Prompt"},
-                "width": {"type": "integer", "default": 1024, "minimum": 1, "maximum": MAX_SIDE},
-                "height": {"type": "integer", "default": 1024, "minimum": 1, "maximum": MAX_SIDE},
-                "num_outputs": {"type": "integer", "default": 1, "minimum": 1, "maximum": 4},
-                "seed": {"type": "integer"},
-                "negative_prompt": {"type": "string"},
-            },
-        }
+    def version_json(self, version_id: str, model: str = "") -> JSON:
+        """The version object, with the model's own Cog schema (fake_replicate.models)."""
         return {
             "id": version_id,
             "created_at": "2024-08-01T00:00:00.000000Z",
             "cog_version": "0.9.0",
-            "openapi_schema": {
-                "openapi": "3.0.2",
-                "info": {"title": "Cog", "version": "0.1.0"},
-                "paths": {},
-                "components": {"schemas": {"Input": inputs, "Output": uri_list}},
-            },
+            "openapi_schema": openapi_schema(spec_for(model)),
         }
 
     async def get_version(self, request: Request) -> Response:
@@ -821,7 +824,7 @@ class FakeReplicate:
             return not_found()
         version_id = str(request.path_params["version_id"])
         self.versions.setdefault(version_id, model)
-        return json_response(self.version_json(version_id))
+        return json_response(self.version_json(version_id, model))
 
     async def get_model(self, request: Request) -> Response:
         denied = self.check_auth(request)
@@ -846,7 +849,7 @@ class FakeReplicate:
                 "run_count": self.requests["creates"],
                 "cover_image_url": None,
                 "default_example": None,
-                "latest_version": self.version_json(version),
+                "latest_version": self.version_json(version, model),
             }
         )
 
@@ -862,11 +865,15 @@ class FakeReplicate:
         index = int(request.path_params["index"])
         if pred is None or pred.status(time.monotonic()) != "succeeded":
             return not_found()
-        if not 0 <= index < pred.params.num_outputs or pred.directives.output == "404":
+        if not 0 <= index < pred.params.kept or pred.directives.output == "404":
             return not_found()
         if pred.directives.output == "notimage":
             return Response(b"<html>", media_type="text/html")
-        return Response(self.png_bytes(pred, index), media_type="image/png")
+        fmt = pred.params.format
+        if request.path_params.get("ext", fmt) != fmt:
+            return not_found()
+        media = {"mp4": "video/mp4", "jpg": "image/jpeg"}.get(fmt, f"image/{fmt}")
+        return Response(self.file_bytes(pred, index), media_type=media)
 
     # ------------------------------------------------------------------ control
 
@@ -924,6 +931,7 @@ class FakeReplicate:
             Route("/v1/models/{owner}/{name}", self.get_model, methods=["GET"]),
             Route("/v1/models/{owner}/{name}/versions/{version_id}", self.get_version, methods=["GET"]),
             Route("/v1/webhooks/default/secret", self.webhook_secret, methods=["GET"]),
+            Route("/files/{prediction_id}/out-{index:int}.{ext}", self.get_file, methods=["GET"]),
             Route("/files/{prediction_id}/{index:int}.png", self.get_file, methods=["GET"]),
             Route("/_fake/config", self.get_config, methods=["GET"]),
             Route("/_fake/config", self.put_config, methods=["PUT"]),

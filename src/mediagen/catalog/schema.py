@@ -194,6 +194,10 @@ class ModelSchema:
             self._custom_size(params, problems)
             return
         width, height = params.pop("width", None), params.pop("height", None)
+        for name, value in (("width", width), ("height", height)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                problems.append(_problem(name, "must be of type integer", "type"))
+                return
         if width is None or height is None:
             missing = "height" if height is None else "width"
             problems.append(_problem(missing, "give both width and height, or neither", "required"))
