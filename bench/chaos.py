@@ -82,7 +82,7 @@ async def submit_all(api: str, prompts: list[str], concurrency: int = 32) -> lis
             while queue:
                 prompt = queue.popleft()
                 response = await client.post(
-                    "/generate", json={"prompt": prompt, "parameters": {"width": 64, "height": 64}}
+                    "/generate", json={"prompt": prompt, "parameters": {"width": 512, "height": 512}}
                 )
                 response.raise_for_status()
                 ids.append(response.json()["job_id"])

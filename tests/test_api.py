@@ -105,7 +105,7 @@ async def test_a_body_that_is_not_json_gets_a_415(api: httpx.AsyncClient, conten
 async def test_json_with_a_charset_is_json(api: httpx.AsyncClient) -> None:
     response = await api.post(
         "/generate",
-        content=b'{"prompt": "a cat", "parameters": {"width": 64, "height": 64}}',
+        content=b'{"prompt": "a cat", "parameters": {"width": 512, "height": 512}}',
         headers={"Content-Type": "application/json; charset=utf-8"},
     )
 

@@ -64,7 +64,7 @@ def test_an_unknown_job_is_an_error(service_env: dict[str, str]) -> None:
 async def failed_job_holding(db: Database, api: httpx.AsyncClient, prompt: str, prediction: Callable[[], str]) -> str:
     """A failed job whose last attempt holds `prediction()`, not failed itself (the state in which
     a retry used to resume the old prediction)."""
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
     assert (await wait_for_job(api, job_id))["status"] == "failed"
     async with db.transaction() as conn:
         await conn.execute(
@@ -82,7 +82,7 @@ async def test_retry_starts_a_fresh_prediction_instead_of_resuming_the_old_one(
     def existing_prediction() -> str:
         made: str = httpx.post(
             f"{fake_replicate.url}/v1/models/black-forest-labs/flux-schnell/predictions",
-            json={"input": {"prompt": prompt, "width": 64, "height": 64}},
+            json={"input": {"prompt": prompt, "megapixels": "0.25"}},
             headers={"Authorization": "Bearer test"},
         ).json()["id"]
         return made

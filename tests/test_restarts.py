@@ -130,7 +130,7 @@ async def test_make_run_restarted_with_jobs_in_flight_finishes_each_on_its_one_p
     async with httpx.AsyncClient(base_url=make_run.url, timeout=10) as api:
         ids = []
         for prompt in prompts:
-            response = await api.post("/generate", json={"prompt": prompt, "parameters": {"width": 64, "height": 64}})
+            response = await api.post("/generate", json={"prompt": prompt, "parameters": {"width": 512, "height": 512}})
             assert response.status_code == 202, response.text
             ids.append(response.json()["job_id"])
         deadline = time.monotonic() + 20

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("worker")
 
 async def test_the_same_idempotency_key_and_body_return_the_original_job(api: httpx.AsyncClient) -> None:
     key = str(uuid.uuid4())
-    body = {"prompt": unique("idempotent"), "parameters": {"width": 64, "height": 64}}
+    body = {"prompt": unique("idempotent"), "parameters": {"width": 512, "height": 512}}
 
     first = await api.post("/generate", json=body, headers={"Idempotency-Key": key})
     second = await api.post("/generate", json=body, headers={"Idempotency-Key": key})
@@ -43,7 +43,7 @@ async def test_concurrent_submits_with_one_key_make_one_job(api: httpx.AsyncClie
     from sqlalchemy import text
 
     key = str(uuid.uuid4())
-    body = {"prompt": unique("racing"), "parameters": {"width": 64, "height": 64}}
+    body = {"prompt": unique("racing"), "parameters": {"width": 512, "height": 512}}
     responses = await asyncio.gather(
         *(api.post("/generate", json=body, headers={"Idempotency-Key": key}) for _ in range(8))
     )
@@ -149,7 +149,7 @@ async def test_a_job_is_visible_only_to_the_key_that_made_it(alice: httpx.AsyncC
 
 async def test_idempotency_keys_are_scoped_per_api_key(alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
     key = str(uuid.uuid4())
-    body = {"prompt": unique("shared key"), "parameters": {"width": 64, "height": 64}}
+    body = {"prompt": unique("shared key"), "parameters": {"width": 512, "height": 512}}
 
     first = await alice.post("/generate", json=body, headers={"Idempotency-Key": key})
     second = await bob.post("/generate", json=body, headers={"Idempotency-Key": key})

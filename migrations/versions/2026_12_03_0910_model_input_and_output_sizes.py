@@ -1,8 +1,8 @@
 """the exact input sent to Replicate on each job; each output's pixel size
 
-Revision ID: 0700_model_input
-Revises: 0001
-Create Date: 2026-12-03 07:00:00
+Revision ID: 0910_model_input
+Revises: 0100_frontend
+Create Date: 2026-12-03 09:10:00
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0700_model_input"
-down_revision: str | None = "0001"
+revision: str = "0910_model_input"
+down_revision: str | None = "0100_frontend"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
