@@ -392,6 +392,7 @@ def media_app(storage: Storage, *, redirect: bool = False) -> httpx.AsyncClient:
         settings=Settings(_env_file=None, media_redirect=redirect, media_presign_seconds=60),
         storage=storage,
         keyring=KeyRing([]),
+        limits=None,
     )
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api")
 
@@ -413,6 +414,24 @@ async def test_media_serves_the_stored_bytes_for_a_year(storage: Storage, media_
     assert response.headers["content-type"] == "image/png"
     assert response.headers["content-length"] == str(len(PNG))
     assert response.headers["cache-control"] == "public, max-age=31536000, immutable"
+
+
+async def test_media_serves_byte_ranges_for_video_players(storage: Storage, media_client: httpx.AsyncClient) -> None:
+    key = new_key("mp4")
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8
+    await storage.save(key, video, "video/mp4", sha256(video))
+
+    part = await media_client.get(f"/media/{key}", headers={"Range": "bytes=4-11"})
+    rest = await media_client.get(f"/media/{key}", headers={"Range": "bytes=2000-"})
+    beyond = await media_client.get(f"/media/{key}", headers={"Range": f"bytes={len(video)}-"})
+    whole = await media_client.get(f"/media/{key}")
+
+    assert part.status_code == 206 and part.content == b"ftypmp42"
+    assert part.headers["content-range"] == f"bytes 4-11/{len(video)}"
+    assert part.headers["content-type"] == "video/mp4"
+    assert rest.status_code == 206 and rest.content == video[2000:]
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(video)}"
+    assert whole.status_code == 200 and whole.content == video and whole.headers["accept-ranges"] == "bytes"
 
 
 @pytest.mark.parametrize("media_client", [False, True], indirect=True, ids=["stream", "redirect"])

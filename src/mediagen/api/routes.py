@@ -8,6 +8,7 @@ import binascii
 import hashlib
 import ipaddress
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -36,7 +37,7 @@ from mediagen.core.errors import JobConflict, JobNotFound, ModelSchemaUnknown, S
 from mediagen.core.models import JobStatus
 from mediagen.core.pricing import price_for
 from mediagen.logging import log_event
-from mediagen.storage import CONTENT_TYPES, ObjectStream, is_valid_key
+from mediagen.storage import CONTENT_TYPES, ByteRange, ObjectStream, is_valid_key
 from mediagen.storage.local import LocalStorage
 
 router = APIRouter(route_class=JSONBodyRoute)
@@ -379,14 +380,20 @@ async def list_jobs(
 @router.get(
     "/media/{key:path}",
     responses={
-        200: {"content": {"image/png": {}}},
+        200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}, "video/mp4": {}}},
+        206: {"description": "The byte range asked for with a Range header"},
         307: {"description": "With MEDIAGEN_MEDIA_REDIRECT on S3: a presigned URL of the image"},
         404: {"model": ErrorResponse},
         503: {"model": ErrorResponse},
     },
-    summary="An image's bytes",
+    summary="An output's bytes (image or video); a Range header gets that part",
 )
-async def media(key: str, state: Api, owner: LimitedOwner) -> Response:
+async def media(
+    key: str,
+    state: Api,
+    owner: LimitedOwner,
+    range_header: Annotated[str | None, Header(alias="range", include_in_schema=False)] = None,
+) -> Response:
     if not is_valid_key(key):
         return error(404, "not_found", "no such image")
     job_id = uuid.UUID(key.split("/", 1)[0])
@@ -397,6 +404,7 @@ async def media(key: str, state: Api, owner: LimitedOwner) -> Response:
         path = storage.path(key)
         if not await asyncio.to_thread(path.is_file):
             return error(404, "not_found", "no such image")
+        # Starlette's FileResponse answers Range requests itself (206, 416, multipart).
         return FileResponse(path, media_type=CONTENT_TYPES[key.rsplit(".", 1)[1]], headers=_IMMUTABLE)
     settings = state.settings
     try:
@@ -405,7 +413,8 @@ async def media(key: str, state: Api, owner: LimitedOwner) -> Response:
             # A missing object gets a URL too: checking first keeps the 404 ours, not the store's XML.
             if url is not None and await storage.exists(key):
                 return RedirectResponse(url, status_code=307)
-        stream = await storage.open(key)
+        byte_range = _byte_range(range_header)
+        stream = await storage.open(key, byte_range)
     except StorageError as exc:
         log_event("media.storage_failed", logging.WARNING, key=key, error=exc.error_class, detail=exc.message)
         return error(
@@ -413,14 +422,28 @@ async def media(key: str, state: Api, owner: LimitedOwner) -> Response:
         )
     if stream is None:
         return error(404, "not_found", "no such image")
-    return StreamingResponse(
-        _until_closed(stream),
-        media_type=stream.content_type,
-        headers={**_IMMUTABLE, "Content-Length": str(stream.size)},
-    )
+    headers = {**_IMMUTABLE, "Accept-Ranges": "bytes", "Content-Length": str(stream.size)}
+    if byte_range is None:
+        return StreamingResponse(_until_closed(stream), media_type=stream.content_type, headers=headers)
+    if stream.first >= stream.total:
+        await stream.aclose()
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{stream.total}"})
+    headers["Content-Range"] = f"bytes {stream.first}-{stream.first + stream.size - 1}/{stream.total}"
+    return StreamingResponse(_until_closed(stream), status_code=206, media_type=stream.content_type, headers=headers)
 
 
 _IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+_RANGE = re.compile(r"bytes=(\d{1,15})-(\d{1,15})?")
+
+
+def _byte_range(header: str | None) -> ByteRange | None:
+    """One `bytes=first-[last]` range; anything else (several ranges, a suffix) gets the whole object,
+    as RFC 9110 allows a server to do."""
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None:
+        return None
+    first, last = int(match[1]), int(match[2]) if match[2] else None
+    return None if last is not None and last < first else (first, last)
 
 
 async def _until_closed(stream: ObjectStream) -> AsyncIterator[bytes]:

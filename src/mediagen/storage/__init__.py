@@ -31,6 +31,9 @@ CONTENT_TYPES = {
 
 CHUNK_BYTES = 64 * 1024
 
+ByteRange = tuple[int, int | None]
+"""An HTTP byte range: the first byte and the last (inclusive; None: to the end)."""
+
 
 def is_valid_key(key: str) -> bool:
     return KEY_PATTERN.fullmatch(key) is not None
@@ -65,8 +68,15 @@ class ObjectStream:
         close: Callable[[], None],
         executor: Executor | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        total: int | None = None,
+        first: int = 0,
     ) -> None:
         self.size = size
+        """Bytes this stream yields (the part, for a range)."""
+        self.total = size if total is None else total
+        """Bytes of the whole object."""
+        self.first = first
+        """Offset of the first byte yielded (0 unless a range was asked for)."""
         self.content_type = content_type
         self._read = read
         self._close = close
@@ -105,8 +115,10 @@ class Storage(Protocol):
 
     async def exists(self, key: str) -> bool: ...
 
-    async def open(self, key: str) -> ObjectStream | None:
-        """The object under `key` for streaming, or None when there is none."""
+    async def open(self, key: str, byte_range: ByteRange | None = None) -> ObjectStream | None:
+        """The object under `key` for streaming (only `byte_range` of it if given), or None when there is none.
+
+        A range that starts past the end yields nothing (`size` 0, `first` >= `total`)."""
 
     async def presigned_url(self, key: str, expires_seconds: int) -> str | None:
         """A URL anyone may GET the object from until it expires; None when the backend has none."""

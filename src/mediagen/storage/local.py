@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mediagen.core.errors import StorageMisconfigured, StorageUnavailable
-from mediagen.storage import CONTENT_TYPES, ObjectStream, StoredObject, require_key
+from mediagen.storage import CONTENT_TYPES, ByteRange, ObjectStream, StoredObject, require_key
 
 
 class LocalStorage:
@@ -40,11 +40,14 @@ class LocalStorage:
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path(key).is_file)
 
-    async def open(self, key: str) -> ObjectStream | None:
+    async def open(self, key: str, byte_range: ByteRange | None = None) -> ObjectStream | None:
         path = self.path(key)
+        first, last = byte_range or (0, None)
 
         def open_file() -> tuple[BinaryIO, int]:
             handle = path.open("rb")
+            if first:
+                handle.seek(first)
             return handle, os.fstat(handle.fileno()).st_size
 
         try:
@@ -54,10 +57,20 @@ class LocalStorage:
             return None
         except OSError as error:
             raise StorageUnavailable(f"cannot read {key}: {error.strerror}") from error
+        end = size if last is None else min(last + 1, size)
+        remaining = [max(end - first, 0)]
+
+        def read(limit: int) -> bytes:
+            chunk = handle.read(min(limit, remaining[0])) if remaining[0] else b""
+            remaining[0] -= len(chunk)
+            return chunk
+
         return ObjectStream(
-            size=size,
+            size=max(end - first, 0),
+            total=size,
+            first=first,
             content_type=CONTENT_TYPES[key.rsplit(".", 1)[1]],
-            read=handle.read,
+            read=read,
             close=handle.close,
         )
 

@@ -32,7 +32,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
 from mediagen.core.errors import StorageError, StorageMisconfigured, StorageUnavailable
-from mediagen.storage import CONTENT_TYPES, ObjectStream, StoredObject, require_key
+from mediagen.storage import CONTENT_TYPES, ByteRange, ObjectStream, StoredObject, require_key
 
 T = TypeVar("T")
 
@@ -40,6 +40,10 @@ T = TypeVar("T")
 TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
 MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket"})
 EXISTING_BUCKET_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+
+
+def _nothing() -> None:
+    return None
 
 
 class S3Storage:
@@ -130,15 +134,24 @@ class S3Storage:
 
         return await self._run(f"looking up {key}", stat)
 
-    async def open(self, key: str) -> ObjectStream | None:
+    async def open(self, key: str, byte_range: ByteRange | None = None) -> ObjectStream | None:
         require_key(key)
+        first, last = byte_range or (0, None)
 
         def get() -> ObjectStream | None:
             try:
-                response = self._client.get_object(self.bucket, key)
+                want = 0 if last is None else last - first + 1  # 0: to the end (the SDK's convention)
+                response = self._client.get_object(self.bucket, key, offset=first, length=want)
             except S3Error as error:
                 if error.code in MISSING_CODES:
                     return None
+                if error.code == "InvalidRange":  # starts past the end: say how long the object is
+                    stat = self._client.stat_object(self.bucket, key)
+                    content_type = stat.content_type or CONTENT_TYPES[key.rsplit(".", 1)[1]]
+                    size = stat.size or 0
+                    return ObjectStream(
+                        size=0, total=size, first=first, content_type=content_type, read=lambda n: b"", close=_nothing
+                    )
                 raise
 
             def close() -> None:
@@ -149,8 +162,12 @@ class S3Storage:
             if length is None or not length.isdigit():
                 close()
                 raise ValueError("the server sent no Content-Length")
+            # A ranged answer says the whole size in `Content-Range: bytes a-b/total`.
+            total = response.headers.get("content-range", "").rpartition("/")[2]
             return ObjectStream(
                 size=int(length),
+                total=int(total) if total.isdigit() else None,
+                first=first,
                 content_type=response.headers.get("content-type") or CONTENT_TYPES[key.rsplit(".", 1)[1]],
                 read=response.read,
                 close=close,
