@@ -30,6 +30,16 @@ replicate_latency = Histogram(
 )
 download_latency = Histogram("mediagen_output_download_seconds", "Output download latency", buckets=_LATENCY)
 store_latency = Histogram("mediagen_output_store_seconds", "Output store latency", buckets=_LATENCY)
+replicate_tokens = Counter(
+    "mediagen_replicate_tokens_total", "Tokens taken from the shared Replicate budgets", ["budget"]
+)
+replicate_token_wait = Histogram(
+    "mediagen_replicate_token_wait_seconds",
+    "Time waited for a Replicate budget token",
+    ["budget"],
+    buckets=(0.0005, 0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120),
+)
+replicate_throttled = Counter("mediagen_replicate_throttled_total", "429s received from Replicate", ["budget"])
 in_flight = Gauge("mediagen_predictions_in_flight", "Jobs this worker process is running")
 queue_depth = Gauge("mediagen_queue_depth", "Messages waiting in the broker queue", ["queue"])
 

@@ -8,6 +8,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from mediagen.broker import Dispatcher
 from mediagen.core.db import Database
+from mediagen.providers.ratelimit import RateLimiter
 from mediagen.providers.replicate import ReplicateProvider
 from mediagen.settings import Settings
 from mediagen.storage import Storage
@@ -64,7 +65,19 @@ def storage(settings: Settings) -> Storage:
     )
 
 
-def provider(settings: Settings) -> ReplicateProvider:
+def rate_limiter(settings: Settings, redis: Redis) -> RateLimiter:
+    return RateLimiter(
+        redis,
+        namespace=settings.redis_namespace,
+        creates_per_minute=settings.replicate_creates_per_minute,
+        requests_per_minute=settings.replicate_requests_per_minute,
+        create_burst=settings.replicate_create_burst,
+        request_burst=settings.replicate_request_burst,
+    )
+
+
+def provider(settings: Settings, redis: Redis | None = None) -> ReplicateProvider:
+    """The Replicate adapter; with `redis`, its calls spend the account's budgets shared through it."""
     token = settings.replicate_api_token.get_secret_value() if settings.replicate_api_token else None
     return ReplicateProvider(
         # The fake accepts any token, and the client sends none without one.
@@ -72,6 +85,9 @@ def provider(settings: Settings) -> ReplicateProvider:
         base_url=settings.replicate_base_url,
         timeout_seconds=settings.replicate_timeout_seconds,
         max_connections=settings.replicate_max_connections,
+        limiter=rate_limiter(settings, redis) if redis is not None else None,
+        default_throttle_seconds=settings.retry_base_seconds,
+        webhook_events=tuple(settings.replicate_webhook_events),
     )
 
 

@@ -64,6 +64,23 @@ class Settings(BaseSettings):
     webp for the default models). PNG by default, so every model answers with the same lossless kind."""
     model_schema_refresh_seconds: float = Field(3600.0, gt=0)
     """How often the allowed models' input schemas are read again from Replicate (cached in Redis)."""
+    replicate_creates_per_minute: int = Field(600, ge=0)
+    """The account's budget of prediction creates, shared by every worker through Redis (0: no limit)."""
+    replicate_requests_per_minute: int = Field(3000, ge=0)
+    """The account's budget of every other request (GET, list, cancel), shared likewise (0: no limit)."""
+    replicate_create_burst: int = Field(10, ge=1)
+    replicate_request_burst: int = Field(50, ge=1)
+    replicate_webhooks: bool = False
+    """Predictions are created with a webhook to `POST /webhooks/replicate` on the public base URL."""
+    replicate_webhook_base_url: str = ""
+    """Where Replicate reaches the API; empty: `public_base_url`. Needed with `replicate_webhooks`."""
+    replicate_webhook_events: Annotated[list[str], NoDecode] = ["start", "logs", "completed"]
+    replicate_webhook_poll_seconds: float = Field(30.0, gt=0)
+    """With webhooks on, a prediction is still looked at this often (a lost webhook costs at most this)."""
+    replicate_webhook_tolerance_seconds: int = Field(300, ge=1)
+    """A webhook whose timestamp is further than this from now is refused (replay protection)."""
+    replicate_webhook_secret: SecretStr | None = None
+    """`whsec_...`; unset: fetched once from Replicate (`GET /v1/webhooks/default/secret`) and cached."""
     model_prices: dict[str, Any] = {}
     """JSON: per-model prices over the defaults of mediagen.core.pricing, e.g.
     `{"owner/name": {"per_image": "0.01"}}`, `{"owner/name": {"per_second": "0.0014"}}`, or null (unknown)."""
@@ -141,6 +158,7 @@ class Settings(BaseSettings):
         "cors_origins",
         "api_keys",
         "webhook_allowed_networks",
+        "replicate_webhook_events",
         mode="before",
     )
     @classmethod
@@ -162,6 +180,18 @@ class Settings(BaseSettings):
         from mediagen.core.pricing import parse_prices
 
         return parse_prices(self.model_prices)
+
+    @property
+    def replicate_webhook_url(self) -> str | None:
+        """Where Replicate POSTs predictions, when webhooks are on (else None)."""
+        base = (self.replicate_webhook_base_url or self.public_base_url).rstrip("/")
+        if not self.replicate_webhooks:
+            return None
+        if not base:
+            raise ValueError(
+                "MEDIAGEN_REPLICATE_WEBHOOKS needs MEDIAGEN_PUBLIC_BASE_URL (or MEDIAGEN_REPLICATE_WEBHOOK_BASE_URL)"
+            )
+        return f"{base}/webhooks/replicate"
 
     @property
     def uses_fake_replicate(self) -> bool:

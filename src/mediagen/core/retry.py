@@ -2,7 +2,9 @@
 
 One decision for every failed attempt, made here and nowhere else:
 
-* transient (timeouts, connection errors, 429, 500/502/503/504, a failed output download, a store
+* throttled (a 429: Replicate's rate limit, see `throttle_wait`) → not a failure at all: the attempt
+  waits for the Retry-After and makes the same call again, using up nothing;
+* transient (timeouts, connection errors, 500/502/503/504, a failed output download, a store
   that is briefly down, a prediction that died of an infrastructure fault) → retry while attempts
   remain, after `backoff()`, or after the provider's Retry-After when that is longer;
 * permanent (401, 402, 404, 422, content refused, a rejected output, a deadline) → fail now;
@@ -55,6 +57,14 @@ class RetryPolicy:
         if hint is not None and hint > delay:
             delay = min(float(hint), self.retry_after_cap_seconds)
         return Decision(retry=True, delay=round(delay, 3))
+
+    def throttle_wait(self, error: BaseException) -> float | None:
+        """A 429 is Replicate's rate limit, not a fault of the job: the same call is made again after
+        this many seconds, in the same attempt (None: `error` is no 429, decide() applies)."""
+        if getattr(error, "http_status", None) != 429:
+            return None
+        hint = getattr(error, "retry_after", None)
+        return min(float(hint) if hint is not None else self.base_seconds, self.retry_after_cap_seconds)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ class Prediction:
 
 
 class Provider(Protocol):
-    async def create(self, model: str, input: dict[str, Any]) -> Prediction:
-        """Start a prediction. Raises TransientProviderError (incl. UnknownCreateOutcome) or Permanent."""
+    async def create(self, model: str, input: dict[str, Any], *, webhook: str | None = None) -> Prediction:
+        """Start a prediction (Replicate POSTs it to `webhook` as it goes, when given).
+
+        Raises TransientProviderError (incl. UnknownCreateOutcome) or Permanent."""
 
     async def get(self, prediction_id: str) -> Prediction: ...
 

@@ -7,6 +7,8 @@ What this adapter does that the client does not (see shared/replicate-api.md):
   transport under the client's own `RetryTransport` notes them for the call in flight;
 * tell a create that surely failed (connection refused) from one whose outcome is unknown (a read
   timeout after the request went out): only the latter may have started a paid prediction;
+* spend Replicate's rate limits from budgets shared by every worker (mediagen.providers.ratelimit): every
+  request, the client's own retries included, waits for a token, and a 429 pauses its budget;
 * one client, one connection pool per worker process, built on the worker's event loop, on a lean
   transport (mediagen.providers.transport) under the client's own httpx.
 """
@@ -27,9 +29,11 @@ from replicate.exceptions import ReplicateError
 from mediagen import metrics
 from mediagen.core.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
 from mediagen.providers.base import Prediction
+from mediagen.providers.ratelimit import Budget, RateLimiter
 from mediagen.providers.transport import LeanTransport
 
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_create_token_taken: contextvars.ContextVar[bool] = contextvars.ContextVar("replicate_create_token", default=False)
 _retry_hint: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
     "replicate_retry_hint", default=None
 )
@@ -44,6 +48,18 @@ def _parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+async def _retry_after(response: httpx.Response) -> float | None:
+    """The wait a 429/503 asks for: the `Retry-After` header, else (429) the body's `retry_after`."""
+    seconds = _parse_retry_after(response.headers.get("retry-after"))
+    if seconds is None and response.status_code == 429:
+        await response.aread()
+        try:
+            seconds = _parse_retry_after(str(response.json().get("retry_after")))
+        except (ValueError, AttributeError):
+            seconds = None
+    return seconds
+
+
 class _HintingTransport(httpx.AsyncBaseTransport):
     """Notes Retry-After (header or `retry_after` in the body) of 429/503 answers for the caller."""
 
@@ -54,15 +70,39 @@ class _HintingTransport(httpx.AsyncBaseTransport):
         response = await self._inner.handle_async_request(request)
         hint = _retry_hint.get()
         if hint is not None and response.status_code in (429, 503):
-            seconds = _parse_retry_after(response.headers.get("retry-after"))
-            if seconds is None and response.status_code == 429:
-                await response.aread()
-                try:
-                    seconds = _parse_retry_after(str(response.json().get("retry_after")))
-                except ValueError:
-                    seconds = None
+            seconds = await _retry_after(response)
             if seconds is not None:
                 hint["retry_after"] = seconds
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _budget(request: httpx.Request) -> Budget:
+    path = request.url.path.rstrip("/")
+    return "create" if request.method == "POST" and path.endswith("/predictions") else "other"
+
+
+class _LimitingTransport(httpx.AsyncBaseTransport):
+    """Every request waits for a token of its budget; a 429 pauses that budget for its Retry-After.
+
+    Under the client's RetryTransport, so the GETs it retries on 429 wait for tokens too.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, limiter: RateLimiter, default_pause: float) -> None:
+        self._inner = inner
+        self._limiter = limiter
+        self._default_pause = default_pause
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        budget = _budget(request)
+        if not (budget == "create" and _create_token_taken.get()):
+            await self._limiter.acquire(budget)
+        response = await self._inner.handle_async_request(request)
+        if response.status_code == 429:
+            seconds = await _retry_after(response)
+            self._limiter.pause(budget, self._default_pause if seconds is None else seconds)
         return response
 
     async def aclose(self) -> None:
@@ -102,10 +142,18 @@ class ReplicateProvider:
         base_url: str | None,
         timeout_seconds: float = 30.0,
         max_connections: int = 200,
+        limiter: RateLimiter | None = None,
+        default_throttle_seconds: float = 1.0,
+        webhook_events: tuple[str, ...] = ("start", "completed"),
     ) -> None:
         self.timeout_seconds = timeout_seconds
+        self.webhook_events = webhook_events
         # Calls beyond `max_connections` wait for a free connection (at most the pool timeout).
-        self._transport = _HintingTransport(LeanTransport(max_connections=max_connections))
+        transport: httpx.AsyncBaseTransport = _HintingTransport(LeanTransport(max_connections=max_connections))
+        if limiter is not None:
+            transport = _LimitingTransport(transport, limiter, default_throttle_seconds)
+        self._transport = transport
+        self._limiter = limiter
         self.client = replicate.Client(  # type: ignore[attr-defined]
             api_token=api_token,
             base_url=base_url,
@@ -148,18 +196,30 @@ class ReplicateProvider:
             metrics.replicate_latency.labels(operation).observe(time.perf_counter() - started)
             _retry_hint.reset(token)
 
-    async def create(self, model: str, input: dict[str, Any]) -> Prediction:
+    async def create(self, model: str, input: dict[str, Any], *, webhook: str | None = None) -> Prediction:
         # The client sends create with no timeout at all (timeout=None): bound it ourselves. A create
         # cut off this way may have started a prediction, hence UnknownCreateOutcome.
+        if self._limiter is not None:
+            # The token first, outside the create's time bound: a long wait for it is no timeout.
+            await self._limiter.acquire("create")
+        taken = _create_token_taken.set(self._limiter is not None)
+        params: dict[str, Any] = {}
+        if webhook is not None:
+            params = {"webhook": webhook, "webhook_events_filter": list(self.webhook_events)}
+
         async def bounded() -> Any:
             try:
                 return await asyncio.wait_for(
-                    self.client.predictions.async_create(model=model, input=input), self.timeout_seconds
+                    self.client.predictions.async_create(model=model, input=input, **params),
+                    self.timeout_seconds,
                 )
             except TimeoutError as error:
                 raise httpx.ReadTimeout("create timed out") from error
 
-        return _prediction(await self._call(bounded, creating=True, operation="create"))
+        try:
+            return _prediction(await self._call(bounded, creating=True, operation="create"))
+        finally:
+            _create_token_taken.reset(taken)
 
     async def get(self, prediction_id: str) -> Prediction:
         return _prediction(await self._call(lambda: self.client.predictions.async_get(prediction_id)))

@@ -121,7 +121,7 @@ class WorkerResources(Middleware):
         leases = LeaseKeeper(db, lease_seconds=s.lease_seconds)
         _context = WorkerContext(
             db=db,
-            provider=services.provider(s),
+            provider=services.provider(s, self.redis),
             storage=services.storage(s),
             downloader=services.downloader(s),
             dispatcher=dispatcher,
@@ -135,6 +135,8 @@ class WorkerResources(Middleware):
             lease_seconds=s.lease_seconds,
             polls=PollSchedule(initial=s.poll_initial_seconds, maximum=s.poll_max_seconds),
             notifier=Notifier(self.redis, namespace=s.redis_namespace),
+            webhook_url=s.replicate_webhook_url,
+            webhook_poll_seconds=s.replicate_webhook_poll_seconds,
         )
         leases.start()
         self.sweeper = Sweeper(

@@ -23,9 +23,11 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from mediagen import metrics
 from mediagen.broker import Dispatcher
@@ -42,12 +44,14 @@ from mediagen.core.errors import (
 )
 from mediagen.core.retry import RetryPolicy, prediction_failure_is_transient
 from mediagen.logging import log_event
-from mediagen.notify import Notifier
-from mediagen.providers.base import Prediction, Provider
+from mediagen.notify import Event, Notifier, Subscription
+from mediagen.providers.base import TERMINAL_PREDICTION, Prediction, Provider
 from mediagen.storage import Storage
 from mediagen.worker.leases import Hold, LeaseKeeper
 from mediagen.worker.outputs import Downloader, store_outputs
 from mediagen.worker.polling import PollSchedule
+
+T = TypeVar("T")
 
 # Sends from inside a job's own message go through the delay queue: an immediate send would reuse
 # the Redis id of the message still being processed and be deleted by its acknowledgement.
@@ -68,6 +72,10 @@ class WorkerContext:
     lease_seconds: float
     polls: PollSchedule
     notifier: Notifier
+    webhook_url: str | None = None
+    """Replicate POSTs our predictions here (the API relays them as events), when webhooks are on."""
+    webhook_poll_seconds: float = 30.0
+    """With webhooks on: how long to wait for one before looking at the prediction anyway."""
     stopping: bool = False
     """Set when the worker begins to shut down: it takes no new job from then on."""
 
@@ -134,8 +142,14 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
                 f"gave up after {claim.max_attempts} attempts", error_class="AttemptsExhausted"
             )
         _check_deadline(claim)
-        prediction, created = await _start_or_resume(ctx, claim)
-        prediction = await _wait(ctx, claim, hold, prediction, fresh=created)
+        if ctx.webhook_url is None:
+            prediction, created = await _start_or_resume(ctx, claim, hold)
+            prediction = await _poll(ctx, claim, hold, prediction, fresh=created)
+        else:
+            # Listening before the create: a webhook that beats the create's answer is not missed.
+            async with ctx.notifier.listen(claim.job_id) as events:
+                prediction, _ = await _start_or_resume(ctx, claim, hold)
+                prediction = await _await_webhook(ctx, claim, hold, prediction, events)
         if prediction.status != "succeeded":
             raise _prediction_failure(prediction)
         outputs = await store_outputs(ctx.downloader, ctx.storage, claim.job_id, prediction.output)
@@ -176,10 +190,10 @@ def _check_deadline(claim: jobs.Claim) -> None:
         raise JobDeadlineExceeded("the job did not finish before its deadline")
 
 
-async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> tuple[Prediction, bool]:
+async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> tuple[Prediction, bool]:
     """The attempt's prediction, and whether it was created just now (not resumed or adopted)."""
     if claim.resume_prediction_id is not None:
-        resumed = await _resume(ctx, claim, claim.resume_prediction_id)
+        resumed = await _resume(ctx, claim, hold, claim.resume_prediction_id)
         if resumed is not None:
             return resumed, False
     data = model_input(claim)
@@ -187,7 +201,10 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> tuple[Predi
         adopted = await _reconcile(ctx, claim, data)
         if adopted is not None:
             return adopted, False
-    prediction = await ctx.provider.create(claim.model, data)
+    webhook = None
+    if ctx.webhook_url is not None:
+        webhook = f"{ctx.webhook_url}?job={claim.job_id}&attempt={claim.attempt}"
+    prediction = await _unthrottled(ctx, claim, hold, lambda: ctx.provider.create(claim.model, data, webhook=webhook))
     if not await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status):
         # We lost the job while creating: its new holder may create a prediction of its own. Unless it
         # adopted ours, cancel ours, so the job is not paid for twice.
@@ -199,7 +216,7 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim) -> tuple[Predi
     return prediction, True
 
 
-async def _resume(ctx: WorkerContext, claim: jobs.Claim, prediction_id: str) -> Prediction | None:
+async def _resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction_id: str) -> Prediction | None:
     """The prediction an earlier attempt started, or None when Replicate no longer knows it.
 
     A 404 is not a dead end: it proves no such prediction exists to be billed, so the attempt records
@@ -207,7 +224,7 @@ async def _resume(ctx: WorkerContext, claim: jobs.Claim, prediction_id: str) -> 
     another account).
     """
     try:
-        return await ctx.provider.get(prediction_id)
+        return await _unthrottled(ctx, claim, hold, partial(ctx.provider.get, prediction_id))
     except PermanentProviderError as error:
         if error.http_status != 404:
             raise
@@ -252,7 +269,21 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]
     return None
 
 
-async def _wait(
+async def _unthrottled(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again after each 429 for as long as it asks: being throttled is no failed attempt."""
+    while True:
+        try:
+            return await call()
+        except TransientProviderError as error:
+            wait = ctx.policy.throttle_wait(error)
+            if wait is None:
+                raise
+            log_event("job.throttled", job_id=str(claim.job_id), attempt=claim.attempt, retry_after=wait)
+            await hold.sleep(wait)
+            _check_deadline(claim)
+
+
+async def _poll(
     ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction: Prediction, *, fresh: bool
 ) -> Prediction:
     delays = ctx.polls.delays(claim.model, fresh=fresh)
@@ -260,9 +291,46 @@ async def _wait(
         hold.check()
         _check_deadline(claim)
         await hold.sleep(next(delays))
-        prediction = await ctx.provider.get(prediction.id)
+        prediction = await _unthrottled(ctx, claim, hold, partial(ctx.provider.get, prediction.id))
     ctx.polls.observe(claim.model, prediction)
     return prediction
+
+
+async def _await_webhook(
+    ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction: Prediction, events: Subscription
+) -> Prediction:
+    """Wait for the webhook that says the prediction ended, then look at it (one GET); without one, look
+    every `webhook_poll_seconds` anyway (a lost webhook, Replicate's retries giving up)."""
+    while not prediction.done:
+        _check_deadline(claim)
+        give_up_at = time.monotonic() + ctx.webhook_poll_seconds
+        while (left := give_up_at - time.monotonic()) > 0:
+            event = await _next_event(events, hold, left)
+            if (
+                event is not None
+                and event.get("type") == "prediction"
+                and event.get("prediction_id") == prediction.id
+                and event.get("status") in TERMINAL_PREDICTION
+            ):
+                break
+        prediction = await _unthrottled(ctx, claim, hold, partial(ctx.provider.get, prediction.id))
+    ctx.polls.observe(claim.model, prediction)
+    return prediction
+
+
+async def _next_event(events: Subscription, hold: Hold, within: float) -> Event | None:
+    """The next event within `within` seconds, or None; raises at once when the job must stop (see Hold)."""
+    hold.check()
+    got = asyncio.ensure_future(events.next(within))
+    stop = asyncio.ensure_future(hold.wake.wait())
+    try:
+        await asyncio.wait((got, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not got.done():
+            got.cancel()
+    hold.check()
+    return got.result() if got.done() and not got.cancelled() else None
 
 
 def _prediction_failure(prediction: Prediction) -> MediagenError:

@@ -1,0 +1,120 @@
+"""Replicate's rate limits, shared by every worker process on every machine: two GCRA budgets in Redis.
+
+Replicate allows an account 600 prediction creates a minute and 3,000 other requests a minute, with
+short bursts above that (shared/replicate-api.md §1.6). Each budget here is one Redis key holding a
+"theoretical arrival time" (GCRA). A caller *reserves* the next free slot in one script call (Redis's
+own clock, so hosts need not agree on the time) and sleeps until it: no polling, no thundering herd
+when a window opens, and waiters are served in the order they asked. The script is ours (about fifteen
+lines) because the libraries that do async Redis (`limits`, `pyrate-limiter`) answer "allowed or not
+now", which leaves the waiting to a retry loop, and neither can hold a budget shut for a 429's
+`retry_after`.
+
+    limiter = RateLimiter(redis, namespace="mediagen", creates_per_minute=600, requests_per_minute=3000)
+    waited = await limiter.acquire("create")     # seconds slept for the token
+    limiter.pause("create", 5.0)                 # a 429 came back anyway: nobody creates for 5 s
+
+A pause moves the budget's next free slot past its end for every process; slots reserved before it are
+kept (they were handed out already), so a burst of 429s can follow a pause only from waiters who were
+already asleep, and each of those extends the pause, never shortens it. A budget of 0 a minute is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Literal
+
+from redis.asyncio import Redis
+
+from mediagen import metrics
+from mediagen.logging import log_event
+
+Budget = Literal["create", "other"]
+
+# KEYS[1]: the budget's theoretical arrival time (ms, Redis clock). ARGV: interval ms, burst, pause ms.
+# Reserve (pause 0): returns the ms to wait for the reserved slot. Pause (> 0): no slot before now + pause.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval, burst, pause = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tolerance = interval * (burst - 1)
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = 0
+if pause > 0 then
+  tat = math.max(tat, now + pause + tolerance)
+else
+  wait = math.max(0, tat - tolerance - now)
+  tat = tat + interval
+end
+redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+return tostring(wait)
+"""
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        namespace: str,
+        creates_per_minute: int,
+        requests_per_minute: int,
+        create_burst: int = 10,
+        request_burst: int = 50,
+    ) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self._rates: dict[Budget, tuple[int, int]] = {
+            "create": (creates_per_minute, max(1, create_burst)),
+            "other": (requests_per_minute, max(1, request_burst)),
+        }
+        self._script = redis.register_script(_GCRA)
+        self._paused_until: dict[Budget, float] = {"create": 0.0, "other": 0.0}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def key(self, budget: Budget) -> str:
+        return f"{self.namespace}:replicate-budget:{budget}"
+
+    def enabled(self, budget: Budget) -> bool:
+        return self._rates[budget][0] > 0
+
+    async def acquire(self, budget: Budget) -> float:
+        """Wait for a token of `budget`; the seconds waited. Redis unreachable: no wait (logged)."""
+        per_minute, burst = self._rates[budget]
+        if per_minute <= 0:
+            return 0.0
+        started = time.monotonic()
+        try:
+            wait = float(await self._script(keys=[self.key(budget)], args=[60_000 / per_minute, burst, 0])) / 1000
+        except Exception as error:
+            # Better a 429 (which pauses us) than a worker stuck because Redis blinked.
+            log_event("replicate.budget.unavailable", logging.WARNING, budget=budget, error=repr(error))
+            wait = 0.0
+        # A pause this process learned of after the slot was reserved elsewhere still holds.
+        wait = max(wait, self._paused_until[budget] - time.monotonic())
+        if wait > 0:
+            await asyncio.sleep(wait)
+        waited = time.monotonic() - started
+        metrics.replicate_tokens.labels(budget).inc()
+        metrics.replicate_token_wait.labels(budget).observe(waited)
+        return waited
+
+    def pause(self, budget: Budget, seconds: float) -> None:
+        """Nobody spends `budget` for `seconds` (a 429 said so); never blocks, never raises."""
+        metrics.replicate_throttled.labels(budget).inc()
+        seconds = max(seconds, 0.05)
+        self._paused_until[budget] = max(self._paused_until[budget], time.monotonic() + seconds)
+        log_event("replicate.throttled", logging.WARNING, budget=budget, retry_after=seconds)
+        per_minute, burst = self._rates[budget]
+        if per_minute <= 0:
+            return
+        task = asyncio.get_running_loop().create_task(self._pause(budget, seconds, per_minute, burst))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pause(self, budget: Budget, seconds: float, per_minute: int, burst: int) -> None:
+        with contextlib.suppress(Exception):
+            await self._script(keys=[self.key(budget)], args=[60_000 / per_minute, burst, seconds * 1000])
