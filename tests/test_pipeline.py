@@ -94,17 +94,19 @@ async def test_a_500_on_create_then_success_takes_two_attempts(
     assert not any(line["event"] == "job.prediction.adopted" for line in events)
 
 
-async def test_a_429_with_retry_after_waits_at_least_that_long(api: httpx.AsyncClient) -> None:
-    job_id = await submit(api, unique("a slow river [[create:429*1:retry_after=2]]"), width=512, height=512)
+async def test_a_429_is_no_failed_attempt_the_job_waits_its_retry_after(
+    api: httpx.AsyncClient, fake_replicate: FakeReplicate
+) -> None:
+    prompt = unique("a slow river [[create:429*1:retry_after=2]]")
+    job_id = await submit(api, prompt, width=512, height=512)
 
     status = await wait_for_job(api, job_id)
 
-    assert status["status"] == "succeeded"
-    first, second = (await job_view(api, job_id))["attempt_history"]
-    assert first["http_status"] == 429
-    assert first["retry_delay_seconds"] >= 2
-    gap = _parse(second["started_at"]) - _parse(first["finished_at"])
-    assert gap >= timedelta(seconds=2)
+    assert status["status"] == "succeeded" and status["attempts"] == 1
+    [only] = (await job_view(api, job_id))["attempt_history"]
+    assert only["outcome"] == "succeeded" and only["http_status"] is None
+    assert _parse(only["finished_at"]) - _parse(only["started_at"]) >= timedelta(seconds=2)
+    assert fake_replicate.predictions_for(prompt) == 1
 
 
 async def test_a_flagged_prompt_fails_after_one_attempt_with_the_models_message(

@@ -30,6 +30,15 @@ class FakeConfig:
     output_mode: str = "url"
     api_token: str | None = None
     base_url: str | None = None
+    create_rate_per_minute: int = 0
+    create_burst: int = 10
+    request_rate_per_minute: int = 0
+    request_burst: int = 50
+    webhook_delay: float = 0.0
+    p_webhook_drop: float = 0.0
+    p_webhook_duplicate: float = 0.0
+    webhook_retries: int = 4
+    webhook_retry_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -42,8 +51,20 @@ _PROBABILITIES: Final = (
     "p_get_429",
     "p_flagged",
     "p_model_error",
+    "p_webhook_drop",
+    "p_webhook_duplicate",
 )
-_NON_NEGATIVE: Final = ("latency", "latency_jitter", "create_latency", "retry_after")
+_NON_NEGATIVE: Final = (
+    "latency",
+    "latency_jitter",
+    "create_latency",
+    "retry_after",
+    "create_rate_per_minute",
+    "request_rate_per_minute",
+    "webhook_delay",
+    "webhook_retries",
+    "webhook_retry_seconds",
+)
 _FIELD_KINDS: Final[Mapping[str, str]] = {
     "latency": "float",
     "latency_jitter": "float",
@@ -59,6 +80,15 @@ _FIELD_KINDS: Final[Mapping[str, str]] = {
     "output_mode": "str",
     "api_token": "str?",
     "base_url": "str?",
+    "create_rate_per_minute": "int",
+    "create_burst": "int",
+    "request_rate_per_minute": "int",
+    "request_burst": "int",
+    "webhook_delay": "float",
+    "p_webhook_drop": "float",
+    "p_webhook_duplicate": "float",
+    "webhook_retries": "int",
+    "webhook_retry_seconds": "float",
 }
 
 

@@ -22,9 +22,13 @@ Replicate routes (see docs ``replicate-api.md`` sections 1 and 2.8)
 ``GET /v1/predictions/{id}``, ``POST /v1/predictions/{id}/cancel``
 ``GET /v1/predictions[?cursor=...]``  newest first, 100 per page, ``next`` is an absolute URL.
 ``GET /v1/models/{owner}/{name}`` and ``GET /v1/models/{owner}/{name}/versions/{id}``
-``GET /v1/webhooks/default/secret``   ``{"key": "whsec_..."}`` (webhooks are never sent)
+``GET /v1/webhooks/default/secret``   ``{"key": "whsec_..."}``: the key the webhooks are signed with.
+    A create with ``webhook`` gets signed webhooks as the prediction runs (see ``fake_replicate.webhooks``).
 ``GET /files/{prediction_id}/out-{index}.{format}``  an output file (no auth needed;
     ``/files/{id}/{index}.png``, the old name, still answers)
+
+Rate limits (off by default): ``create_rate_per_minute`` / ``request_rate_per_minute`` with bursts,
+answered 429 as Replicate does (see ``fake_replicate.limits``).
 
 Auth: ``Authorization: Bearer X`` or ``Token X``. A missing header answers 401;
 when ``FakeConfig.api_token`` is set any other token answers 401 too.
@@ -133,6 +137,8 @@ from fake_replicate.images import PngCache, mark, palette_index
 from fake_replicate.models import GENERIC, MODELS, ModelSpec, openapi_schema, plan, spec_for, validate
 from fake_replicate.store import PredictionStore
 from fake_replicate.video import TINY_MP4
+from fake_replicate.limits import RateLimits
+from fake_replicate.webhooks import WebhookSender
 
 __all__ = ["FakeReplicate", "create_app"]
 
@@ -458,6 +464,7 @@ class FakeReplicate:
         self.requests: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.versions: dict[str, str] = {}
+        self.webhooks = WebhookSender(WEBHOOK_SECRET, lambda: self.config)
         self.store = PredictionStore(data_dir)
         for record in self.store.load():
             self.restore(record)
@@ -697,6 +704,11 @@ class FakeReplicate:
             return fault
         index = self.by_prompt.get(params.prompt, 0)
         pred = self.new_prediction(model, version, raw_input, params, directives, index)
+        if isinstance(body.get("webhook"), str):
+            base = self.base_url(request)
+            self.webhooks.follow(
+                pred, body["webhook"], body.get("webhook_events_filter"), lambda: self.prediction_json(pred, base)
+            )
         if directives.hang_create > 0 and first_n_applies(directives.hang_count, index):
             await asyncio.sleep(directives.hang_create)
         return await self.create_reply(request, pred)
@@ -901,6 +913,12 @@ class FakeReplicate:
         now = time.monotonic()
         return dict(Counter(pred.status(now) for pred in self.predictions.values()))
 
+    def images_made(self) -> int:
+        """Images of succeeded predictions: what Replicate would bill for."""
+        now = time.monotonic()
+        done = (p for p in self.predictions.values() if p.status(now) == "succeeded" and p.params.format != "mp4")
+        return sum(p.params.kept for p in done)
+
     async def get_stats(self, request: Request) -> Response:
         return json_response(
             {
@@ -911,6 +929,8 @@ class FakeReplicate:
                 "requests": dict(self.requests),
                 "faults": dict(self.faults),
                 "image_renders": self.images.renders,
+                "images": self.images_made(),
+                "webhooks": dict(self.webhooks.stats),
             }
         )
 
@@ -961,8 +981,10 @@ def create_app(config: FakeConfig | None = None, *, data_dir: Path | None = None
         try:
             yield
         finally:
+            await fake.webhooks.aclose()
             fake.store.close()
 
     app = Starlette(routes=fake.routes(), exception_handlers={HTTPException: _http_exception}, lifespan=lifespan)
+    app.add_middleware(RateLimits, fake=fake)
     app.state.fake = fake
     return app

@@ -10,6 +10,7 @@ from mediagen.broker import Dispatcher
 from mediagen.core.db import Database
 from mediagen.providers.ratelimit import RateLimiter
 from mediagen.providers.replicate import ReplicateProvider
+from mediagen.providers.webhooks import WebhookVerifier
 from mediagen.settings import Settings
 from mediagen.storage import Storage
 from mediagen.storage.local import LocalStorage
@@ -88,6 +89,17 @@ def provider(settings: Settings, redis: Redis | None = None) -> ReplicateProvide
         limiter=rate_limiter(settings, redis) if redis is not None else None,
         default_throttle_seconds=settings.retry_base_seconds,
         webhook_events=tuple(settings.replicate_webhook_events),
+    )
+
+
+def webhook_verifier(settings: Settings) -> WebhookVerifier:
+    token = settings.replicate_api_token.get_secret_value() if settings.replicate_api_token else None
+    secret = settings.replicate_webhook_secret
+    return WebhookVerifier(
+        api_token=token or "fake-replicate-token",
+        base_url=settings.replicate_base_url,
+        tolerance_seconds=settings.replicate_webhook_tolerance_seconds,
+        secret=secret.get_secret_value() if secret else None,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from mediagen import __version__, services
 from mediagen.api.auth import KeyRing
 from mediagen.api.http import BodySizeLimit, install_error_handlers
 from mediagen.api.limits import Limits, RateLimitHeaders
+from mediagen.api.replicate_webhooks import router as replicate_webhooks_router
 from mediagen.api.routes import router
 from mediagen.api.submissions import Submissions
 from mediagen.broker import Dispatcher
@@ -28,6 +30,7 @@ from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import RequestMetrics
 from mediagen.notify import Notifier
 from mediagen.providers.replicate import ReplicateProvider
+from mediagen.providers.webhooks import WebhookVerifier
 from mediagen.settings import Settings, get_settings
 from mediagen.storage import Storage
 
@@ -44,6 +47,7 @@ class ApiState:
     notifier: Notifier
     catalog: Catalog
     prices: dict[str, Price | None]
+    webhook_verifier: WebhookVerifier
     limits: Limits | None = None
 
 
@@ -70,6 +74,11 @@ async def _start_refresh(catalog: Catalog, provider: ReplicateProvider, settings
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(catalog.refresh(provider.model_schema, period=period, fetch_seconds=3.0), 5.0)
     return asyncio.create_task(catalog.run_refresh(provider.model_schema, period=period))
+async def _prefetch_secret(verifier: WebhookVerifier) -> None:
+    try:
+        await verifier.secret()
+    except Exception as error:
+        log_event("webhook.secret_unavailable", logging.WARNING, error=repr(error))
 
 
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
@@ -96,7 +105,11 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             notifier=Notifier(redis, namespace=settings.redis_namespace),
             catalog=catalog,
             prices=settings.price_table,
+            webhook_verifier=services.webhook_verifier(settings),
         )
+        if settings.replicate_webhooks:
+            # Fetched now, so the first webhook is answered within its budget too.
+            app.state.secret_prefetch = asyncio.create_task(_prefetch_secret(state.webhook_verifier))
         if state.keyring.enabled or settings.limit_anonymous:
             limits = Limits(
                 redis,
@@ -128,6 +141,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             await asyncio.gather(refresher, return_exceptions=True)
             await provider.aclose()
             await state.notifier.aclose()
+            await state.webhook_verifier.aclose()
             await state.db.dispose()
             await redis.aclose()
 
@@ -140,6 +154,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     install_error_handlers(app)
     _document_allowed_models(app, settings)
     app.include_router(router)
+    app.include_router(replicate_webhooks_router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

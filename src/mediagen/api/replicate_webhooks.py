@@ -1,0 +1,103 @@
+"""`POST /webhooks/replicate`: Replicate tells us about a prediction; we wake whoever waits on it.
+
+The webhook is a hint, never the truth: nothing here writes to the database. The worker holding the job
+wakes (mediagen.notify, whichever API replica took the webhook and whichever worker holds the job) and
+GETs the prediction itself. So the route:
+
+1. verifies the signature on the raw body (mediagen.providers.webhooks): anything else is a 401;
+2. keeps each `webhook-id` once (Redis `SET NX` with a TTL): a duplicate or retried delivery is a 200
+   that does nothing;
+3. reads the job the URL names (`?job=...`, set when the prediction was created): an unknown or
+   finished job is a 200 that does nothing;
+4. publishes `{"type": "prediction", "prediction_id", "status", "progress"}` on the job's channel.
+
+Whatever happens behind steps 2 to 4 (Redis or PostgreSQL slow or down), the answer comes within
+`ANSWER_WITHIN` seconds: a lost hint costs the waiting worker one safety-net poll, not a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from replicate.prediction import Prediction as ClientPrediction
+from starlette.responses import Response
+
+from mediagen.api.http import FastJSON, error
+from mediagen.core import jobs
+from mediagen.logging import log_event
+from mediagen.providers.webhooks import WebhookRejected, WebhookSecretUnavailable
+
+router = APIRouter()
+ANSWER_WITHIN = 0.3
+SEEN_TTL_SECONDS = 3600
+_UNFINISHED = frozenset({"queued", "running", "retrying"})
+
+
+async def _state(request: Request) -> Any:
+    return request.app.state.api
+
+
+@router.post(
+    "/webhooks/replicate",
+    summary="Replicate reports on a prediction (signed; deduplicated; a hint to the worker waiting on it)",
+    responses={401: {"description": "Not signed by Replicate, or too old"}, 503: {"description": "No secret yet"}},
+)
+async def replicate_webhook(
+    request: Request,
+    state: Annotated[Any, Depends(_state)],
+    job: Annotated[uuid.UUID | None, Query(description="The job the prediction was created for")] = None,
+) -> Response:
+    body = await request.body()
+    try:
+        await state.webhook_verifier.verify(request.headers, body)
+    except WebhookRejected as refused:
+        log_event("webhook.rejected", logging.WARNING, reason=refused.message)
+        return error(401, "unauthorized", "the webhook's signature does not verify")
+    except WebhookSecretUnavailable as unavailable:
+        log_event("webhook.secret_unavailable", logging.WARNING, error=unavailable.message)
+        return error(503, "service_unavailable", "cannot verify webhooks yet", {"Retry-After": "5"})
+    try:
+        prediction = orjson.loads(body)
+        prediction_id, status = str(prediction["id"]), str(prediction["status"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return FastJSON({"ignored": "not a prediction"})
+    try:
+        outcome = await asyncio.wait_for(
+            _relay(state, request.headers["webhook-id"], job, prediction_id, status, prediction), ANSWER_WITHIN
+        )
+    except Exception as failure:  # incl. the timeout: the worker's safety-net poll will see it
+        log_event("webhook.relay_failed", logging.WARNING, prediction_id=prediction_id, error=repr(failure))
+        outcome = "not relayed"
+    log_event("webhook.received", prediction_id=prediction_id, status=status, job_id=str(job), outcome=outcome)
+    return FastJSON({"relayed": True} if outcome == "relayed" else {"ignored": outcome})
+
+
+async def _relay(
+    state: Any, webhook_id: str, job: uuid.UUID | None, prediction_id: str, status: str, prediction: Any
+) -> str:
+    key = f"{state.settings.redis_namespace}:replicate-webhook-seen:{webhook_id}"
+    if not await state.redis.set(key, 1, nx=True, ex=SEEN_TTL_SECONDS):
+        return "duplicate"
+    view = await jobs.get_status(state.db, job) if job is not None else None
+    if view is None:
+        return "unknown job"
+    if view.status not in _UNFINISHED:
+        return "finished job"
+    progress = ClientPrediction.Progress.parse(prediction.get("logs") or "")
+    state.notifier.publish(
+        job,
+        {
+            "type": "prediction",
+            "prediction_id": prediction_id,
+            "status": status,
+            "progress": None
+            if progress is None
+            else {"percentage": progress.percentage, "current": progress.current, "total": progress.total},
+        },
+    )
+    return "relayed"
