@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,11 +41,12 @@ async def test_hosts_share_one_budget_paced_at_its_rate_after_the_burst(
     await asyncio.gather(*(take(first if i % 2 else second) for i in range(13)))
 
     times.sort()
-    # 600 a minute is one every 0.1 s: a burst of 3 at once, then the other 10 one by one.
-    assert times[2] < 0.08
-    assert 0.9 <= times[-1] < 1.6
-    gaps = [b - a for a, b in itertools.pairwise(times[2:])]
-    assert min(gaps) > 0.05
+    # 600 a minute is one every 0.1 s: a burst of 3 at once, then the other 10 each in its own slot,
+    # never earlier (later only when the machine is busy).
+    assert times[2] < 0.5
+    for k in range(3, 13):
+        assert times[k] >= (k - 2) * 0.1 - 0.02, times
+    assert times[-1] < 3.0
 
 
 async def test_a_429_pauses_the_budget_for_every_host(two_hosts: tuple[RateLimiter, RateLimiter]) -> None:
