@@ -88,7 +88,7 @@ async def test_the_worker_announces_each_state_change_of_a_job(
     prompt = unique("a heron [[create:500*1]]")
     # The first attempt fails and the next comes at least a second later, so listening right after
     # the submit surely hears the second attempt start and the job succeed.
-    job_id = await submit(api, prompt, width=256, height=256)
+    job_id = await submit(api, prompt, width=512, height=512)
     async with listener.listen(job_id) as events:
         await wait_for_job(api, job_id)
         seen: list[str] = []

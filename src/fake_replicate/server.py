@@ -134,10 +134,10 @@ from starlette.routing import Route
 from fake_replicate.config import FakeConfig, config_with
 from fake_replicate.directives import Directives, create_fault_for, first_n_applies, parse_directives
 from fake_replicate.images import PngCache, mark, palette_index
+from fake_replicate.limits import RateLimits
 from fake_replicate.models import GENERIC, MODELS, ModelSpec, openapi_schema, plan, spec_for, validate
 from fake_replicate.store import PredictionStore
 from fake_replicate.video import TINY_MP4
-from fake_replicate.limits import RateLimits
 from fake_replicate.webhooks import WebhookSender
 
 __all__ = ["FakeReplicate", "create_app"]

@@ -74,6 +74,8 @@ async def _start_refresh(catalog: Catalog, provider: ReplicateProvider, settings
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(catalog.refresh(provider.model_schema, period=period, fetch_seconds=3.0), 5.0)
     return asyncio.create_task(catalog.run_refresh(provider.model_schema, period=period))
+
+
 async def _prefetch_secret(verifier: WebhookVerifier) -> None:
     try:
         await verifier.secret()
