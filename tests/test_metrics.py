@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 
 import httpx
 import pytest
@@ -46,3 +47,55 @@ async def test_the_worker_counts_attempts_retries_and_outcomes(
     assert sample(text, "mediagen_output_download_seconds_count") >= 1
     assert "mediagen_broker_queue_depth" in text
     assert "mediagen_predictions_in_flight" in text
+
+
+def families_without_samples(text: str) -> list[str]:
+    typed = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    sampled = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    suffixes = ("", "_total", "_count", "_sum", "_bucket", "_created", "_info")
+    return [name for name in typed if not any(name + suffix in sampled for suffix in suffixes)]
+
+
+def worker_metrics_port(worker: Process) -> int:
+    return int(re.findall(r'"metrics_port":(\d+)', worker.log_path.read_text())[0])
+
+
+async def test_no_metric_family_is_shown_without_a_sample(api: httpx.AsyncClient, worker: Process) -> None:
+    api_text = (await api.get("/metrics")).text
+    worker_text = httpx.get(f"http://127.0.0.1:{worker_metrics_port(worker)}/metrics").text
+
+    assert families_without_samples(api_text) == []
+    assert families_without_samples(worker_text) == []
+    assert "mediagen_http_requests_total" in api_text and "mediagen_predictions_in_flight" in worker_text
+
+
+async def test_a_413_is_counted_under_its_route(api: httpx.AsyncClient) -> None:
+    before = sample((await api.get("/metrics")).text, "mediagen_http_requests_total", route="/generate", status="413")
+
+    response = await api.post("/generate", json={"prompt": "x" * 100_000})
+
+    assert response.status_code == 413
+    after = sample((await api.get("/metrics")).text, "mediagen_http_requests_total", route="/generate", status="413")
+    assert after == before + 1
+
+
+def non_loopback_address() -> str | None:
+    """An address of this machine that is not loopback (None when it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_the_worker_metrics_port_is_not_reachable_from_another_host_by_default(worker: Process) -> None:
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    port = worker_metrics_port(worker)
+
+    assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{address}:{port}/metrics", timeout=2)

@@ -1,8 +1,10 @@
 """Prometheus metrics: what the API and the workers are doing, in one place.
 
 The API serves them at `GET /metrics` (its own port). Each worker process serves them on
-`MEDIAGEN_WORKER_METRICS_PORT` (default 9191; a second worker process on the same host takes the next
-free port up to +16), set 0 to turn that off.
+`MEDIAGEN_WORKER_METRICS_HOST`:`MEDIAGEN_WORKER_METRICS_PORT` (default 127.0.0.1:9191, loopback like
+the API; a second worker process on the same host takes the next free port up to +16), port 0 to turn
+that off. Both show only families with samples (`exposed`): a labelled metric nothing has counted yet
+is left out rather than shown as an empty family.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -41,7 +45,17 @@ replicate_token_wait = Histogram(
 )
 replicate_throttled = Counter("mediagen_replicate_throttled_total", "429s received from Replicate", ["budget"])
 in_flight = Gauge("mediagen_predictions_in_flight", "Jobs this worker process is running")
-queue_depth = Gauge("mediagen_queue_depth", "Messages waiting in the broker queue", ["queue"])
+
+
+class _WithSamples(Collector):
+    """The default registry, without the families that have no sample yet."""
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in REGISTRY.collect() if family.samples)
+
+
+exposed = _WithSamples()
+"""What `/metrics` serves: pass it to `generate_latest` or `start_http_server`."""
 
 
 @contextmanager
@@ -81,11 +95,10 @@ class RequestMetrics:
             http_latency.labels(method, route).observe(time.perf_counter() - started)
 
 
-def serve_worker_metrics(port: int, depth: Callable[[], dict[str, int]]) -> int | None:
-    """Start the worker's metrics endpoint on `port` or the next free one; returns the port used."""
-    from prometheus_client import REGISTRY, start_http_server
+def serve_worker_metrics(host: str, port: int, depth: Callable[[], dict[str, int]]) -> int | None:
+    """Start the worker's metrics endpoint on `host` and `port` or the next free one; returns the port used."""
+    from prometheus_client import start_http_server
     from prometheus_client.core import GaugeMetricFamily
-    from prometheus_client.registry import Collector
 
     class QueueDepth(Collector):
         def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -99,7 +112,7 @@ def serve_worker_metrics(port: int, depth: Callable[[], dict[str, int]]) -> int 
 
     for candidate in range(port, port + 16):
         try:
-            start_http_server(candidate, addr="0.0.0.0")
+            start_http_server(candidate, addr=host, registry=exposed)
         except OSError:
             continue
         REGISTRY.register(QueueDepth())

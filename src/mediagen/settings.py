@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     worker_processes: int = Field(1, ge=1)
     worker_metrics_port: int = Field(9191, ge=0, le=65535)
     """Prometheus metrics of each worker process (0: off)."""
+    worker_metrics_host: str = "127.0.0.1"
+    """Where the worker's metrics port listens: loopback, like the API; 0.0.0.0 to let a scraper on another host in."""
 
     log_level: str = "INFO"
 

@@ -458,7 +458,9 @@ async def _until_closed(stream: ObjectStream) -> AsyncIterator[bytes]:
 async def metrics() -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    from mediagen.metrics import exposed
+
+    return Response(generate_latest(exposed), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", summary="The process is alive")

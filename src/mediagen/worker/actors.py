@@ -94,7 +94,9 @@ class WorkerResources(Middleware):
         gc.set_threshold(20_000, 50, 100)
         port = None
         if self.settings.worker_metrics_port:
-            port = serve_worker_metrics(self.settings.worker_metrics_port, self._queue_depth)
+            port = serve_worker_metrics(
+                self.settings.worker_metrics_host, self.settings.worker_metrics_port, self._queue_depth
+            )
         log_event(
             "worker.started", threads=self.settings.worker_threads, queue=self.settings.queue_name, metrics_port=port
         )
