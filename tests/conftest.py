@@ -317,6 +317,7 @@ class Stack:
     redis_url: str
     api: Process | None = None
     workers: list[Process] = field(default_factory=list)
+    extra_processes: list[Process] = field(default_factory=list)
 
     def start_api(self, **overrides: str) -> str:
         self.api = start_api(self.env, self.workdir / "api.log", **overrides)
@@ -336,6 +337,8 @@ class Stack:
             kill_group(worker.proc, signal.SIGKILL)
         if self.api is not None:
             stop(self.api.proc)
+        for process in self.extra_processes:
+            stop(process.proc)
 
 
 def kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:

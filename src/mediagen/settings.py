@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     """Requests a minute per API key, across every API process (0: no limit)."""
     max_unfinished_jobs: int = Field(100, ge=0)
     """Jobs per API key queued, running or retrying at once (0: no limit)."""
+    sse_heartbeat_seconds: float = Field(15.0, gt=0)
+    """A comment line on every event stream this often, so proxies and clients know it is alive."""
     limit_anonymous: bool = False
     """Without API keys, apply the limits above to the one anonymous caller too (off: benchmarks
     submit thousands of jobs a second from one client)."""

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from mediagen import __version__, services
 from mediagen.api.auth import KeyRing
+from mediagen.api.events import router as events_router
 from mediagen.api.http import BodySizeLimit, install_error_handlers
 from mediagen.api.limits import Limits, RateLimitHeaders
 from mediagen.api.replicate_webhooks import router as replicate_webhooks_router
@@ -157,6 +158,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     _document_allowed_models(app, settings)
     app.include_router(router)
     app.include_router(replicate_webhooks_router)
+    app.include_router(events_router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -32,6 +32,7 @@ from mediagen.api.schemas import (
     JobView,
     ModelList,
 )
+from mediagen.api.waiting import prefer_wait, wait_for_end
 from mediagen.core import jobs, webhooks
 from mediagen.core.errors import JobConflict, JobNotFound, ModelSchemaUnknown, StorageError
 from mediagen.core.models import JobStatus
@@ -41,7 +42,7 @@ from mediagen.storage import CONTENT_TYPES, ByteRange, ObjectStream, is_valid_ke
 from mediagen.storage.local import LocalStorage
 
 router = APIRouter(route_class=JSONBodyRoute)
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse},
     404: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
@@ -87,10 +88,11 @@ def _webhook_refusal(settings: Any, url: str) -> str | None:
     status_code=202,
     response_model=GenerateAccepted,
     responses={
-        **_ERRORS,
+        **ERRORS,
         200: {
             "model": GenerateAccepted,
-            "description": "The job submitted earlier with this Idempotency-Key",
+            "description": "The job submitted earlier with this Idempotency-Key; or, with `Prefer: wait=N`, "
+            "the job finished within N seconds (its status object, as GET /status answers)",
         },
         400: {"model": ErrorResponse, "description": "Malformed JSON, or a key given twice in one object"},
         401: {"model": ErrorResponse},
@@ -99,6 +101,17 @@ def _webhook_refusal(settings: Any, url: str) -> str | None:
         415: {"model": ErrorResponse, "description": "The body is not application/json"},
     },
     summary="Submit a prompt; answers at once with the job id",
+    openapi_extra={
+        "parameters": [
+            {
+                "name": "Prefer",
+                "in": "header",
+                "required": False,
+                "description": "`wait=N` (N at most 60): hold the answer until the job ends or N seconds pass",
+                "schema": {"type": "string", "maxLength": 100},
+            }
+        ]
+    },
 )
 async def generate(
     request: Request,
@@ -159,6 +172,25 @@ async def generate(
     limits = state.limits
     if limits is not None:
         request.state.ratelimit = await limits.admit(owner, job.id)
+    wait = prefer_wait(request.headers.get("prefer"))
+    if wait is None:
+        return await _submit(state, job)
+    async with state.notifier.listen(job.id) as events:  # before the job exists: its end cannot be missed
+        accepted = await _submit(state, job)
+        if accepted.status_code != 202:
+            return accepted
+        view = await wait_for_end(state.db, job.id, events, wait)
+    if view is None:
+        return accepted
+    return FastJSON(
+        {**status_body(state, view), "status_url": f"/status/{job.id}"},
+        headers={"Location": f"/status/{job.id}", "Preference-Applied": f"wait={wait}"},
+    )
+
+
+async def _submit(state: Any, job: jobs.NewJob) -> Response:
+    """Commit and enqueue the job: 202; or 200 with the job an earlier request made with its key."""
+    owner, limits = job.owner, state.limits
     inserted = False
     try:
         inserted = await state.submissions.submit(job)
@@ -167,14 +199,14 @@ async def generate(
             await limits.forget(owner, [job.id])
     if not inserted:
         async with state.db.connect() as conn:
-            earlier = await jobs.find_by_idempotency_key(conn, owner, idempotency_key or "")
+            earlier = await jobs.find_by_idempotency_key(conn, owner, job.idempotency_key or "")
         if earlier is None:  # the key's job was deleted in between: extremely unlikely, but honest
             raise JobConflict("this Idempotency-Key is being used by another request; try again")
         earlier_id, earlier_hash, earlier_status = earlier
-        if earlier_hash != request_hash:
+        if earlier_hash != job.request_hash:
             raise JobConflict("this Idempotency-Key was already used with a different request body")
         return _accepted(earlier_id, earlier_status, 200)
-    log_event("job.submitted", job_id=str(job.id), model=model)
+    log_event("job.submitted", job_id=str(job.id), model=job.model)
     return _accepted(job.id, JobStatus.QUEUED.value, 202)
 
 
@@ -191,7 +223,7 @@ def _accepted(job_id: uuid.UUID, status: str, code: int) -> Response:
     "/jobs/{job_id}/cancel",
     response_model=JobStatusResponse,
     status_code=202,
-    responses={**_ERRORS, 200: {"model": JobStatusResponse}, 409: {"model": ErrorResponse}},
+    responses={**ERRORS, 200: {"model": JobStatusResponse}, 409: {"model": ErrorResponse}},
     summary="Cancel a job: a waiting one at once, a running one by canceling its prediction",
 )
 async def cancel(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response:
@@ -202,28 +234,28 @@ async def cancel(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response
         state.notifier.publish(job_id, {"type": "job", "status": "canceled"})
     view = await jobs.get_status(state.db, job_id)
     assert view is not None
-    return FastJSON(_status_body(state, view), status_code=200 if new_status == "canceled" else 202)
+    return FastJSON(status_body(state, view), status_code=200 if new_status == "canceled" else 202)
 
 
 @router.get(
     "/status/{job_id}",
     response_model=JobStatusResponse,
-    responses=_ERRORS,
+    responses=ERRORS,
     summary="Where a job is: status, attempts, error, result URLs",
 )
 async def status(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response:
     view = await jobs.get_status(state.db, job_id, visible_to(owner))
     if view is None:
         raise JobNotFound(f"no job {job_id}")
-    return FastJSON(_status_body(state, view))
+    return FastJSON(status_body(state, view))
 
 
-def _status_body(state: Any, view: jobs.JobStatusView) -> dict[str, Any]:
+def status_body(state: Any, view: jobs.JobStatusView) -> dict[str, Any]:
     urls = [media_url(state, key) for key in view.output_keys]
     return jobs.status_object(view.id, view.status, view.attempts, view.error_message, view.progress, urls)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="The full job")
+@router.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS, summary="The full job")
 async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Response:
     async with state.db.connect() as conn:
         detail = await jobs.get_detail(conn, job_id, visible_to(owner))
@@ -285,7 +317,7 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
 @router.get(
     "/models",
     response_model=ModelList,
-    responses=_ERRORS,
+    responses=ERRORS,
     summary="The allowed models: each one's input schema, defaults, sizes, output kind and price",
 )
 async def models(state: Api, _: Owner) -> Response:
@@ -328,7 +360,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
         return None
 
 
-@router.get("/jobs", response_model=JobPage, responses=_ERRORS, summary="Jobs, newest first")
+@router.get("/jobs", response_model=JobPage, responses=ERRORS, summary="Jobs, newest first")
 async def list_jobs(
     state: Api,
     owner: LimitedOwner,
@@ -366,6 +398,7 @@ async def list_jobs(
                     "prompt": r.prompt,
                     "model": r.model,
                     "attempts": r.attempts,
+                    "progress": jobs.shown_progress(r.status, r.progress),
                     "error": r.error_message,
                     "created_at": r.created_at,
                     "finished_at": r.finished_at,

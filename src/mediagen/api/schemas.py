@@ -190,6 +190,7 @@ class JobSummary(BaseModel):
     prompt: str
     model: str
     attempts: int
+    progress: float | None
     error: str | None
     created_at: datetime
     finished_at: datetime | None

@@ -17,6 +17,7 @@ class Prediction:
     error: str | None = None
     created_at: datetime | None = None
     completed_at: datetime | None = None
+    logs: str | None = None
 
     @property
     def done(self) -> bool:

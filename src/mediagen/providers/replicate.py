@@ -126,6 +126,7 @@ def _prediction(obj: Any) -> Prediction:
         error=str(obj.error) if obj.error else None,
         created_at=_timestamp(obj.created_at),
         completed_at=_timestamp(getattr(obj, "completed_at", None)),
+        logs=getattr(obj, "logs", None),
     )
 
 

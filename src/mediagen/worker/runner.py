@@ -50,6 +50,7 @@ from mediagen.storage import Storage
 from mediagen.worker.leases import Hold, LeaseKeeper
 from mediagen.worker.outputs import Downloader, store_outputs
 from mediagen.worker.polling import PollSchedule
+from mediagen.worker.progress import ProgressReporter
 
 T = TypeVar("T")
 
@@ -287,11 +288,13 @@ async def _poll(
     ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction: Prediction, *, fresh: bool
 ) -> Prediction:
     delays = ctx.polls.delays(claim.model, fresh=fresh)
+    progress = ProgressReporter(ctx.db, ctx.notifier, claim)
     while not prediction.done:
         hold.check()
         _check_deadline(claim)
         await hold.sleep(next(delays))
         prediction = await _unthrottled(ctx, claim, hold, partial(ctx.provider.get, prediction.id))
+        await progress.seen(prediction)
     ctx.polls.observe(claim.model, prediction)
     return prediction
 
@@ -301,18 +304,18 @@ async def _await_webhook(
 ) -> Prediction:
     """Wait for the webhook that says the prediction ended, then look at it (one GET); without one, look
     every `webhook_poll_seconds` anyway (a lost webhook, Replicate's retries giving up)."""
+    progress = ProgressReporter(ctx.db, ctx.notifier, claim)
     while not prediction.done:
         _check_deadline(claim)
         give_up_at = time.monotonic() + ctx.webhook_poll_seconds
         while (left := give_up_at - time.monotonic()) > 0:
             event = await _next_event(events, hold, left)
-            if (
-                event is not None
-                and event.get("type") == "prediction"
-                and event.get("prediction_id") == prediction.id
-                and event.get("status") in TERMINAL_PREDICTION
-            ):
+            if event is None or event.get("type") != "prediction" or event.get("prediction_id") != prediction.id:
+                continue
+            if event.get("status") in TERMINAL_PREDICTION:
                 break
+            if event.get("progress"):  # a `logs` webhook: its tqdm bar, parsed by the receiver
+                await progress.report(event["progress"]["percentage"])
         prediction = await _unthrottled(ctx, claim, hold, partial(ctx.provider.get, prediction.id))
     ctx.polls.observe(claim.model, prediction)
     return prediction
