@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from conftest import start_api, stop
 
 KEYS = ("key-rate", "key-jobs", "key-other")
-PER_MINUTE = 8
+PER_MINUTE = 60
 MAX_UNFINISHED = 2
 
 
@@ -35,12 +36,15 @@ def auth(key: str) -> dict[str, str]:
 
 
 def test_requests_per_minute_are_counted_across_api_processes(limited: tuple[str, str]) -> None:
-    answers = [httpx.get(f"{limited[n % 2]}/jobs", headers=auth("key-rate")) for n in range(PER_MINUTE)]
-    assert [a.status_code for a in answers] == [200] * PER_MINUTE
+    started, answers = time.monotonic(), []
+    while not answers or answers[-1].status_code == 200:
+        answers.append(httpx.get(f"{limited[len(answers) % 2]}/jobs", headers=auth("key-rate")))
+        assert len(answers) <= 2 * PER_MINUTE
+    refused = answers.pop()
+    # The whole minute's quota at once, plus what refilled meanwhile (one a second), and not more.
+    assert PER_MINUTE <= len(answers) <= PER_MINUTE + (time.monotonic() - started) + 1
     assert answers[0].headers["RateLimit-Policy"] == f'"requests";q={PER_MINUTE};w=60, "jobs";q={MAX_UNFINISHED}'
     assert answers[0].headers["RateLimit"].startswith(f'"requests";r={PER_MINUTE - 1};t=')
-
-    refused = httpx.get(f"{limited[0]}/jobs", headers=auth("key-rate"))
 
     assert refused.status_code == 429
     assert refused.json()["error"] == "rate_limited"
@@ -67,8 +71,12 @@ def test_unfinished_jobs_at_once_are_limited_until_one_ends(limited: tuple[str, 
     assert refused.status_code == 429
     assert refused.json()["detail"]["limit"] == "unfinished_jobs"
     assert "Retry-After" in refused.headers
-    canceled = httpx.post(f"{limited[1]}/jobs/{first.json()['job_id']}/cancel", headers=auth("key-jobs"))
-    assert canceled.status_code == 200
+    job_id = first.json()["job_id"]
+    assert httpx.post(f"{limited[1]}/jobs/{job_id}/cancel", headers=auth("key-jobs")).status_code in (200, 202)
+    deadline = time.monotonic() + 10  # a running job ends once its worker has canceled the prediction
+    while httpx.get(f"{limited[0]}/status/{job_id}", headers=auth("key-jobs")).json()["status"] != "canceled":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     assert submit(limited[1]).status_code == 202
 
 
