@@ -4,8 +4,8 @@ Models print tqdm bars into their logs (`75%|███████▌  | 3/4 [00
 line that looks like one is the progress, read as the `replicate` client reads it (`Progress.parse`,
 see shared/replicate-models.md). A model without bars (flux-1.1-pro, SD3.5) has no progress: `null`.
 
+Progress comes from a poll's logs, or from Replicate's `logs` webhooks when webhooks replace polls.
 Cheap on purpose: one conditional UPDATE only when the value moved since this attempt last wrote it,
-(from a poll's logs, or from Replicate's `logs` webhooks when webhooks replace polls)
 never for a finished prediction (its end writes the job anyway), and a failed write is only logged.
 """
 
