@@ -92,3 +92,18 @@ async def test_a_fetched_schema_is_shared_through_redis_and_not_fetched_again_wi
 
     assert second.get(SCHNELL).version == "v2"  # type: ignore[union-attr]
     assert accepts(second, num_outputs=8)
+
+
+def test_the_shipped_snapshots_and_the_fakes_own_copies_agree() -> None:
+    """Two copies by design (the fake shares nothing with mediagen): this keeps them one contract."""
+    import json
+    from importlib import resources
+
+    from fake_replicate.models import MODELS
+
+    for model in DEFAULT_MODELS:
+        snapshot = json.loads(
+            resources.files("mediagen.catalog").joinpath("snapshots", model.replace("/", "__") + ".json").read_text()
+        )
+        assert snapshot["openapi_schema"] == openapi_schema(MODELS[model]), model
+        assert snapshot["version"] == MODELS[model].version

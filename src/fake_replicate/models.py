@@ -72,21 +72,23 @@ OUTPUT_FORMAT = Input("output_format", "string", "webp", enum=FORMATS, descripti
 OUTPUT_QUALITY = Input("output_quality", "integer", 80, 0, 100, description="Quality when saving the output images")
 MEGAPIXELS = Input("megapixels", "string", "1", enum=("1", "0.25"), description="Approximate number of megapixels")
 NUM_OUTPUTS = Input("num_outputs", "integer", 1, 1, 4, description="Number of outputs to generate")
+FLUX_RATIO = Input(
+    "aspect_ratio", "string", "1:1", enum=ASPECT_RATIOS, description="Aspect ratio for the generated image"
+)
+NO_SAFETY = Input("disable_safety_checker", "boolean", False, description="Disable safety checker")
+GO_FAST = Input("go_fast", "boolean", True, description="Run faster predictions with fp8 quantization")
+# What flux-schnell and flux-dev both end with, in x-order.
+FLUX_TAIL: Final = (SEED, OUTPUT_FORMAT, OUTPUT_QUALITY, NO_SAFETY, GO_FAST, MEGAPIXELS)
 
 FLUX_SCHNELL = ModelSpec(
     "black-forest-labs/flux-schnell",
     "c846a69991daf4c0e5d016514849d14ee5b2e6846ce6b9d6f21369e564cfe51e",
     (
         PROMPT,
-        Input("aspect_ratio", "string", "1:1", enum=ASPECT_RATIOS, description="Aspect ratio for the generated image"),
+        FLUX_RATIO,
         NUM_OUTPUTS,
         Input("num_inference_steps", "integer", 4, 1, 4, description="Number of denoising steps"),
-        SEED,
-        OUTPUT_FORMAT,
-        OUTPUT_QUALITY,
-        Input("disable_safety_checker", "boolean", False, description="Disable safety checker"),
-        Input("go_fast", "boolean", True, description="Run faster predictions with fp8 quantization"),
-        MEGAPIXELS,
+        *FLUX_TAIL,
     ),
     progress=True,
     nsfw_drop=True,
@@ -96,18 +98,13 @@ FLUX_DEV = ModelSpec(
     "6e4a938f85952bdabcc15aa329178c4d681c52bf25a0342403287dc26944661d",
     (
         PROMPT,
-        Input("aspect_ratio", "string", "1:1", enum=ASPECT_RATIOS, description="Aspect ratio for the generated image"),
+        FLUX_RATIO,
         Input("image", "string", format="uri", description="Input image for image to image mode"),
         Input("prompt_strength", "number", 0.8, 0, 1, description="Prompt strength when using img2img"),
         NUM_OUTPUTS,
         Input("num_inference_steps", "integer", 28, 1, 50, description="Number of denoising steps"),
         Input("guidance", "number", 3, 0, 10, description="Guidance for generated image"),
-        SEED,
-        OUTPUT_FORMAT,
-        OUTPUT_QUALITY,
-        Input("disable_safety_checker", "boolean", False, description="Disable safety checker"),
-        Input("go_fast", "boolean", True, description="Run faster predictions with fp8 quantization"),
-        MEGAPIXELS,
+        *FLUX_TAIL,
     ),
     progress=True,
     nsfw_drop=True,

@@ -320,7 +320,7 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
     responses=ERRORS,
     summary="The allowed models: each one's input schema, defaults, sizes, output kind and price",
 )
-async def models(state: Api, _: Owner) -> Response:
+async def models(state: Api, _: LimitedOwner) -> Response:
     settings = state.settings
     listed = []
     for name in settings.allowed_models:
