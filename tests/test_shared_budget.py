@@ -1,0 +1,102 @@
+"""Several workers as several machines: one Replicate budget for all of them, and none of them indispensable.
+
+The issue's test is 200 jobs through 3 workers against a fake limited to 60 creates a minute (200 s).
+Scaled to keep the suite fast, the limit still binds: 1,200 creates a minute (20 a second, a burst of
+10 at the fake, 5 in our budget), so 200 jobs take about 10 s of creates where the three workers
+could otherwise start them in one second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from conftest import FakeReplicate, kill_group, stop, unique, wait_http
+from mediagen.core.db import Database
+from mediagen.devtools.embedded import free_port
+
+JOBS = 200
+CREATES_PER_MINUTE = 1200
+
+
+@pytest.fixture
+def limited_fake(workdir: Any) -> Iterator[FakeReplicate]:
+    port = free_port()
+    log = open(workdir / "limited-fake.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fake_replicate", "--port", str(port), "--latency", "0.3"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    fake = FakeReplicate(f"http://127.0.0.1:{port}")
+    wait_http(f"{fake.url}/_fake/health", proc)
+    fake.configure(
+        create_rate_per_minute=CREATES_PER_MINUTE, create_burst=10, request_rate_per_minute=3000, request_burst=100
+    )
+    yield fake
+    stop(proc)
+    log.close()
+
+
+async def test_three_workers_share_one_budget_see_no_429_and_survive_losing_one(
+    make_stack: Any, limited_fake: FakeReplicate
+) -> None:
+    stack = make_stack(
+        REPLICATE_BASE_URL=limited_fake.url,
+        MEDIAGEN_REPLICATE_CREATES_PER_MINUTE=str(CREATES_PER_MINUTE),
+        MEDIAGEN_REPLICATE_CREATE_BURST="5",
+        MEDIAGEN_REPLICATE_REQUESTS_PER_MINUTE="2400",
+    )
+    # Each worker its own settings, as on its own host: only PostgreSQL and Redis are shared.
+    workers = [
+        stack.start_worker(MEDIAGEN_WORKER_METRICS_PORT=str(free_port()), MEDIAGEN_WORKER_THREADS=threads)
+        for threads in ("48", "32", "64")
+    ]
+    api_url = stack.start_api()
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=api_url, timeout=20) as api:
+        prompt = unique("one of many")
+        answers = await asyncio.gather(
+            *(api.post("/generate", json={"prompt": f"{prompt} {i}", "parameters": {}}) for i in range(JOBS))
+        )
+        assert all(answer.status_code == 202 for answer in answers)
+        await asyncio.sleep(3.0)
+        kill_group(workers[2].proc, signal.SIGKILL)  # one machine is lost mid-run
+        db = Database(stack.database_url, pool_size=2)
+        try:
+            statuses: dict[str, int] = {}
+            while time.monotonic() - started < 90:
+                async with db.connect() as conn:
+                    rows = await conn.execute(text("SELECT status, count(*) AS n FROM jobs GROUP BY status"))
+                    statuses = {row.status: row.n for row in rows}
+                if statuses.get("succeeded", 0) + statuses.get("failed", 0) == JOBS:
+                    break
+                await asyncio.sleep(0.5)
+            elapsed = time.monotonic() - started
+            async with db.connect() as conn:
+                outcomes = {
+                    (row.outcome, row.error_class): row.n
+                    for row in await conn.execute(
+                        text("SELECT outcome, error_class, count(*) AS n FROM attempts GROUP BY 1, 2")
+                    )
+                }
+        finally:
+            await db.dispose()
+
+    faults = limited_fake.stats()["faults"]
+    assert statuses == {"succeeded": JOBS}, statuses
+    assert faults.get("rate_limited_create", 0) == 0 and faults.get("rate_limited_request", 0) == 0, faults
+    # No attempt failed: the only attempts besides the 200 successes are those the lost worker held.
+    assert set(outcomes) <= {("succeeded", None), ("abandoned", "WorkerLost")}, outcomes
+    assert outcomes[("succeeded", None)] == JOBS
+    # The budget bound: 200 creates at 20 a second cannot be done in much under 10 s.
+    assert elapsed >= (JOBS - 10) / (CREATES_PER_MINUTE / 60)
