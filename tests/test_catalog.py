@@ -107,3 +107,13 @@ def test_the_shipped_snapshots_and_the_fakes_own_copies_agree() -> None:
         )
         assert snapshot["openapi_schema"] == openapi_schema(MODELS[model]), model
         assert snapshot["version"] == MODELS[model].version
+
+
+def test_a_null_parameter_means_not_given_and_the_seed_is_still_chosen() -> None:
+    schema = Catalog(["stability-ai/stable-diffusion-3.5-large"]).get("stability-ai/stable-diffusion-3.5-large")
+    assert schema is not None
+
+    sent = schema.build_input("a pond", {"seed": None, "negative_prompt": None}, default_output_format="png")
+
+    assert isinstance(sent.pop("seed"), int)
+    assert sent == {"prompt": "a pond", "output_format": "png"}

@@ -115,11 +115,17 @@ async def test_sd35_gets_its_negative_prompt(api: httpx.AsyncClient, fake_replic
     assert len(job["outputs"]) == 1 and job["outputs"][0]["width"] == 1344
 
 
-async def test_images_flux_dropped_as_nsfw_leave_a_shorter_list_not_an_error(api: httpx.AsyncClient) -> None:
+async def test_images_flux_dropped_as_nsfw_leave_a_shorter_list_not_an_error(
+    api: httpx.AsyncClient, worker: Process
+) -> None:
     job = await finished(api, await submit(api, unique("a crowd [[nsfw:1]]"), num_outputs=3, megapixels="0.25"))
 
     assert [o["index"] for o in job["outputs"]] == [0, 1]
     assert len((await api.get(f"/status/{job['job_id']}")).json()["result_urls"]) == 2
+    told = [line for line in worker.log_lines() if line.get("job_id") == job["job_id"]]
+    assert {"event": "job.outputs.fewer", "asked": 3, "got": 2}.items() <= next(
+        line for line in told if line["event"] == "job.outputs.fewer"
+    ).items()
 
 
 async def test_a_video_model_stores_an_mp4_served_with_range_requests(make_stack: Any) -> None:

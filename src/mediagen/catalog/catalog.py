@@ -77,6 +77,9 @@ class Catalog:
                 return
             if raw:
                 doc = json.loads(raw)
+                current = self._schemas.get(model)
+                if current is not None and current.fetched_at == float(doc["fetched_at"]):
+                    continue  # the one we have: keep its compiled validator
                 self._adopt(model, doc.get("version"), doc["openapi_schema"], "replicate", float(doc["fetched_at"]))
 
     async def refresh(self, fetch: Fetch, *, period: float, fetch_seconds: float = 10.0) -> bool:

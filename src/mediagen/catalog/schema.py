@@ -143,7 +143,8 @@ class ModelSchema:
         self, prompt: str, parameters: Mapping[str, Any], *, default_output_format: str = ""
     ) -> dict[str, Any]:
         """The exact Replicate `input` for this prompt and parameters; InvalidParameters naming each bad field."""
-        params = {key: _integral(value) for key, value in parameters.items()}
+        # null is "not given" (the model's default applies), as the old portable parameters had it.
+        params = {key: _integral(value) for key, value in parameters.items() if value is not None}
         problems: list[FieldProblem] = []
         if "prompt" in params:
             problems.append(

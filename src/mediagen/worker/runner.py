@@ -154,6 +154,12 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
         if prediction.status != "succeeded":
             raise _prediction_failure(prediction)
         outputs = await store_outputs(ctx.downloader, ctx.storage, claim.job_id, prediction.output)
+        asked = model_input(claim).get("num_outputs")
+        if isinstance(asked, int) and len(outputs) < asked:
+            # flux drops images its safety checker flagged: fewer outputs is the model's answer, not an error.
+            log_event(
+                "job.outputs.fewer", job_id=str(claim.job_id), attempt=claim.attempt, asked=asked, got=len(outputs)
+            )
         held = await jobs.succeed(ctx.db, claim, outputs, prediction.status)
         if held:
             metrics.jobs_finished.labels("succeeded").inc()
