@@ -138,7 +138,7 @@ async def test_a_prediction_gone_on_resume_is_recorded_and_replaced_by_a_new_one
     api = client(stack.start_api())
     stack.start_worker()
     prompt = unique("forgotten upstream [[create:422*1]]")
-    job_id = await submit(api, prompt, width=64, height=64)
+    job_id = await submit(api, prompt, width=512, height=512)
     assert (await wait_for_job(api, job_id))["status"] == "failed"
     db = Database(stack.database_url, pool_size=1)
     try:
@@ -317,3 +317,43 @@ async def test_postgres_down_gets_a_quick_503_and_the_api_recovers(make_stack: A
         await asyncio.sleep(0.2)
     assert (await api.get("/readyz")).status_code == 200
     await proxy.stop()
+
+
+async def test_a_lease_lost_to_a_database_outage_says_so_on_the_attempt(
+    make_stack: Any, client: Any, fake_replicate: FakeReplicate
+) -> None:
+    """Given a worker waiting on a prediction when its PostgreSQL becomes unreachable for longer than
+    a lease, and another worker that takes the job over, when the database is back, then the first
+    attempt says its lease could not be renewed while PostgreSQL was unreachable (not that its worker
+    stopped), and the job finishes on its one prediction."""
+    stack: Stack = make_stack(**FAST)
+    proxy_port = free_port()
+    url, target = proxied_url(stack.database_url, proxy_port)
+    proxy = TcpProxy(target)
+    proxy.port = proxy_port
+    await proxy.start()
+    try:
+        api = client(stack.start_api())
+        stack.start_worker(DATABASE_URL=url)  # this one reaches PostgreSQL through the proxy
+        prompt = unique("outlives an outage [[latency=8]]")
+        job_id = await submit(api, prompt, width=512, height=512)
+        await wait_running_with_prediction(stack, job_id)
+        stack.start_worker()  # this one reaches it directly, and takes the job over
+
+        await proxy.stop()
+        deadline = time.monotonic() + 20
+        while len(await attempts_of(stack, job_id)) < 2:
+            assert time.monotonic() < deadline, "the job was never taken over"
+            await asyncio.sleep(0.2)
+        await proxy.start()
+
+        assert (await wait_for_job(api, job_id, timeout=30))["status"] == "succeeded"
+        deadline = time.monotonic() + 10
+        while (first := (await attempts_of(stack, job_id))[0]).error_class == "WorkerLost":
+            assert time.monotonic() < deadline, "the first attempt still says its worker stopped"
+            await asyncio.sleep(0.2)
+        assert first.outcome == "abandoned" and first.error_class == "LeaseExpired"
+        assert "could not be renewed" in first.error_message and "PostgreSQL was unreachable" in first.error_message
+        assert fake_replicate.predictions_for(prompt) == 1
+    finally:
+        await proxy.stop()

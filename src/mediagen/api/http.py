@@ -14,9 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import asyncpg
 import orjson
-import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.routing import APIRoute
@@ -26,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mediagen.api.auth import Unauthorized
 from mediagen.api.limits import RateLimited
+from mediagen.core.db import UNREACHABLE
 from mediagen.core.errors import (
     DependencyUnavailable,
     InvalidParameters,
@@ -241,18 +240,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelSchemaUnknown, _schema_unknown)
     app.add_exception_handler(Unauthorized, _unauthorized)
     app.add_exception_handler(RateLimited, _rate_limited)
-    for kind in (
-        DependencyUnavailable,
-        sqlalchemy.exc.OperationalError,
-        sqlalchemy.exc.InterfaceError,
-        sqlalchemy.exc.TimeoutError,
-        asyncpg.exceptions.PostgresConnectionError,
-        asyncpg.exceptions.InterfaceError,
-        asyncpg.exceptions.CannotConnectNowError,
-        asyncpg.exceptions.TooManyConnectionsError,
-        ConnectionError,
-        TimeoutError,
-        OSError,
-    ):
+    unavailable: tuple[type[Exception], ...] = (DependencyUnavailable, *UNREACHABLE)
+    for kind in unavailable:
         app.add_exception_handler(kind, _unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -14,6 +14,7 @@
     ├── JobDeadlineExceeded           the job ran past its deadline (permanent)
     ├── JobCanceled                   the job was canceled while it ran
     ├── LeaseLost                     another worker took the job over (this worker must stop quietly)
+    │   └── LeaseExpired              ... because this worker could not renew its lease (PostgreSQL was unreachable)
     └── WorkerStopping                this worker is shutting down: hand the job back
 
 Domain errors the API maps to HTTP answers:
@@ -99,6 +100,11 @@ class JobCanceled(MediagenError):
 
 class LeaseLost(MediagenError):
     pass
+
+
+class LeaseExpired(LeaseLost):
+    """The lease ran out while PostgreSQL was unreachable, and another worker took the job over: the
+    worker did not stop, and says so on the attempt the new holder closed."""
 
 
 class JobNotFound(MediagenError):

@@ -400,6 +400,19 @@ async def forget_gone_prediction(db: Database, claim: Claim, prediction_id: str)
     return result.endswith(" 1")
 
 
+_EXPLAIN_SQL = """
+    UPDATE attempts SET error_class = $2, error_message = $3
+    WHERE id = $1 AND outcome = 'abandoned' AND error_class = 'WorkerLost'
+"""
+
+
+async def explain_abandoned(db: Database, claim: Claim, error_class: str, message: str) -> bool:
+    """Say on an attempt that another worker closed as `WorkerLost` what really happened to it
+    (its worker, still alive, knows); False when it is not closed that way."""
+    result = await db.execute(_EXPLAIN_SQL, claim.attempt_id, error_class, message)
+    return result.endswith(" 1")
+
+
 def _held(claim: Claim) -> Any:
     return and_(Job.id == claim.job_id, Job.claim_token == claim.token, Job.status == JobStatus.RUNNING.value)
 
@@ -573,6 +586,7 @@ __all__ = [
     "claim",
     "create_jobs",
     "due_in",
+    "explain_abandoned",
     "fail_attempt",
     "find_by_idempotency_key",
     "finish_canceled",

@@ -4,6 +4,10 @@ Each running job registers a `Hold`. Every `lease_seconds / 3` the keeper extend
 job this process holds, in one statement that also reads back `cancel_requested`. A job missing from
 the answer has been taken over (its lease had expired and another worker claimed it); the keeper tells
 its runner to stop (`LeaseLost`). A cancel request is passed on the same way (`JobCanceled`).
+
+When renewals fail because PostgreSQL is unreachable for longer than a lease, the leases run out and
+another worker may take the jobs over once the database is back. The keeper remembers the outage, so
+the runners it then stops hear `LeaseExpired`, which says so, rather than a plain `LeaseLost`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
-from mediagen.core.db import Database
-from mediagen.core.errors import JobCanceled, LeaseLost, MediagenError
+from mediagen.core.db import UNREACHABLE, Database
+from mediagen.core.errors import JobCanceled, LeaseExpired, LeaseLost, MediagenError
 from mediagen.logging import log_event
 
 _RENEW_SQL = text(
@@ -64,6 +68,10 @@ class LeaseKeeper:
         self.lease_seconds = lease_seconds
         self.holds: dict[uuid.UUID, Hold] = {}
         self._task: asyncio.Task[None] | None = None
+        self._renewed_at = time.monotonic()
+        """When the last renewal that reached the database was sent."""
+        self._outage: str | None = None
+        """Why renewals have failed since then: the database could not be reached."""
 
     def hold(self, job_id: uuid.UUID, token: uuid.UUID) -> Hold:
         hold = Hold(job_id, token)
@@ -89,26 +97,49 @@ class LeaseKeeper:
 
     async def renew(self) -> None:
         holds = list(self.holds.values())
+        sent = time.monotonic()
         if not holds:
+            self._renewed(sent)
             return
-        async with self.db.transaction() as conn:
-            rows = (
-                await conn.execute(
-                    _RENEW_SQL,
-                    {
-                        "lease": self.lease_seconds,
-                        "ids": [h.job_id for h in holds],
-                        "tokens": [h.token for h in holds],
-                    },
-                )
-            ).all()
+        try:
+            async with self.db.transaction() as conn:
+                rows = (
+                    await conn.execute(
+                        _RENEW_SQL,
+                        {
+                            "lease": self.lease_seconds,
+                            "ids": [h.job_id for h in holds],
+                            "tokens": [h.token for h in holds],
+                        },
+                    )
+                ).all()
+        except UNREACHABLE as error:
+            self._outage = self._outage or f"{type(error).__name__}: {error}".strip().rstrip(":")
+            raise
+        lost = self._lost_reason(sent)
+        self._renewed(sent)
         alive = {row.id: row.cancel_requested for row in rows}
         for hold in holds:
             if hold.job_id not in alive:
                 if self.holds.get(hold.job_id) is hold:  # not finished in the meantime
-                    hold.tell(LeaseLost("another worker took this job over"))
+                    hold.tell(lost)
             elif alive[hold.job_id]:
                 hold.tell(JobCanceled("canceled on request"))
+
+    def _renewed(self, sent: float) -> None:
+        self._renewed_at = sent
+        self._outage = None
+
+    def _lost_reason(self, sent: float) -> LeaseLost:
+        """Why a job missing from a renewal was taken over: our lease ran out during an outage, or not."""
+        unrenewed = sent - self._renewed_at
+        if self._outage is None or unrenewed <= self.lease_seconds:
+            return LeaseLost("another worker took this job over")
+        return LeaseExpired(
+            f"the lease could not be renewed for {unrenewed:.0f} s while PostgreSQL was unreachable "
+            f"({self._outage}), so another worker took the job over; this worker did not stop",
+            error_class="LeaseExpired",
+        )
 
     async def watch_cancels(self) -> None:
         """Tell running jobs whose cancel was requested (a cheap read, done every second)."""

@@ -19,6 +19,7 @@ The attempt protocol (no lost job, no double billing):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from mediagen.core.db import Database
 from mediagen.core.errors import (
     JobCanceled,
     JobDeadlineExceeded,
+    LeaseExpired,
     LeaseLost,
     MediagenError,
     PermanentProviderError,
@@ -175,6 +177,8 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
             _announce(ctx, claim, "succeeded")
         else:
             _log_lost(claim)
+    except LeaseExpired as expired:
+        await _explain_lost(ctx, claim, expired)
     except LeaseLost:
         _log_lost(claim)
     except JobCanceled:
@@ -473,6 +477,22 @@ def _attempt_closed(
 def _announce(ctx: WorkerContext, claim: jobs.Claim, status: str, **fields: Any) -> None:
     """Tell listeners (mediagen.notify) that the job's row changed: fire and forget, after the commit."""
     ctx.notifier.publish(claim.job_id, {"type": "job", "status": status, "attempt": claim.attempt, **fields})
+
+
+async def _explain_lost(ctx: WorkerContext, claim: jobs.Claim, expired: LeaseExpired) -> None:
+    """Our lease ran out during a database outage and another worker took the job over, closing our
+    attempt as `WorkerLost`: put what really happened on it."""
+    with contextlib.suppress(Exception):  # the database is gone again: the attempt keeps the new holder's words
+        await jobs.explain_abandoned(ctx.db, claim, expired.error_class, expired.message)
+    log_event(
+        "job.lease.expired",
+        logging.WARNING,
+        job_id=str(claim.job_id),
+        attempt=claim.attempt,
+        error_class=expired.error_class,
+        error=expired.message,
+    )
+    _log_lost(claim)
 
 
 def _log_lost(claim: jobs.Claim) -> None:
