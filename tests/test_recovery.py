@@ -335,7 +335,7 @@ async def test_a_lease_lost_to_a_database_outage_says_so_on_the_attempt(
     try:
         api = client(stack.start_api())
         stack.start_worker(DATABASE_URL=url)  # this one reaches PostgreSQL through the proxy
-        prompt = unique("outlives an outage [[latency=8]]")
+        prompt = unique("outlives an outage [[latency=15]]")
         job_id = await submit(api, prompt, width=512, height=512)
         await wait_running_with_prediction(stack, job_id)
         stack.start_worker()  # this one reaches it directly, and takes the job over
