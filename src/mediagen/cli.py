@@ -3,6 +3,7 @@
     mediagen job <id>                       a job's timeline: every attempt, its error, the wait after it
     mediagen jobs [--status failed] [--since 1h] [--limit 50]
     mediagen retry <id>                     run a failed (or canceled) job again, on a fresh prediction
+    mediagen usage [--since 24h]            what the predictions cost: per model, per API key, per day
 
 Uses DATABASE_URL (and REDIS_URL for `retry`); without them, the embedded servers `make run` keeps in
 MEDIAGEN_DATA_DIR.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 import uuid
 from collections.abc import Sequence
@@ -23,11 +23,9 @@ from sqlalchemy import text
 
 from mediagen.core import jobs
 from mediagen.core.db import Database
+from mediagen.core.usage import parse_duration, usage
 from mediagen.devtools.embedded import EmbeddedPostgres, port_open
 from mediagen.settings import Settings, get_settings
-
-_DURATION = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 RETRY_HELP = """\
 Run a failed or canceled job again, whatever it failed of, including a prediction that failed at
@@ -40,10 +38,10 @@ worker's recovery sweep picks it up within seconds.
 
 
 def parse_since(value: str) -> timedelta:
-    match = _DURATION.match(value)
-    if not match:
-        raise argparse.ArgumentTypeError("a duration such as 30m, 1h, 2d")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a duration such as 30m, 1h, 2d") from None
 
 
 def _time(value: datetime | None) -> str:
@@ -153,6 +151,30 @@ async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
     return 0
 
 
+async def show_usage(db: Database, since: timedelta) -> int:
+    report = await usage(db, datetime.now(UTC) - since)
+    print(f"since {_time(report.since)} UTC")
+    header = f"{'':<44} {'predictions':>11} {'images':>7} {'seconds':>9} {'USD':>11} {'unpriced':>8}"
+    groups: list[tuple[str, dict[Any, Any]]] = [
+        ("model", report.by_model),
+        ("api key", report.by_api_key),
+        ("day", report.by_day),
+    ]
+    for title, group in groups:
+        print(f"\nby {title}\n{header}")
+        for name, totals in group.items():
+            print(_usage_line(str(name), totals))
+    print(f"\n{_usage_line('total', report.total)}")
+    return 0
+
+
+def _usage_line(name: str, totals: Any) -> str:
+    return (
+        f"{name[:44]:<44} {totals.predictions:>11} {totals.images:>7} {totals.predict_seconds:>9.1f} "
+        f"{totals.cost_usd:>11.4f} {totals.unpriced_predictions:>8}"
+    )
+
+
 def _embedded_redis_url() -> str | None:
     return "redis://127.0.0.1:6390/0" if port_open("127.0.0.1", 6390) else None
 
@@ -175,6 +197,8 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     retry.add_argument("job_id", type=uuid.UUID)
+    spend = commands.add_parser("usage", help="what the predictions cost, per model, per API key and per day")
+    spend.add_argument("--since", type=parse_since, default=timedelta(hours=24), help="e.g. 24h (default), 7d")
     return root
 
 
@@ -190,6 +214,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             return await show_job(db, args.job_id)
         if args.command == "jobs":
             return await list_jobs(db, args.status, args.since, args.limit)
+        if args.command == "usage":
+            return await show_usage(db, args.since)
         return await retry_job(db, settings, args.job_id)
     finally:
         await db.dispose()

@@ -44,6 +44,10 @@ replicate_token_wait = Histogram(
     buckets=(0.0005, 0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120),
 )
 replicate_throttled = Counter("mediagen_replicate_throttled_total", "429s received from Replicate", ["budget"])
+spend_usd = Counter(
+    "mediagen_spend_usd_total", "USD spent on predictions (by the price table; unknown prices count nothing)", ["model"]
+)
+images_made = Counter("mediagen_prediction_images_total", "Images the predictions made (what is billed)", ["model"])
 in_flight = Gauge("mediagen_predictions_in_flight", "Jobs this worker process is running")
 
 

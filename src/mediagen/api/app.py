@@ -23,6 +23,7 @@ from mediagen.api.limits import Limits, RateLimitHeaders
 from mediagen.api.replicate_webhooks import router as replicate_webhooks_router
 from mediagen.api.routes import router
 from mediagen.api.submissions import Submissions
+from mediagen.api.usage import router as usage_router
 from mediagen.broker import Dispatcher
 from mediagen.catalog.catalog import Catalog
 from mediagen.core.db import Database
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     _document_allowed_models(app, settings)
     app.include_router(router)
     app.include_router(replicate_webhooks_router)
+    app.include_router(usage_router)
     app.include_router(events_router)
     if settings.cors_origins:
         app.add_middleware(

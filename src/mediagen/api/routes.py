@@ -12,6 +12,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -37,6 +38,7 @@ from mediagen.core import jobs, webhooks
 from mediagen.core.errors import JobConflict, JobNotFound, ModelSchemaUnknown, StorageError
 from mediagen.core.models import JobStatus
 from mediagen.core.pricing import price_for
+from mediagen.core.usage import job_cost
 from mediagen.logging import log_event
 from mediagen.storage import CONTENT_TYPES, ByteRange, ObjectStream, is_valid_key
 from mediagen.storage.local import LocalStorage
@@ -281,6 +283,7 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
             "next_attempt_at": job.next_attempt_at,
             "deadline_at": job.deadline_at,
             "progress": jobs.shown_progress(job.status, job.progress),
+            "cost_usd": _usd(job_cost(detail.attempts)),
             "attempt_history": [
                 {
                     "number": a.number,
@@ -294,6 +297,9 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
                     "resumed": a.resumed,
                     "gone_prediction_id": a.gone_prediction_id,
                     "retry_delay_seconds": a.retry_delay_seconds,
+                    "predict_time": a.predict_time,
+                    "image_count": a.image_count,
+                    "cost_usd": _usd(a.cost_usd),
                 }
                 for a in detail.attempts
             ],
@@ -312,6 +318,10 @@ async def job_detail(job_id: uuid.UUID, state: Api, owner: LimitedOwner) -> Resp
             "webhook_deliveries": detail.webhook_deliveries,
         }
     )
+
+
+def _usd(amount: Decimal | None) -> str | None:
+    return None if amount is None else str(amount)
 
 
 @router.get(

@@ -127,6 +127,9 @@ class AttemptView(BaseModel):
     gone_prediction_id: str | None = None
     """A prediction this attempt was to resume but Replicate no longer knew (404): replaced by `prediction_id`."""
     retry_delay_seconds: float | None
+    predict_time: float | None = Field(None, description="Seconds the prediction ran (its metrics)")
+    image_count: int | None = Field(None, description="Images the prediction made (its metrics)")
+    cost_usd: str | None = Field(None, description="USD, decimal string; null when unknown")
 
 
 class OutputView(BaseModel):
@@ -179,6 +182,9 @@ class JobView(BaseModel):
     next_attempt_at: datetime | None
     deadline_at: datetime
     progress: float | None = Field(description="0 to 1 while running (from the model's logs), 1 when succeeded")
+    cost_usd: str | None = Field(
+        description="What the job's predictions cost (USD, decimal string); null until one ended, or when unknown"
+    )
     attempt_history: list[AttemptView]
     outputs: list[OutputView]
     webhook_deliveries: list[WebhookDeliveryView]

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -428,6 +429,18 @@ class StoredOutput:
     height: int | None = None
 
 
+@dataclass(frozen=True)
+class Spend:
+    """What a prediction that ended reported (its `metrics`) and what it cost (None: unknown)."""
+
+    predict_time: float | None = None
+    image_count: int | None = None
+    cost_usd: Decimal | None = None
+
+
+NO_SPEND = Spend()
+
+
 _SUCCEED_SQL = """
     WITH done AS (
         UPDATE jobs SET status = 'succeeded', finished_at = now(), updated_at = now(), lease_until = NULL,
@@ -435,7 +448,8 @@ _SUCCEED_SQL = """
         WHERE id = $1 AND claim_token = $2 AND status = 'running'
         RETURNING id
     ), closed AS (
-        UPDATE attempts SET finished_at = now(), outcome = 'succeeded', prediction_status = $4
+        UPDATE attempts SET finished_at = now(), outcome = 'succeeded', prediction_status = $4,
+               predict_time = $12, image_count = $13, cost_usd = $14
         WHERE id = $3 AND EXISTS (SELECT 1 FROM done)
     ), stored AS (
         INSERT INTO outputs (job_id, index, storage_key, content_type, size_bytes, sha256, width, height)
@@ -448,7 +462,9 @@ _SUCCEED_SQL = """
 """
 
 
-async def succeed(db: Database, claim: Claim, outputs: Sequence[StoredOutput], prediction_status: str) -> bool:
+async def succeed(
+    db: Database, claim: Claim, outputs: Sequence[StoredOutput], prediction_status: str, spend: Spend = NO_SPEND
+) -> bool:
     """Close the attempt and the job as succeeded, with its outputs, in one statement.
     False: the job is no longer ours (another worker took it over), and nothing was written."""
     held = await db.fetchval(
@@ -464,6 +480,9 @@ async def succeed(db: Database, claim: Claim, outputs: Sequence[StoredOutput], p
         [o.sha256 for o in outputs],
         [o.width for o in outputs],
         [o.height for o in outputs],
+        spend.predict_time,
+        spend.image_count,
+        spend.cost_usd,
     )
     return bool(held)
 
@@ -492,14 +511,17 @@ _FAIL_SQL = """
         UPDATE attempts SET finished_at = now(), outcome = 'failed', error_class = $5, error_message = $6,
                http_status = $7, retry_delay_seconds = $3,
                prediction_status = coalesce($8, prediction_status),
-               create_sent_at = CASE WHEN $9 THEN NULL ELSE create_sent_at END
+               create_sent_at = CASE WHEN $9 THEN NULL ELSE create_sent_at END,
+               predict_time = $10, image_count = $11, cost_usd = $12
         WHERE id = $4 AND EXISTS (SELECT 1 FROM done)
     )
     SELECT count(*) AS held FROM done
 """
 
 
-async def fail_attempt(db: Database, claim: Claim, failure: Failure, *, retry_delay: float | None) -> bool:
+async def fail_attempt(
+    db: Database, claim: Claim, failure: Failure, *, retry_delay: float | None, spend: Spend = NO_SPEND
+) -> bool:
     """Close the attempt as failed; the job goes `retrying` after `retry_delay` s, or `failed` if None."""
     held = await db.fetchval(
         _FAIL_SQL,
@@ -512,6 +534,9 @@ async def fail_attempt(db: Database, claim: Claim, failure: Failure, *, retry_de
         failure.http_status,
         failure.prediction_status,
         failure.create_rejected,
+        spend.predict_time,
+        spend.image_count,
+        spend.cost_usd,
     )
     return bool(held)
 
@@ -582,6 +607,7 @@ __all__ = [
     "JobDetail",
     "JobStatusView",
     "NewJob",
+    "Spend",
     "StoredOutput",
     "claim",
     "create_jobs",

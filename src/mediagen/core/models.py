@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     Text,
     UniqueConstraint,
     func,
@@ -131,10 +133,17 @@ class Attempt(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     http_status: Mapped[int | None] = mapped_column(Integer)
     retry_delay_seconds: Mapped[float | None] = mapped_column(Double)
+    predict_time: Mapped[float | None] = mapped_column(Double)
+    """Seconds the prediction ran, from its `metrics` (when this attempt saw it end)."""
+    image_count: Mapped[int | None] = mapped_column(Integer)
+    """Images the prediction made, from its `metrics.image_count` (what Replicate bills per image)."""
+    cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(12, 6))
+    """What the prediction cost by mediagen.core.pricing; NULL when unknown."""
 
     __table_args__ = (
         UniqueConstraint("job_id", "number"),
         Index("ix_attempts_prediction_id", "prediction_id"),
+        Index("ix_attempts_finished_at", "finished_at"),
         CheckConstraint(f"outcome IS NULL OR outcome IN ({_statuses(AttemptOutcome)})", name="outcome"),
     )
 

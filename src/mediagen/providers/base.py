@@ -18,6 +18,8 @@ class Prediction:
     created_at: datetime | None = None
     completed_at: datetime | None = None
     logs: str | None = None
+    metrics: dict[str, Any] | None = None
+    """Replicate's `metrics` once it ended: `predict_time` (s), `image_count` when the model reports it."""
 
     @property
     def done(self) -> bool:

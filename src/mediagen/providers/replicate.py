@@ -127,6 +127,7 @@ def _prediction(obj: Any) -> Prediction:
         created_at=_timestamp(obj.created_at),
         completed_at=_timestamp(getattr(obj, "completed_at", None)),
         logs=getattr(obj, "logs", None),
+        metrics=getattr(obj, "metrics", None) or None,
     )
 
 

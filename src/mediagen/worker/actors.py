@@ -137,6 +137,7 @@ class WorkerResources(Middleware):
             lease_seconds=s.lease_seconds,
             polls=PollSchedule(initial=s.poll_initial_seconds, maximum=s.poll_max_seconds),
             notifier=Notifier(self.redis, namespace=s.redis_namespace),
+            prices=s.price_table,
             webhook_url=s.replicate_webhook_url,
             webhook_poll_seconds=s.replicate_webhook_poll_seconds,
         )

@@ -24,15 +24,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
 from mediagen import metrics
 from mediagen.broker import Dispatcher
-from mediagen.core import jobs
+from mediagen.core import jobs, pricing
 from mediagen.core.db import Database
 from mediagen.core.errors import (
     JobCanceled,
@@ -44,6 +44,7 @@ from mediagen.core.errors import (
     TransientProviderError,
     WorkerStopping,
 )
+from mediagen.core.pricing import Price
 from mediagen.core.retry import RetryPolicy, prediction_failure_is_transient
 from mediagen.logging import log_event
 from mediagen.notify import Event, Notifier, Subscription
@@ -75,6 +76,8 @@ class WorkerContext:
     lease_seconds: float
     polls: PollSchedule
     notifier: Notifier
+    prices: Mapping[str, Price | None] = field(default_factory=lambda: dict(pricing.DEFAULT_PRICES))
+    """The price table (settings), for each attempt's cost."""
     webhook_url: str | None = None
     """Replicate POSTs our predictions here (the API relays them as events), when webhooks are on."""
     webhook_poll_seconds: float = 30.0
@@ -162,8 +165,10 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
             log_event(
                 "job.outputs.fewer", job_id=str(claim.job_id), attempt=claim.attempt, asked=asked, got=len(outputs)
             )
-        held = await jobs.succeed(ctx.db, claim, outputs, prediction.status)
+        spend = _spend(ctx, claim, prediction, images=len(outputs))
+        held = await jobs.succeed(ctx.db, claim, outputs, prediction.status, spend)
         if held:
+            _count_spend(claim, spend)
             metrics.jobs_finished.labels("succeeded").inc()
             _attempt_closed(
                 claim.job_id,
@@ -369,7 +374,8 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
     decision = ctx.policy.decide(error, claim.attempt, max_attempts=claim.max_attempts)
     retry_delay = decision.delay if decision.retry else None
     try:
-        held = await jobs.fail_attempt(ctx.db, claim, failure, retry_delay=retry_delay)
+        spend = _spend(ctx, claim, prediction)
+        held = await jobs.fail_attempt(ctx.db, claim, failure, retry_delay=retry_delay, spend=spend)
     except Exception:
         # The database is unreachable: leave the job to its lease; the next claim closes this attempt.
         log_event("job.attempt.unrecorded", logging.WARNING, job_id=str(claim.job_id), attempt=claim.attempt)
@@ -377,6 +383,7 @@ async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | 
     if not held:
         _log_lost(claim)
         return
+    _count_spend(claim, spend)
     # Logged once the row is committed, so the log and the attempts table tell the same story.
     _attempt_closed(
         claim.job_id,
@@ -472,6 +479,28 @@ def _attempt_closed(
     if error_class:
         fields["error_class"] = error_class
     log_event(event, level, job_id=str(job_id), attempt=attempt, outcome=outcome, **fields)
+
+
+def _spend(
+    ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None, images: int | None = None
+) -> jobs.Spend:
+    """What an ended prediction reported and cost. `images`: outputs stored, for a model whose metrics
+    do not count them (Replicate bills per output image)."""
+    if prediction is None or not prediction.done:
+        return jobs.NO_SPEND
+    reported = prediction.metrics or {}
+    seconds = reported.get("predict_time")
+    count = reported.get("image_count")
+    predict_time = float(seconds) if isinstance(seconds, int | float) and not isinstance(seconds, bool) else None
+    image_count = count if isinstance(count, int) and not isinstance(count, bool) else images
+    return jobs.Spend(predict_time, image_count, pricing.cost(claim.model, image_count, predict_time, ctx.prices))
+
+
+def _count_spend(claim: jobs.Claim, spend: jobs.Spend) -> None:
+    if spend.image_count:
+        metrics.images_made.labels(claim.model).inc(spend.image_count)
+    if spend.cost_usd is not None:
+        metrics.spend_usd.labels(claim.model).inc(float(spend.cost_usd))
 
 
 def _announce(ctx: WorkerContext, claim: jobs.Claim, status: str, **fields: Any) -> None:

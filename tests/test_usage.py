@@ -1,0 +1,83 @@
+"""Spend: every prediction's metrics and cost on record, a job's cost, and totals that match Replicate's count."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import FakeReplicate, stop, submit, unique, wait_for_job, wait_http
+from mediagen.devtools.embedded import free_port
+
+
+@pytest.fixture
+def own_fake(workdir: Any) -> Iterator[FakeReplicate]:
+    """A fake of this test's own, so its count of images is this test's alone."""
+    port = free_port()
+    log = open(workdir / "usage-fake.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fake_replicate", "--port", str(port), "--latency", "0.2"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    fake = FakeReplicate(f"http://127.0.0.1:{port}")
+    wait_http(f"{fake.url}/_fake/health", proc)
+    yield fake
+    stop(proc)
+    log.close()
+
+
+async def test_usage_matches_the_images_replicate_made_and_each_job_shows_its_cost(
+    make_stack: Any, own_fake: FakeReplicate
+) -> None:
+    metrics_port = free_port()
+    stack = make_stack(REPLICATE_BASE_URL=own_fake.url, MEDIAGEN_WORKER_METRICS_PORT=str(metrics_port))
+    stack.start_worker()
+    async with httpx.AsyncClient(base_url=stack.start_api(), timeout=10) as api:
+        one = await submit(api, unique("one fox"), width=512, height=512)
+        three = await submit(api, unique("three foxes"), width=512, height=512, num_outputs=3)
+        retried = await submit(api, unique("a fox, twice [[fail*1]]"), width=512, height=512)
+        for job_id in (one, three, retried):
+            assert (await wait_for_job(api, job_id))["status"] == "succeeded"
+        views = {job_id: (await api.get(f"/jobs/{job_id}")).json() for job_id in (one, three, retried)}
+        report = (await api.get("/usage", params={"since": "1h"})).json()
+        refused = await api.get("/usage", params={"since": "yesterday"})
+
+    made = own_fake.stats()["images"]
+    assert made == 5
+    assert report["total"]["images"] == made
+    assert Decimal(report["total"]["cost_usd"]) == Decimal("0.003") * made
+    [model] = report["by_model"]
+    assert model["model"] == "black-forest-labs/flux-schnell" and model["images"] == made
+    # The failed prediction of the retried job ran, but its price (per image, none made) is unknown.
+    assert report["total"]["predictions"] == 4 and report["total"]["unpriced_predictions"] == 1
+    assert [day["images"] for day in report["by_day"]] == [made]
+    assert report["by_api_key"][0]["api_key"] == "anonymous"
+    assert refused.status_code == 422
+
+    assert Decimal(views[one]["cost_usd"]) == Decimal("0.003")
+    assert Decimal(views[three]["cost_usd"]) == Decimal("0.009")
+    assert views[retried]["cost_usd"] is None  # one of its predictions has no known cost
+    failed_attempt, good_attempt = views[retried]["attempt_history"]
+    assert failed_attempt["predict_time"] is not None and failed_attempt["cost_usd"] is None
+    assert good_attempt["image_count"] == 1 and Decimal(good_attempt["cost_usd"]) == Decimal("0.003")
+
+    scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    spent = [line for line in scraped.splitlines() if line.startswith("mediagen_spend_usd_total{")]
+    assert spent and abs(float(spent[0].rsplit(" ", 1)[1]) - 0.015) < 1e-9
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "mediagen.cli", "usage", "--since", "1h"],
+        env={**stack.env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert cli.returncode == 0, cli.stderr
+    total = next(line for line in cli.stdout.splitlines() if line.startswith("total"))
+    assert total.split()[1:3] == ["4", "5"] and "0.0150" in total
