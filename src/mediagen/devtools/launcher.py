@@ -128,6 +128,9 @@ def main() -> None:
                 )
             )
             env["REPLICATE_BASE_URL"] = f"http://127.0.0.1:{fake_port}"
+            # The fake sends its webhooks to this API, so the worker waits for them instead of polling.
+            env.setdefault("MEDIAGEN_REPLICATE_WEBHOOKS", "true")
+            env.setdefault("MEDIAGEN_REPLICATE_WEBHOOK_BASE_URL", f"http://{host}:{port}")
             log_event("dev.fake_replicate", url=env["REPLICATE_BASE_URL"])
         _webhooks_for_a_local_receiver(env, data_dir)
         migrate(env["DATABASE_URL"])
