@@ -276,6 +276,8 @@ def test_the_image_environment_runs_our_code(tmp_path: Path) -> None:
         "assert all(load_snapshot(model) is not None for model in DEFAULT_MODELS), 'the schema snapshots'\n"
         f"assert pathlib.Path(mediagen.__file__).is_relative_to({str(venv)!r}), mediagen.__file__\n"
         "assert importlib.util.find_spec('pytest') is None, 'a dev package in the image'\n"
+        "web = pathlib.Path(mediagen.__file__).parent / 'api' / 'web'\n"
+        "assert all((web / f).is_file() for f in ('index.html', 'app.js', 'app.css')), 'the web page'\n"
     )
     run([str(python), "-c", probe], cwd=app, env=env)
     run([str(python), "-m", "pip", "check"], cwd=app, env=env)

@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from mediagen import __version__, services
+from mediagen.api import web
 from mediagen.api.auth import KeyRing
 from mediagen.api.events import router as events_router
 from mediagen.api.http import BodySizeLimit, install_error_handlers
@@ -154,6 +155,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         version=__version__,
         description="Text prompts in, stored images out, through Replicate: asynchronously, without losing work.",
         lifespan=lifespan,
+        # Served by mediagen.api.web from local files (the defaults load Swagger UI and ReDoc from a CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     _document_allowed_models(app, settings)
@@ -161,6 +165,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.include_router(replicate_webhooks_router)
     app.include_router(usage_router)
     app.include_router(events_router)
+    web.install(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -398,7 +398,8 @@ async def list_jobs(
             before=before,
             owner=visible_to(owner),
         )
-    page, more = rows[:limit], len(rows) > limit
+        page, more = rows[:limit], len(rows) > limit
+        outputs = await jobs.output_keys(conn, [r.id for r in page if r.status == "succeeded"])
     return FastJSON(
         {
             "items": [
@@ -409,6 +410,7 @@ async def list_jobs(
                     "model": r.model,
                     "attempts": r.attempts,
                     "progress": jobs.shown_progress(r.status, r.progress),
+                    "result_urls": [media_url(state, key) for key in outputs.get(r.id, ())],
                     "error": r.error_message,
                     "created_at": r.created_at,
                     "finished_at": r.finished_at,

@@ -197,6 +197,7 @@ class JobSummary(BaseModel):
     model: str
     attempts: int
     progress: float | None
+    result_urls: list[str]
     error: str | None
     created_at: datetime
     finished_at: datetime | None

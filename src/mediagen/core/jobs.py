@@ -228,6 +228,21 @@ async def list_jobs(
     return list((await conn.execute(query)).all())
 
 
+async def output_keys(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[str]]:
+    """The storage keys of each job's outputs, in order (one query for a page of jobs)."""
+    if not job_ids:
+        return {}
+    rows = await conn.execute(
+        select(Output.job_id, Output.storage_key)
+        .where(Output.job_id.in_(job_ids))
+        .order_by(Output.job_id, Output.index)
+    )
+    found: dict[uuid.UUID, list[str]] = {}
+    for row in rows:
+        found.setdefault(row.job_id, []).append(row.storage_key)
+    return found
+
+
 # --- the worker's side ----------------------------------------------------------------------------
 
 
@@ -620,6 +635,7 @@ __all__ = [
     "get_detail",
     "get_status",
     "list_jobs",
+    "output_keys",
     "prediction_owners",
     "record_prediction",
     "release",
