@@ -31,6 +31,7 @@ fmt: install
 
 bench: install ## the benchmark suite (under 5 minutes); writes docs/benchmarks.md
 	$(PY) bench/run.py
+	$(PY) bench/limits.py
 
 chaos: install ## 1,000 jobs through a faulty Replicate while a worker is SIGKILLed; writes docs/reliability.md
 	$(PY) bench/chaos.py
