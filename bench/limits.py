@@ -31,9 +31,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import ROOT, Stack, free_port, kill_tree  # noqa: E402
-
-from mediagen.core.db import libpq_url  # noqa: E402
+from mediagen.core.db import libpq_url
+from stack import ROOT, Stack, free_port, kill_tree
 
 CREATES_PER_MINUTE = 600
 REQUESTS_PER_MINUTE = 3000
