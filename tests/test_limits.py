@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ def limited(service_env: dict[str, str], workdir: Path) -> Iterator[tuple[str, s
         "MEDIAGEN_RATE_LIMIT_PER_MINUTE": str(PER_MINUTE),
         "MEDIAGEN_MAX_UNFINISHED_JOBS": str(MAX_UNFINISHED),
     }
-    apis = [start_api(service_env, workdir / f"api-limited-{n}.log", **settings) for n in range(2)]
+    with ThreadPoolExecutor(2) as pool:  # both start at once
+        apis = list(pool.map(lambda n: start_api(service_env, workdir / f"api-limited-{n}.log", **settings), range(2)))
     yield apis[0].extra["url"], apis[1].extra["url"]
     for process in apis:
         stop(process.proc)
@@ -95,3 +97,35 @@ def test_without_api_keys_there_are_no_limits_by_default(api_url: str) -> None:
     answer = httpx.get(f"{api_url}/jobs?limit=1")
     assert answer.status_code == 200
     assert "RateLimit" not in answer.headers
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_key_over_its_daily_spend_cap_gets_no_new_job(
+    api_url: str, service_env: dict[str, str], workdir: Path
+) -> None:
+    # Given the anonymous caller has spent something today (a job at $0.003 an image)
+    job = httpx.post(f"{api_url}/generate", json={"prompt": "a lighthouse that costs money"}).json()["job_id"]
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{api_url}/jobs/{job}").json().get("cost_usd") is None:
+        assert time.monotonic() < deadline, "the job's cost was never recorded"
+        time.sleep(0.2)
+    # When an API whose cap is below that is asked for another job
+    capped = start_api(
+        service_env,
+        workdir / "api-capped.log",
+        MEDIAGEN_LIMIT_ANONYMOUS="true",
+        MEDIAGEN_DAILY_SPEND_CAP_USD="0.001",
+        MEDIAGEN_RATE_LIMIT_PER_MINUTE="0",
+        MEDIAGEN_MAX_UNFINISHED_JOBS="0",
+    )
+    try:
+        url = capped.extra["url"]
+        refused = httpx.post(f"{url}/generate", json={"prompt": "one more"})
+        # Then it is refused until midnight UTC, and reading is still allowed
+        assert refused.status_code == 429
+        assert refused.json()["detail"]["limit"] == "daily_spend"
+        assert 0 < int(refused.headers["Retry-After"]) <= 86_401
+        assert refused.headers["RateLimit-Policy"] == '"spend";q=1000;qu="usd-micros";w=86400'
+        assert httpx.get(f"{url}/jobs/{job}").status_code == 200
+    finally:
+        stop(capped.proc)

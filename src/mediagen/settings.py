@@ -6,6 +6,7 @@ Standard variables keep their usual names (`DATABASE_URL`, `REDIS_URL`, `REPLICA
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -128,6 +129,8 @@ class Settings(BaseSettings):
     """Jobs per API key queued, running or retrying at once (0: no limit)."""
     sse_heartbeat_seconds: float = Field(15.0, gt=0)
     """A comment line on every event stream this often, so proxies and clients know it is alive."""
+    daily_spend_cap_usd: Decimal | None = Field(None, gt=0)
+    """Per API key: no new job once its predictions cost this much today (UTC). Unset: no cap."""
     limit_anonymous: bool = False
     """Without API keys, apply the limits above to the one anonymous caller too (off: benchmarks
     submit thousands of jobs a second from one client)."""
@@ -196,6 +199,12 @@ class Settings(BaseSettings):
                 "MEDIAGEN_REPLICATE_WEBHOOKS needs MEDIAGEN_PUBLIC_BASE_URL (or MEDIAGEN_REPLICATE_WEBHOOK_BASE_URL)"
             )
         return f"{base}/webhooks/replicate"
+
+    @field_validator("webhook_secret", "daily_spend_cap_usd", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`MEDIAGEN_WEBHOOK_SECRET=` (as in .env.sample) means unset, not an empty secret."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def uses_fake_replicate(self) -> bool:

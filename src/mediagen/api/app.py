@@ -123,6 +123,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
                 per_minute=settings.rate_limit_per_minute,
                 max_unfinished=settings.max_unfinished_jobs,
                 job_lifetime_seconds=settings.job_deadline_seconds,
+                daily_spend_cap=settings.daily_spend_cap_usd,
             )
             state.limits = limits if limits.enabled else None
         app.state.api = state

@@ -10,6 +10,11 @@ Two limits per API key (the anonymous caller counts as one key when `MEDIAGEN_LI
   truth), and finished ones removed. Members older than the job deadline expire on their own.
 
 Both are decided by one Lua script, in one round trip, and neither is charged when the other refuses.
+
+Optionally a daily spend cap per key (`MEDIAGEN_DAILY_SPEND_CAP_USD`), from what the key's predictions
+cost today (UTC; mediagen.core.usage). That sum is read from PostgreSQL at most every
+`SPEND_CACHE_SECONDS` per key and shared through Redis; a key at its cap gets no new job until
+midnight UTC (jobs already running may take it a little over: costs are known once they end).
 A refusal is a `RateLimited` error: 429 with `Retry-After`, and the IETF draft's `RateLimit-Policy`
 and `RateLimit` headers, which every answer to a limited caller carries.
 """
@@ -21,6 +26,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -29,10 +36,12 @@ from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mediagen.api.auth import current_owner
+from mediagen.core import usage
 from mediagen.core.db import Database
 from mediagen.core.errors import MediagenError
 
 WINDOW_SECONDS = 60
+SPEND_CACHE_SECONDS = 15
 # A job counted but not yet committed (its batch is being written) is not "finished" when unseen.
 UNCOMMITTED_GRACE_SECONDS = 30.0
 
@@ -76,7 +85,7 @@ return {1, '', remaining, reset, 0, unfinished}
 _STATUSES_SQL = text("SELECT id, status FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
 _UNFINISHED = frozenset({"queued", "running", "retrying"})
 
-_NAMES = {"requests": "requests_per_minute", "jobs": "unfinished_jobs"}
+_NAMES = {"requests": "requests_per_minute", "jobs": "unfinished_jobs", "spend": "daily_spend"}
 
 
 class RateLimited(MediagenError):
@@ -108,12 +117,14 @@ class Limits:
         per_minute: int,
         max_unfinished: int,
         job_lifetime_seconds: float,
+        daily_spend_cap: Decimal | None = None,
     ) -> None:
         self.redis = redis
         self.db = db
         self.namespace = namespace
         self.per_minute = per_minute
         self.max_unfinished = max_unfinished
+        self.daily_spend_cap = daily_spend_cap
         self.job_lifetime_ms = int(job_lifetime_seconds * 1000) + 60_000
         self._script = redis.register_script(_ADMIT)
         policies = []
@@ -121,11 +132,13 @@ class Limits:
             policies.append(f'"requests";q={per_minute};w={WINDOW_SECONDS}')
         if max_unfinished:
             policies.append(f'"jobs";q={max_unfinished}')
+        if daily_spend_cap is not None:
+            policies.append(f'"spend";q={_micro_usd(daily_spend_cap)};qu="usd-micros";w=86400')
         self.policy_header = ", ".join(policies)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.per_minute or self.max_unfinished)
+        return bool(self.per_minute or self.max_unfinished or self.daily_spend_cap is not None)
 
     def _keys(self, owner: str) -> list[str]:
         tag = owner or "anonymous"
@@ -158,6 +171,8 @@ class Limits:
 
         Raises RateLimited when a limit refuses: then nothing is charged.
         """
+        if job_id is not None and self.daily_spend_cap is not None:
+            await self._check_spend(owner)
         verdict = await self._run(owner, job_id)
         if not verdict.allowed and verdict.refused == "jobs" and await self._prune(owner):
             verdict = await self._run(owner, job_id)
@@ -183,6 +198,28 @@ class Limits:
             headers["RateLimit"] = ", ".join(items)
         return headers
 
+    async def _check_spend(self, owner: str) -> None:
+        assert self.daily_spend_cap is not None
+        now = datetime.now(UTC)
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        key = f"{self._keys(owner)[0].rsplit(':', 1)[0]}:spend:{midnight.date().isoformat()}"
+        cached = await self.redis.get(key)
+        if cached is None:
+            spent = (await usage.usage(self.db, midnight, owner)).total.cost_usd
+            await self.redis.set(key, str(spent), ex=SPEND_CACHE_SECONDS)
+        else:
+            spent = Decimal(cached.decode() if isinstance(cached, bytes) else cached)
+        if spent < self.daily_spend_cap:
+            return
+        until_midnight = int((midnight + timedelta(days=1) - now).total_seconds()) + 1
+        headers = {
+            "RateLimit-Policy": self.policy_header,
+            "RateLimit": f'"spend";r=0;t={until_midnight}',
+            "Retry-After": str(until_midnight),
+        }
+        message = f"this key spent ${spent} today, its cap is ${self.daily_spend_cap}; new jobs resume at 00:00 UTC"
+        raise RateLimited(_NAMES["spend"], message, headers)
+
     async def forget(self, owner: str, job_ids: Sequence[uuid.UUID]) -> None:
         """Jobs counted but never created (an idempotent replay, a failed insert)."""
         if job_ids:
@@ -207,6 +244,10 @@ class Limits:
         if gone:
             await self.redis.zrem(key, *gone)
         return bool(gone)
+
+
+def _micro_usd(usd: Decimal) -> int:
+    return int((usd * 1_000_000).to_integral_value())
 
 
 class RateLimitHeaders:
