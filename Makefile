@@ -6,16 +6,36 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-embedded.t
 
 .PHONY: install run test check fmt migrate bench chaos up worker api fake clean
 
+# One JSON log line from make itself: `python3 -c "$$JSON_LINE" EVENT [key=value | tail=FILE]...`.
+define JSON_LINE
+import json, sys, time
+line = {"ts": round(time.time(), 6), "level": "info", "logger": "make", "event": sys.argv[1]}
+for arg in sys.argv[2:]:
+    key, _, value = arg.partition("=")
+    if key == "tail":
+        line.update(level="error", log=open(value, errors="replace").read()[-4000:])
+    else:
+        line[key] = value
+print(json.dumps(line), file=sys.stderr, flush=True)
+endef
+export JSON_LINE
+
 install: $(STAMP)
 
+# Quiet, like `run`: one JSON line to say what happens, pip's own output in $(VENV)/install.log (its
+# last lines in the JSON line when it fails).
 $(STAMP):
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -U pip
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e .
-	rm -f $(VENV)/.installed-* && touch $@
+	@$(PYTHON) -c "$$JSON_LINE" dev.installing log=$(VENV)/install.log
+	@mkdir -p $(VENV) && { test -x $(PY) || $(PYTHON) -m venv $(VENV); } > $(VENV)/install.log 2>&1 \
+	  && $(PY) -m pip install -q --disable-pip-version-check -U pip >> $(VENV)/install.log 2>&1 \
+	  && $(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e . >> $(VENV)/install.log 2>&1 \
+	  || { $(PYTHON) -c "$$JSON_LINE" dev.install_failed tail=$(VENV)/install.log; exit 1; }
+	@rm -f $(VENV)/.installed-* && touch $@
 
-run: install ## the whole service on embedded defaults (API on :8000)
-	$(PY) -m mediagen.devtools
+# `make run` writes JSON lines only (`make run 2>&1 | jq`): the recipe is not echoed, and what the
+# launcher's children print is JSON or wrapped into it.
+run: install ## the whole service on embedded defaults (API on :8000); restarts what exits, Ctrl-C stops all
+	@$(PY) -m mediagen.devtools
 
 test: check ## lint, types, then the whole suite against real PostgreSQL, Redis and the fake Replicate
 	$(PY) -m pytest

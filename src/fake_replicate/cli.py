@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -118,6 +120,28 @@ def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return build_settings(argv, environ).config
 
 
+class JsonLines(logging.Formatter):
+    """uvicorn's records (errors, "Invalid HTTP request received.") as one JSON object a line, the
+    way the service beside the fake logs: `make run`'s output stays readable by `jq`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name}
+        line["event"] = record.getMessage()
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": JsonLines}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+    "loggers": {"uvicorn": {"handlers": [], "propagate": True}, "uvicorn.access": {"handlers": []}},
+}
+
+
 def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -134,5 +158,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         loop="uvloop" if _available("uvloop") else "asyncio",
         http="httptools" if _available("httptools") else "h11",
         log_level="warning",
+        log_config=LOG_CONFIG,
         access_log=False,
     )

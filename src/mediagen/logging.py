@@ -53,13 +53,23 @@ def _stderr() -> TextIO:
         return sys.stderr
 
 
+# Loggers that libraries give handlers of their own (uvicorn's plain-text "WARNING:  Invalid HTTP
+# request received."): their records go through the root's JSON handler instead.
+_OWN_HANDLERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Send every logger's records, as JSON lines, to stderr."""
+    """Send every logger's records, Python's warnings included, as JSON lines to stderr."""
     handler = logging.StreamHandler(_stderr())
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in _OWN_HANDLERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.captureWarnings(True)
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

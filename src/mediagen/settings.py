@@ -159,6 +159,21 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # --- make run (mediagen.devtools) ----------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Where `make run` serves the API."""
+    port: int = Field(8000, ge=1, le=65535)
+    embedded_redis_port: int = Field(6390, ge=1, le=65535)
+    fake_replicate_port: int = Field(0, ge=0, le=65535, validation_alias=_env("FAKE_REPLICATE_PORT"))
+    """The fake Replicate `make run` starts (0: a free port)."""
+    dev_restart_cap_seconds: float = Field(30.0, gt=0)
+    """A child of `make run` that exits is restarted after 1 s, 2 s, 4 s, ... at most this."""
+    dev_restart_limit: int = Field(5, ge=0)
+    """Restarts in a row of a child that never stays up `dev_stable_seconds`; one more and `make run` gives up."""
+    dev_stable_seconds: float = Field(30.0, gt=0)
+    dev_stop_seconds: float = Field(5.0, gt=0)
+    """How long `make run`'s children get to stop after Ctrl-C or SIGTERM before they are killed."""
+
     @field_validator(
         "allowed_models",
         "download_allowed_hosts",

