@@ -8,6 +8,7 @@ uses this run's PostgreSQL (a database of its own, which it migrates) and Redis 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -28,6 +29,8 @@ import pytest
 
 from conftest import RUN_ID, create_database, drop_database
 from mediagen.devtools.embedded import free_port, pid_alive, port_open
+from mediagen.devtools.launcher import Child, GiveUp, Supervisor
+from mediagen.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 README_JQ = (
@@ -104,8 +107,8 @@ def launcher_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         MEDIAGEN_POLL_MAX_SECONDS="0.2",
         MEDIAGEN_REDIS_NAMESPACE=f"mediagen-test-{RUN_ID}-launcher-{uuid.uuid4().hex[:6]}",
         FAKE_REPLICATE_LATENCY="0.2",
-        **overrides,
     )
+    env.update(overrides)
     return env
 
 
@@ -182,22 +185,33 @@ class HealthPoller(threading.Thread):
                     self.failures.append(str(status))
 
 
+@contextlib.contextmanager
+def empty_database(postgres_admin_url: str) -> Iterator[str]:
+    """A database of its own (the launcher migrates it): no other test's worker sweeps its jobs."""
+    name = f"mediagen_test_{RUN_ID}_launcher_{uuid.uuid4().hex[:6]}"
+    yield create_database(postgres_admin_url, name)
+    drop_database(postgres_admin_url, name)
+
+
+@pytest.fixture
+def private_database(postgres_admin_url: str) -> Iterator[str]:
+    with empty_database(postgres_admin_url) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def session(postgres_admin_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
-    """`make run` on this run's PostgreSQL (a database of its own) and Redis, with the fake Replicate."""
+    """`make run` on this run's PostgreSQL and Redis (a database and a namespace of its own), with the fake."""
     tmp_path = tmp_path_factory.mktemp("launcher")
-    name = f"mediagen_test_{RUN_ID}_launcher"
-    env = launcher_env(
-        tmp_path, DATABASE_URL=create_database(postgres_admin_url, name), REDIS_URL=redis_url, FAKE_REPLICATE_PORT="0"
-    )
-    launched = launch(env, tmp_path / "make-run.log", via_make=True)
-    try:
-        launched.wait_for("dev.ready")
-        launched.wait_for("worker.started")
-        yield launched
-    finally:
-        launched.stop()
-        drop_database(postgres_admin_url, name)
+    with empty_database(postgres_admin_url) as database_url:
+        env = launcher_env(tmp_path, DATABASE_URL=database_url, REDIS_URL=redis_url)
+        launched = launch(env, tmp_path / "make-run.log", via_make=True)
+        try:
+            launched.wait_for("dev.ready")
+            launched.wait_for("worker.started")
+            yield launched
+        finally:
+            launched.stop()
 
 
 def test_a_killed_worker_is_restarted_and_the_api_answers_throughout(session: Launched) -> None:
@@ -267,7 +281,7 @@ def test_a_graceful_stop_after_an_adopted_start_leaves_no_embedded_server(tmp_pa
     second = launch(env, tmp_path / "second.log")
     assert second.wait_for("dev.embedded_postgres")["pid"] == postgres["pid"]
     assert second.wait_for("dev.embedded_redis", adopted=True)["pid"] == redis["pid"]
-    second.wait_for("dev.ready")
+    second.wait_for("dev.child_started", child="worker")
     code, seconds = second.stop(signal.SIGTERM)
 
     assert code == 0 and seconds < 10
@@ -277,26 +291,38 @@ def test_a_graceful_stop_after_an_adopted_start_leaves_no_embedded_server(tmp_pa
     assert [pid for pid in second.child_pids() if pid_alive(pid)] == []
 
 
-def test_the_launcher_exits_non_zero_when_it_gives_up(database_url: str, redis_url: str, tmp_path: Path) -> None:
-    env = launcher_env(
-        tmp_path,
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
-        REPLICATE_API_TOKEN="r8_not_used",
-        MEDIAGEN_DEV_RESTART_LIMIT="1",
-    )
-    with socket.socket() as taken:  # the API's port is taken: the API exits at every start
-        taken.bind(("127.0.0.1", int(env["MEDIAGEN_PORT"])))
+def test_a_child_that_keeps_exiting_is_restarted_with_backoff_then_given_up_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    supervisor = Supervisor(Settings(dev_restart_limit=1))
+    flaky = [sys.executable, "-c", "import sys; print('not JSON'); sys.exit(3)"]
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.INFO, logger="mediagen"):
+            supervisor.add(Child("flaky", flaky, dict(os.environ)))
+            with pytest.raises(GiveUp, match=r"^flaky exited with code 3, 2 exit\(s\) in a row"):
+                supervisor.run(ready=lambda: False)
+    finally:
+        supervisor.stop()
+
+    assert 1.0 <= time.monotonic() - started < 10  # restarted once, after 1 s
+    lines = [(record.getMessage(), record.__dict__) for record in caplog.records]
+    assert [fields["restart_in_seconds"] for event, fields in lines if event == "dev.child_exited"] == [1.0]
+    assert [fields["exit_code"] for event, fields in lines if event == "dev.child_restarted"] == [3]
+    assert [fields["line"] for event, fields in lines if event == "dev.child_output"] == ["not JSON", "not JSON"]
+
+
+def test_the_launcher_exits_non_zero_when_it_gives_up(database_url: str, tmp_path: Path) -> None:
+    env = launcher_env(tmp_path, DATABASE_URL=database_url)  # no REDIS_URL: the embedded Redis
+    with socket.socket() as taken:  # ... on a port something else holds: it cannot start
+        taken.bind(("127.0.0.1", int(env["MEDIAGEN_EMBEDDED_REDIS_PORT"])))
         taken.listen()
         launched = launch(env, tmp_path / "run.log")
-        code = launched.proc.wait(timeout=40)
+        code = launched.proc.wait(timeout=30)
 
     assert code == 1
     events = launched.events()
-    exits = [line for line in events if line["event"] == "dev.child_exited" and line["child"] == "api"]
-    assert [line["restart_in_seconds"] for line in exits] == [1.0]
-    assert any(line["event"] == "dev.child_restarted" and line["child"] == "api" for line in events)
     gave_up = next(line for line in events if line["event"] == "dev.gave_up")
-    assert gave_up["error"].startswith("api exited 2 times in a row")
+    assert gave_up["error"].startswith(f"port {env['MEDIAGEN_EMBEDDED_REDIS_PORT']} is taken")
     assert events[-1] == {**events[-1], "event": "dev.stopped", "exit_code": 1}
-    assert [pid for pid in launched.child_pids() if pid_alive(pid)] == []
+    assert launched.child_pids() == []

@@ -139,7 +139,7 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.adopted = port_open("127.0.0.1", self.port)
-        self._client = redis.Redis.from_url(self.url, socket_timeout=5)
+        self._client = redis.Redis.from_url(self.url, socket_timeout=2)
         if self.adopted:
             self._adopt(data_dir)
         else:

