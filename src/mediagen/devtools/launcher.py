@@ -125,6 +125,8 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
+    serves_the_others: bool = False
+    """Stopped after the others (the fake Replicate: a worker stopping still polls it to hand jobs back)."""
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     exits_in_a_row: int = 0
@@ -261,9 +263,14 @@ class Supervisor:
         child.proc = None
 
     def stop(self) -> None:
+        """Stop the children: first those that use the others, then those that serve them."""
+        self._stop([child for child in self.children if not child.serves_the_others])
+        self._stop([child for child in self.children if child.serves_the_others])
+
+    def _stop(self, children: list[Child]) -> None:
         """SIGTERM to each child's main process (each stops its own: a second signal would make
         Dramatiq and uvicorn skip their graceful shutdown), SIGKILL to what is left after the grace."""
-        running = [child for child in self.children if child.running]
+        running = [child for child in children if child.running]
         for child in running:
             assert child.proc is not None
             with contextlib.suppress(ProcessLookupError):
@@ -274,7 +281,7 @@ class Supervisor:
             if time.monotonic() > deadline or self.signals_seen > signals_before:
                 break
             self.pump(0.1)
-        for child in self.children:
+        for child in children:
             if child.running:
                 log_event("dev.child_killed", logging.WARNING, child=child.name)
             if child.proc is not None:
@@ -427,7 +434,7 @@ def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], N
         fake_port = settings.fake_replicate_port or free_port()
         fake = [sys.executable, "-m", "fake_replicate", "--host", "127.0.0.1", "--port", str(fake_port)]
         fake += ["--data-dir", str(settings.data_dir / "fake_replicate")]  # a restart resumes its predictions
-        supervisor.add(Child("fake_replicate", fake, dict(env)))
+        supervisor.add(Child("fake_replicate", fake, dict(env), serves_the_others=True))
         env["REPLICATE_BASE_URL"] = f"http://127.0.0.1:{fake_port}"
         # The fake sends its webhooks to this API, so the worker waits for them instead of polling.
         env.setdefault("MEDIAGEN_REPLICATE_WEBHOOKS", "true")
