@@ -110,8 +110,9 @@ async def predictions_per_job(database_url: str, job_ids: list[str]) -> dict[str
         async with db.connect() as conn:
             rows = await conn.execute(
                 text(
+                    # Only jobs with a recorded prediction: an attempt still creating one has none yet.
                     "SELECT job_id::text AS job, count(DISTINCT prediction_id) AS n FROM attempts "
-                    "WHERE job_id = ANY(CAST(:ids AS uuid[])) GROUP BY job_id"
+                    "WHERE job_id = ANY(CAST(:ids AS uuid[])) AND prediction_id IS NOT NULL GROUP BY job_id"
                 ),
                 {"ids": job_ids},
             )
