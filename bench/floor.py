@@ -3,7 +3,8 @@
 For each job, the durable work `POST /generate` does, with no HTTP, no FastAPI, no ORM:
 
 * an INSERT of the same job row (same columns and values as `mediagen.core.jobs._CREATE_SQL`: status
-  `queued`, the prompt, the parameters as the API stores them with a random seed, the default model,
+  `queued`, the prompt, the parameters as the API stores them, the exact model input with a random
+  seed (as the default model's schema builds it, mediagen.catalog), the default model,
   owner `''`, max_attempts, `deadline_at = now() + deadline`, `dispatched_at = now()`), committed,
   through a raw asyncpg pool;
 * the same Redis writes as `Dispatcher.send`: HSET of the message into `<ns>:<queue>.msgs` and RPUSH
@@ -51,6 +52,7 @@ from loadgen import percentile, run_fast
 from mediagen import services
 from mediagen.api.schemas import GenerateRequest
 from mediagen.broker import Dispatcher
+from mediagen.catalog.catalog import Catalog
 from mediagen.core import jobs
 from mediagen.core.db import libpq_url
 from mediagen.settings import Settings, get_settings
@@ -60,32 +62,40 @@ PROMPT = "a lighthouse at dusk, oil on canvas"
 BODY = {"prompt": PROMPT, "parameters": {"width": 512, "height": 512}}
 
 INSERT_SQL = """
-    INSERT INTO jobs (id, status, prompt, parameters, model, owner, idempotency_key, request_hash,
+    INSERT INTO jobs (id, status, prompt, parameters, input, model, owner, idempotency_key, request_hash,
                       max_attempts, deadline_at, dispatched_at)
-    VALUES ($1, 'queued', $2, CAST($3 AS jsonb), $4, $5, $6, $7, $8, now() + make_interval(secs => $9), now())
+    VALUES ($1, 'queued', $2, CAST($3 AS jsonb), CAST($4 AS jsonb), $5, $6, $7, $8, $9,
+            now() + make_interval(secs => $10), now())
     ON CONFLICT (owner, idempotency_key) DO NOTHING
 """
 
 GROUP_INSERT_SQL = """
-    INSERT INTO jobs (id, status, prompt, parameters, model, owner, idempotency_key, request_hash,
+    INSERT INTO jobs (id, status, prompt, parameters, input, model, owner, idempotency_key, request_hash,
                       max_attempts, deadline_at, dispatched_at)
-    SELECT n.id, 'queued', n.prompt, CAST(n.parameters AS jsonb), n.model, n.owner, n.idempotency_key,
-           n.request_hash, n.max_attempts, now() + make_interval(secs => n.deadline), now()
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                $8::int[], $9::float8[])
-         AS n(id, prompt, parameters, model, owner, idempotency_key, request_hash, max_attempts, deadline)
+    SELECT n.id, 'queued', n.prompt, CAST(n.parameters AS jsonb), CAST(n.input AS jsonb), n.model, n.owner,
+           n.idempotency_key, n.request_hash, n.max_attempts, now() + make_interval(secs => n.deadline), now()
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::int[], $10::float8[])
+         AS n(id, prompt, parameters, input, model, owner, idempotency_key, request_hash, max_attempts, deadline)
     ON CONFLICT (owner, idempotency_key) DO NOTHING
     RETURNING id
 """
 
-Row = tuple[uuid.UUID, str, str, str, str, None, None, int, float]
+Row = tuple[uuid.UUID, str, str, str, str, str, None, None, int, float]
 
 
 def job_parameters() -> dict[str, Any]:
-    """The parameters dict the API stores for BODY (its model_dump, model popped, a seed chosen)."""
+    """The parameters dict the API stores for BODY (its model_dump, model popped)."""
     params = GenerateRequest.model_validate(BODY).parameters.model_dump()
     params.pop("model")
     return params
+
+
+def job_input(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
+    """The model input the API stores for BODY on the default model (its seed replaced per job)."""
+    schema = Catalog([settings.default_model]).get(settings.default_model)
+    assert schema is not None, "the default model has a shipped schema"
+    return schema.build_input(PROMPT, params, default_output_format=settings.default_output_format)
 
 
 class Floor:
@@ -93,6 +103,8 @@ class Floor:
         self.pool = pool
         self.dispatcher = dispatcher
         self.template = job_parameters()
+        self.params = orjson.dumps(self.template).decode()
+        self.input = job_input(settings, self.template)
         self.model = settings.default_model
         self.max_attempts = settings.max_attempts
         self.deadline = float(settings.job_deadline_seconds)
@@ -102,8 +114,19 @@ class Floor:
         self._next_status = 0
 
     def new_row(self) -> Row:
-        params = orjson.dumps(dict(self.template, seed=random.randrange(2**32))).decode()
-        return (uuid.uuid4(), PROMPT, params, self.model, "", None, None, self.max_attempts, self.deadline)
+        model_input = orjson.dumps(dict(self.input, seed=random.randrange(2**32))).decode()
+        return (
+            uuid.uuid4(),
+            PROMPT,
+            self.params,
+            model_input,
+            self.model,
+            "",
+            None,
+            None,
+            self.max_attempts,
+            self.deadline,
+        )
 
     async def autocommit(self) -> None:
         row = self.new_row()
