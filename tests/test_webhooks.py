@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -117,7 +119,7 @@ def generate(api_url: str, prompt: str, **fields: Any) -> str:
 
 
 def test_a_receiver_gets_signed_deliveries_of_the_events_it_asked_for(
-    hooked: tuple[str, list[Process]], receiver: Receiver
+    hooked: tuple[str, list[Process]], receiver: Receiver, service_env: dict[str, str]
 ) -> None:
     receiver.answers["/flaky"] = [500]  # the first delivery fails, and is tried again
     job_id = generate(
@@ -139,6 +141,15 @@ def test_a_receiver_gets_signed_deliveries_of_the_events_it_asked_for(
     retried = next(d for d in detail if d["id"] == first["id"])
     assert [t["status_code"] for t in retried["history"]] == [500, 200]
     assert retried["history"][0]["error"] == "HTTP 500" and retried["history"][0]["next_try_at"]
+    told = subprocess.run(
+        [sys.executable, "-m", "mediagen.cli", "job", job_id],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert f"webhook {first['id']} {first['event']:<9} delivered after 2 tries" in told.stdout, told.stdout
+    assert "HTTP 500" in told.stdout and "next try" in told.stdout
 
 
 def receiver_view(api_url: str, job_id: str, done: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
