@@ -357,3 +357,36 @@ async def test_a_lease_lost_to_a_database_outage_says_so_on_the_attempt(
         assert fake_replicate.predictions_for(prompt) == 1
     finally:
         await proxy.stop()
+
+
+async def test_a_job_finished_during_a_short_database_outage_is_recorded_once_it_is_back(
+    make_stack: Any, client: Any, fake_replicate: FakeReplicate
+) -> None:
+    """Given a worker whose prediction succeeds while its PostgreSQL is unreachable (for less than a
+    lease), when the database is back, then it records the success itself: one attempt, no takeover."""
+    stack: Stack = make_stack(**{**FAST, "MEDIAGEN_LEASE_SECONDS": "8"})
+    proxy_port = free_port()
+    url, target = proxied_url(stack.database_url, proxy_port)
+    proxy = TcpProxy(target)
+    proxy.port = proxy_port
+    await proxy.start()
+    try:
+        api = client(stack.start_api())
+        worker = stack.start_worker(DATABASE_URL=url)
+        prompt = unique("finished in the dark [[latency=3]]")
+        job_id = await submit(api, prompt, width=512, height=512)
+        await wait_running_with_prediction(stack, job_id)
+
+        await proxy.stop()
+        deadline = time.monotonic() + 15
+        while not any(line.get("event") == "job.attempt.waiting_for_database" for line in worker.log_lines()):
+            assert time.monotonic() < deadline, "the worker never tried to record the finished job"
+            await asyncio.sleep(0.2)
+        await proxy.start()
+
+        assert (await wait_for_job(api, job_id, timeout=20))["status"] == "succeeded"
+        attempts = await attempts_of(stack, job_id)
+        assert [a.outcome for a in attempts] == ["succeeded"]
+        assert fake_replicate.predictions_for(prompt) == 1
+    finally:
+        await proxy.stop()

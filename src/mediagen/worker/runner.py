@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from mediagen import metrics
 from mediagen.broker import Dispatcher
 from mediagen.core import jobs, pricing
-from mediagen.core.db import Database
+from mediagen.core.db import UNREACHABLE, Database
 from mediagen.core.errors import (
     JobCanceled,
     JobDeadlineExceeded,
@@ -166,7 +166,7 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
                 "job.outputs.fewer", job_id=str(claim.job_id), attempt=claim.attempt, asked=asked, got=len(outputs)
             )
         spend = _spend(ctx, claim, prediction, images=len(outputs))
-        held = await jobs.succeed(ctx.db, claim, outputs, prediction.status, spend)
+        held = await _recorded(ctx, claim, hold, lambda: jobs.succeed(ctx.db, claim, outputs, prediction.status, spend))
         if held:
             _count_spend(claim, spend)
             metrics.jobs_finished.labels("succeeded").inc()
@@ -199,6 +199,29 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
             await _release(ctx, claim, f"the worker stopped: {error}")
         else:
             await _fail(ctx, claim, prediction, error)
+
+
+async def _recorded(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, write: Callable[[], Awaitable[T]]) -> T:
+    """The attempt's closing write, tried again while PostgreSQL is unreachable and the job is still
+    ours: a database blip does not cost a finished prediction a second attempt. Should another worker
+    take the job over meanwhile, the lease keeper tells us (`LeaseExpired`) and we stop trying."""
+    waiting = False
+    while True:
+        try:
+            return await write()
+        except UNREACHABLE as error:
+            if _exiting(ctx):
+                raise
+            if not waiting:
+                waiting = True
+                log_event(
+                    "job.attempt.waiting_for_database",
+                    logging.WARNING,
+                    job_id=str(claim.job_id),
+                    attempt=claim.attempt,
+                    error=f"{type(error).__name__}: {error}",
+                )
+            await hold.sleep(1.0)
 
 
 def _check_deadline(claim: jobs.Claim) -> None:
