@@ -19,6 +19,7 @@ from typing import Any
 os.environ["REPLICATE_POLL_INTERVAL"] = "0.05"  # read when replicate is imported
 
 import httpx
+import orjson
 import pytest
 import uvicorn
 from PIL import Image
@@ -523,3 +524,37 @@ def test_data_dir_from_flag_or_env(tmp_path: Path) -> None:
     assert build_settings([], env).data_dir == tmp_path / "env"
     assert build_settings(["--data-dir", str(tmp_path / "flag")], env).data_dir == tmp_path / "flag"
     assert build_settings([], {}).data_dir is None
+
+
+@pytest.mark.asyncio
+async def test_webhooks_of_a_prediction_running_at_a_restart_are_still_sent(tmp_path: Path) -> None:
+    """Given a prediction created with a webhook when the fake stops, when it starts again on the same
+    data dir, then the prediction's `completed` webhook still arrives, as Replicate would send it."""
+    received: list[dict[str, Any]] = []
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        received.append(orjson.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    receiver = await asyncio.start_server(receive, "127.0.0.1", 0)
+    hook = f"http://127.0.0.1:{receiver.sockets[0].getsockname()[1]}/hook"
+    body = {"input": {"prompt": "webhooks outlive a restart", "width": 8, "height": 8}, "webhook": hook}
+    try:
+        first = create_app(FakeConfig(latency=1.0), data_dir=tmp_path)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://fake") as tc:
+            made = (await tc.post(f"/v1/models/{MODEL}/predictions", json=body, headers=AUTH)).json()
+        await first.state.fake.webhooks.aclose()  # the fake stops before the prediction completes
+        assert all(hooked["status"] != "succeeded" for hooked in received)
+
+        second = create_app(FakeConfig(latency=1.0), data_dir=tmp_path)
+        async with second.router.lifespan_context(second):
+            deadline = time.monotonic() + 10
+            while not any(h["id"] == made["id"] and h["status"] == "succeeded" for h in received):
+                assert time.monotonic() < deadline, "the completed webhook never came"
+                await asyncio.sleep(0.05)
+    finally:
+        receiver.close()

@@ -466,6 +466,8 @@ class FakeReplicate:
         self.versions: dict[str, str] = {}
         self.webhooks = WebhookSender(WEBHOOK_SECRET, lambda: self.config)
         self.store = PredictionStore(data_dir)
+        self.unsent_webhooks: list[tuple[Prediction, str, Any, str]] = []
+        """Webhooks of restored predictions, followed again once the server runs (`resume_webhooks`)."""
         for record in self.store.load():
             self.restore(record)
 
@@ -485,6 +487,17 @@ class FakeReplicate:
             "outcome": pred.outcome,
             "error": pred.error,
         }
+
+    def follow_webhook(self, pred: Prediction, url: str, events: Any, base: str) -> None:
+        self.webhooks.follow(pred, url, events, lambda: self.prediction_json(pred, base))
+
+    def resume_webhooks(self) -> None:
+        """After a restart, go on sending the webhooks of the predictions that were still running."""
+        now = time.monotonic()
+        for pred, url, events, base in self.unsent_webhooks:
+            if pred.status(now) not in TERMINAL or pred.elapsed(now) < pred.latency + 60:
+                self.follow_webhook(pred, url, events, base)
+        self.unsent_webhooks.clear()
 
     def restore(self, record: JSON) -> None:
         """A prediction read back from the store (an unreadable one is skipped)."""
@@ -510,6 +523,8 @@ class FakeReplicate:
         self.order.append(pred.id)
         self.by_prompt[params.prompt] = self.by_prompt.get(params.prompt, 0) + 1
         self.versions.setdefault(pred.version, pred.model)
+        if isinstance(record.get("webhook"), str):
+            self.unsent_webhooks.append((pred, record["webhook"], record.get("events"), str(record.get("base", ""))))
 
     # ------------------------------------------------------------------ helpers
 
@@ -706,9 +721,8 @@ class FakeReplicate:
         pred = self.new_prediction(model, version, raw_input, params, directives, index)
         if isinstance(body.get("webhook"), str):
             base = self.base_url(request)
-            self.webhooks.follow(
-                pred, body["webhook"], body.get("webhook_events_filter"), lambda: self.prediction_json(pred, base)
-            )
+            self.follow_webhook(pred, body["webhook"], body.get("webhook_events_filter"), base)
+            self.store.update(pred.id, webhook=body["webhook"], events=body.get("webhook_events_filter"), base=base)
         if directives.hang_create > 0 and first_n_applies(directives.hang_count, index):
             await asyncio.sleep(directives.hang_create)
         return await self.create_reply(request, pred)
@@ -793,7 +807,7 @@ class FakeReplicate:
         if pred is None:
             return not_found()
         if pred.cancel(time.monotonic()) and pred.canceled_after is not None:
-            self.store.canceled(pred.id, pred.canceled_after)
+            self.store.update(pred.id, canceled_after=pred.canceled_after)
         return json_response(self.prediction_json(pred, self.base_url(request)))
 
     async def list_predictions(self, request: Request) -> Response:
@@ -978,6 +992,7 @@ def create_app(config: FakeConfig | None = None, *, data_dir: Path | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        fake.resume_webhooks()
         try:
             yield
         finally:

@@ -2,10 +2,12 @@
 
 Without a data directory (tests, benchmarks) nothing is written: predictions live in memory only.
 With one (``--data-dir`` / ``FAKE_REPLICATE_DATA_DIR``; ``make run`` passes one under
-``MEDIAGEN_DATA_DIR``) every create and every cancel appends one JSON line to
-``predictions.jsonl``. A line is one ``write`` on an ``O_APPEND`` descriptor, with no fsync: a few
-microseconds, so thousands of creates a second still cost the event loop next to nothing, and the
-lines survive the process being killed (not the machine losing power, which a fake may forget).
+``MEDIAGEN_DATA_DIR``) every create appends one JSON line to ``predictions.jsonl``, and every later
+fact about it (a cancel, the webhook it reports to) one more. A line is one ``write`` on an
+``O_APPEND`` descriptor, with no fsync: a few microseconds, so thousands of creates a second still
+cost the event loop next to nothing, and the lines survive the process being killed (not the
+machine losing power, which a fake may forget). Webhooks of predictions still running are sent
+again after a restart, as Replicate goes on sending them.
 
 What is stored are the facts a prediction's status is derived from (its input, creation wall-clock
 time, latency and fated outcome, a cancel's moment), never the status itself: a prediction that
@@ -34,7 +36,7 @@ Record = dict[str, Any]
 
 
 class PredictionStore:
-    """Append-only JSON lines of creates (``{"id", ..., "created"}``) and cancels (``{"id", "canceled_after"}``)."""
+    """Append-only JSON lines: creates (``{"id", ..., "created"}``) and updates (``{"id", "canceled_after"}``, ...)."""
 
     def __init__(self, data_dir: Path | None) -> None:
         self.path = data_dir / FILE_NAME if data_dir is not None else None
@@ -54,10 +56,10 @@ class PredictionStore:
         read_lines = 0
         for record in self._read():
             read_lines += 1
-            if "canceled_after" in record and "created" not in record:
+            if "created" not in record:  # an update of a create read before
                 known = records.get(str(record.get("id")))
                 if known is not None:
-                    known["canceled_after"] = record["canceled_after"]
+                    known.update(record)
                 continue
             records[str(record["id"])] = record
         horizon = time.time() - RETENTION_SECONDS
@@ -71,8 +73,9 @@ class PredictionStore:
     def created(self, record: Record) -> None:
         self._append(record)
 
-    def canceled(self, prediction_id: str, canceled_after: float) -> None:
-        self._append({"id": prediction_id, "canceled_after": canceled_after})
+    def update(self, prediction_id: str, **facts: Any) -> None:
+        """More facts about a stored prediction (``canceled_after``, ``webhook``, ...)."""
+        self._append({"id": prediction_id, **facts})
 
     def clear(self) -> None:
         """Forget every prediction (``POST /_fake/reset``)."""
