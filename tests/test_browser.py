@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import unique
+from conftest import start_api, stop, unique
 
 CHROMIUM = os.environ.get("MEDIAGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -158,3 +158,30 @@ def test_the_api_docs_work_offline(browser: Any, api_url: str) -> None:
     page.wait_for_selector(".opblock-summary-path:has-text('/generate')", timeout=15_000)
     context.close()
     assert outside == []
+
+
+def test_with_api_keys_the_key_lives_in_this_tab_only(browser: Any, service_env: dict[str, str], workdir: Path) -> None:
+    keyed = start_api(service_env, workdir / "api-browser-keyed.log", MEDIAGEN_API_KEYS="browser-key-123")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(keyed.extra["url"])
+        page.wait_for_selector("#key-box[open]")  # the API said 401: the page asks for a key
+        page.fill("#api-key", "browser-key-123")
+        page.press("#api-key", "Enter")
+        page.wait_for_selector("#param-aspect_ratio")
+        page.fill("#prompt", unique("a keyed lighthouse"))
+        page.click("#submit")
+
+        # Followed over fetch (EventSource sends no Authorization), the image fetched with the key too
+        page.wait_for_function("document.querySelector('#job-status').textContent === 'succeeded'", timeout=20_000)
+        page.wait_for_function("document.querySelector('#results img')?.naturalWidth > 0", timeout=10_000)
+        assert page.evaluate("sessionStorage.getItem('mediagen.apiKey')") == "browser-key-123"
+        assert page.evaluate("localStorage.length") == 0
+        assert "browser-key-123" not in page.evaluate("document.cookie")
+        other_tab = context.new_page()
+        other_tab.goto(keyed.extra["url"])
+        assert other_tab.evaluate("sessionStorage.getItem('mediagen.apiKey')") is None
+    finally:
+        context.close()
+        stop(keyed.proc)

@@ -217,7 +217,7 @@ function follow(jobId, onData) {
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
-          buffer += value;
+          buffer = (buffer + value).replace(/\r\n/g, "\n"); // sse-starlette ends lines with CRLF
           let cut;
           while ((cut = buffer.indexOf("\n\n")) >= 0) {
             const block = buffer.slice(0, cut);
