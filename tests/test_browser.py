@@ -160,28 +160,63 @@ def test_the_api_docs_work_offline(browser: Any, api_url: str) -> None:
     assert outside == []
 
 
-def test_with_api_keys_the_key_lives_in_this_tab_only(browser: Any, service_env: dict[str, str], workdir: Path) -> None:
-    keyed = start_api(service_env, workdir / "api-browser-keyed.log", MEDIAGEN_API_KEYS="browser-key-123")
+KEY = "browser-key-123"
+
+
+@pytest.fixture(scope="module")
+def keyed_api(service_env: dict[str, str], workdir: Path) -> Iterator[str]:
+    """An API with keys, where a video model is allowed too."""
+    api = start_api(
+        service_env,
+        workdir / "api-browser-keyed.log",
+        MEDIAGEN_API_KEYS=KEY,
+        MEDIAGEN_ALLOWED_MODELS="black-forest-labs/flux-schnell,fake/tiny-video",
+    )
+    yield api.extra["url"]
+    stop(api.proc)
+
+
+def open_with_key(context: Any, url: str) -> Any:
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#key-box[open]")  # the API said 401: the page asks for a key
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("#param-aspect_ratio")
+    return page
+
+
+def test_with_api_keys_the_key_lives_in_this_tab_only(browser: Any, keyed_api: str) -> None:
     context = browser.new_context()
     try:
-        page = context.new_page()
-        page.goto(keyed.extra["url"])
-        page.wait_for_selector("#key-box[open]")  # the API said 401: the page asks for a key
-        page.fill("#api-key", "browser-key-123")
-        page.press("#api-key", "Enter")
-        page.wait_for_selector("#param-aspect_ratio")
+        page = open_with_key(context, keyed_api)
         page.fill("#prompt", unique("a keyed lighthouse"))
         page.click("#submit")
 
         # Followed over fetch (EventSource sends no Authorization), the image fetched with the key too
         page.wait_for_function("document.querySelector('#job-status').textContent === 'succeeded'", timeout=20_000)
         page.wait_for_function("document.querySelector('#results img')?.naturalWidth > 0", timeout=10_000)
-        assert page.evaluate("sessionStorage.getItem('mediagen.apiKey')") == "browser-key-123"
+        assert page.evaluate("sessionStorage.getItem('mediagen.apiKey')") == KEY
         assert page.evaluate("localStorage.length") == 0
-        assert "browser-key-123" not in page.evaluate("document.cookie")
+        assert KEY not in page.evaluate("document.cookie")
         other_tab = context.new_page()
-        other_tab.goto(keyed.extra["url"])
+        other_tab.goto(keyed_api)
         assert other_tab.evaluate("sessionStorage.getItem('mediagen.apiKey')") is None
     finally:
         context.close()
-        stop(keyed.proc)
+
+
+def test_a_video_model_shows_its_video(browser: Any, keyed_api: str) -> None:
+    context = browser.new_context()
+    try:
+        page = open_with_key(context, keyed_api)
+        page.select_option("#model", "fake/tiny-video")
+        assert "Makes videos" in page.text_content("#model-info")
+        page.fill("#prompt", unique("a short clip of a lighthouse"))
+        page.click("#submit")
+
+        video = page.wait_for_selector("#results video[src]", timeout=20_000)
+        assert video.get_attribute("controls") is not None
+        assert page.evaluate("document.querySelector('#results video').src.startsWith('blob:')")  # fetched with the key
+    finally:
+        context.close()
