@@ -8,7 +8,7 @@ REDIS_URL is set, the fake Replicate unless REPLICATE_API_TOKEN is set; migrates
   MEDIAGEN_DEV_RESTART_CAP_SECONDS; the count starts over once it has stayed up
   MEDIAGEN_DEV_STABLE_SECONDS), and says so: `dev.child_exited`, then `dev.child_restarted`. One that
   exits MEDIAGEN_DEV_RESTART_LIMIT + 1 times in a row makes the launcher give up (`dev.gave_up`).
-- Ctrl-C or SIGTERM stops everything it started or adopted, embedded servers included; children get
+- Ctrl-C, SIGTERM or SIGHUP stops everything it started or adopted, embedded servers included; children get
   MEDIAGEN_DEV_STOP_SECONDS to stop, then are killed (at once on a second Ctrl-C).
 - Exit code: 0 after a stop that was asked for; 1 when it gave up (a child kept exiting, an embedded
   server could not start, the migration failed, another launcher uses the data folder).
@@ -181,7 +181,8 @@ class Supervisor:
     # --- signals ---------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         # Installed whatever was inherited: a `make run &` from a script starts with SIGINT ignored.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a closed terminal stops the stack like Ctrl-C, embedded servers included.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
