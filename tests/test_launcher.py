@@ -105,7 +105,6 @@ def launcher_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         MEDIAGEN_WORKER_THREADS="8",
         MEDIAGEN_POLL_INITIAL_SECONDS="0.05",
         MEDIAGEN_POLL_MAX_SECONDS="0.2",
-        MEDIAGEN_REDIS_NAMESPACE=f"mediagen-test-{RUN_ID}-launcher-{uuid.uuid4().hex[:6]}",
         FAKE_REPLICATE_LATENCY="0.2",
     )
     env.update(overrides)
@@ -200,11 +199,15 @@ def private_database(postgres_admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def session(postgres_admin_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+def session(
+    postgres_admin_url: str, redis_url: str, namespace: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Launched]:
     """`make run` on this run's PostgreSQL and Redis (a database and a namespace of its own), with the fake."""
     tmp_path = tmp_path_factory.mktemp("launcher")
     with empty_database(postgres_admin_url) as database_url:
-        env = launcher_env(tmp_path, DATABASE_URL=database_url, REDIS_URL=redis_url)
+        env = launcher_env(
+            tmp_path, DATABASE_URL=database_url, REDIS_URL=redis_url, MEDIAGEN_REDIS_NAMESPACE=f"{namespace}-launcher"
+        )
         launched = launch(env, tmp_path / "make-run.log", via_make=True)
         try:
             launched.wait_for("dev.ready")
