@@ -274,26 +274,49 @@ def test_every_line_of_a_make_run_session_is_json_and_the_readme_jq_line_tells_a
     ]
 
 
-def test_a_graceful_stop_after_an_adopted_start_leaves_no_embedded_server(tmp_path: Path) -> None:
+def test_a_killed_launcher_leaves_no_child_and_a_graceful_stop_after_adopting_leaves_no_embedded_server(
+    tmp_path: Path,
+) -> None:
     env = launcher_env(tmp_path, REPLICATE_API_TOKEN="r8_not_used")
-    first = launch(env, tmp_path / "first.log")
-    postgres = first.wait_for("dev.embedded_postgres", adopted=False)
-    redis = first.wait_for("dev.embedded_redis", adopted=False)
-    first.send(signal.SIGKILL)  # the whole `make run` (its children have their own test above)
-    first.proc.wait()
-    assert pid_alive(postgres["pid"]) and pid_alive(redis["pid"])  # what the next start finds
+    # Chatty (DEBUG), so that children still write plenty after the launcher is gone, as in real use.
+    first = launch({**env, "MEDIAGEN_LOG_LEVEL": "DEBUG"}, tmp_path / "first.log")
+    second = None
+    try:
+        postgres = first.wait_for("dev.embedded_postgres", adopted=False)
+        redis = first.wait_for("dev.embedded_redis", adopted=False)
+        first.wait_for("worker.started")
+        os.kill(first.proc.pid, signal.SIGKILL)  # the launcher alone: its children go by themselves
+        first.proc.wait()
+        wait_until(lambda: not any(group_members(pid) for pid in first.child_pids()), 30, "the children stop")
+        assert pid_alive(postgres["pid"]) and pid_alive(redis["pid"])  # what the next start finds
 
-    second = launch(env, tmp_path / "second.log")
-    assert second.wait_for("dev.embedded_postgres")["pid"] == postgres["pid"]
-    assert second.wait_for("dev.embedded_redis", adopted=True)["pid"] == redis["pid"]
-    second.wait_for("dev.child_started", child="worker")
-    code, seconds = second.stop(signal.SIGTERM)
+        second = launch(env, tmp_path / "second.log")
+        assert second.wait_for("dev.embedded_postgres")["pid"] == postgres["pid"]
+        assert second.wait_for("dev.embedded_redis", adopted=True)["pid"] == redis["pid"]
+        second.wait_for("dev.child_started", child="worker")
+        code, seconds = second.stop(signal.SIGTERM)
 
-    assert code == 0 and seconds < 10
-    assert not pid_alive(postgres["pid"]) and not pid_alive(redis["pid"])
-    assert not port_open("127.0.0.1", int(env["MEDIAGEN_EMBEDDED_REDIS_PORT"]))
-    assert not list((tmp_path / "data" / "postgres").glob(".s.PGSQL.*"))  # no socket left to connect to
-    assert [pid for pid in second.child_pids() if pid_alive(pid)] == []
+        assert code == 0 and seconds < 10
+        assert not pid_alive(postgres["pid"]) and not pid_alive(redis["pid"])
+        assert not port_open("127.0.0.1", int(env["MEDIAGEN_EMBEDDED_REDIS_PORT"]))
+        assert not list((tmp_path / "data" / "postgres").glob(".s.PGSQL.*"))  # no socket left to connect to
+        assert [pid for pid in second.child_pids() if pid_alive(pid)] == []
+    finally:  # whatever failed, leave nothing running on a machine others share
+        kill_everything(first, second)
+
+
+def kill_everything(*launched: Launched | None) -> None:
+    for run in launched:
+        if run is None:
+            continue
+        run.send(signal.SIGKILL)
+        for pid in run.child_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        for line in run.events():
+            if line.get("event") in ("dev.embedded_postgres", "dev.embedded_redis"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(line["pid"], signal.SIGQUIT)  # PostgreSQL: immediate shutdown; Redis: exit
 
 
 def test_a_child_that_keeps_exiting_is_restarted_with_backoff_then_given_up_on(

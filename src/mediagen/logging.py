@@ -41,6 +41,19 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class _LineHandler(logging.StreamHandler[TextIO]):
+    """Goes quiet when nobody reads its lines any more (EPIPE: `make run`'s launcher was killed).
+
+    The default would write a traceback per line to `sys.stderr` instead, which in a Dramatiq worker
+    process is a pipe that nobody drains then either: full, it blocks the process for good.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+
 def _stderr() -> TextIO:
     """The process's real stderr, line-buffered.
 
@@ -60,7 +73,7 @@ _OWN_HANDLERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 def configure_logging(level: str = "INFO") -> None:
     """Send every logger's records, Python's warnings included, as JSON lines to stderr."""
-    handler = logging.StreamHandler(_stderr())
+    handler = _LineHandler(_stderr())
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
