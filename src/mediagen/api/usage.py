@@ -12,6 +12,7 @@ from starlette.responses import Response
 from mediagen.api.auth import visible_to
 from mediagen.api.http import FastJSON, error
 from mediagen.api.limits import LimitedOwner
+from mediagen.api.schemas import ErrorResponse
 from mediagen.core.usage import parse_duration, usage
 
 router = APIRouter()
@@ -44,19 +45,22 @@ async def _state(request: Request) -> Any:
     "/usage",
     response_model=UsageReport,
     summary="What the predictions cost since a while ago: per model, per API key (yours only) and per day",
+    responses={422: {"model": ErrorResponse}},
 )
 async def get_usage(
     state: Annotated[Any, Depends(_state)],
     owner: LimitedOwner,
-    since: Annotated[str, Query(max_length=10, description="How far back: 30m, 24h, 7d")] = "24h",
+    since: Annotated[
+        str, Query(max_length=10, pattern=r"^\d{1,5}[smhd]$", description="How far back: 30m, 24h, 7d")
+    ] = "24h",
 ) -> Response:
     try:
-        window = parse_duration(since)
-    except ValueError as invalid:
+        start = datetime.now(UTC) - parse_duration(since)
+    except (ValueError, OverflowError) as invalid:
         return error(
             422,
             "validation_failed",
             {"message": f"since: {invalid}", "fields": [{"field": "since", "message": "a duration like 24h"}]},
         )
-    report = await usage(state.db, datetime.now(UTC) - window, visible_to(owner))
+    report = await usage(state.db, start, visible_to(owner))
     return FastJSON(report.as_json())
