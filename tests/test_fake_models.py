@@ -149,3 +149,18 @@ async def test_the_video_model_makes_one_real_mp4(fake: httpx.AsyncClient) -> No
     response = await fake.get(body["output"])
     assert response.headers["content-type"] == "video/mp4"
     assert response.content[4:8] == b"ftyp" and b"moov" in response.content and b"mdat" in response.content
+
+
+async def test_an_unknown_key_beside_input_is_refused_as_replicate_refuses_it(fake: httpx.AsyncClient) -> None:
+    response = await fake.post(f"/v1/models/{SCHNELL}/predictions", json={"input": {"prompt": "x"}, "model": SCHNELL})
+
+    assert response.status_code == 422
+    body = response.json()
+    assert body["detail"] == "- Additional property model is not allowed\n"
+    assert body["invalid_fields"] == [
+        {
+            "type": "additional_property_not_allowed",
+            "field": "",
+            "description": "Additional property model is not allowed",
+        }
+    ]

@@ -38,7 +38,8 @@ stable-diffusion-3.5-large as Replicate describes them (shared/replicate-models.
 plus ``fake/tiny-video`` (one tiny real MP4). Each has its own Input schema (served
 at the models endpoints in Cog's shape, enums behind ``$ref``), validates like
 Replicate (422 ``Input validation failed`` with ``invalid_fields``; unknown input
-keys ignored), renders its ``output_format`` (WebP by default; PNG, JPEG) at the
+keys ignored, unknown keys of the request body itself refused), renders its
+``output_format`` (WebP by default; PNG, JPEG) at the
 size its ``aspect_ratio``/``megapixels`` (or custom ``width``/``height``) make, and
 answers a list of URLs (flux-schnell, flux-dev) or one URL (flux-1.1-pro, SD3.5,
 the video model), named ``{base}/files/{id}/out-{i}.{format}``. Any other model
@@ -146,6 +147,7 @@ JSON = dict[str, Any]
 Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
 
 TERMINAL: Final = frozenset({"succeeded", "failed", "canceled"})
+BODY_KEYS: Final = frozenset({"version", "input", "webhook", "webhook_completed", "webhook_events_filter", "stream"})
 PAGE_SIZE: Final = 100
 MAX_WAIT: Final = 60.0
 PROGRESS_STEPS: Final = 4
@@ -390,7 +392,7 @@ def not_found() -> Response:
 
 def invalid_input(errors: list[tuple[str, str, str]]) -> Response:
     """422 "Input validation failed" from (type, field, description) triples."""
-    detail = "".join(f"- {field}: {desc}\n" for _, field, desc in errors)
+    detail = "".join(f"- {field}: {desc}\n" if field else f"- {desc}\n" for _, field, desc in errors)
     fields_ = [{"type": t, "field": f, "description": d} for t, f, d in errors]
     return error_response(422, detail, title="Input validation failed", extra={"invalid_fields": fields_})
 
@@ -657,6 +659,14 @@ class FakeReplicate:
             return error_response(400, "The request body is not valid JSON.")
         if not isinstance(body, dict):
             return error_response(400, "The request body must be a JSON object.")
+        # The request schemas have additionalProperties: false (unlike a model's input).
+        allowed = BODY_KEYS if model is None else BODY_KEYS - {"version"}
+        extra = sorted(key for key in body if key not in allowed)
+        if extra:
+            errors = [
+                ("additional_property_not_allowed", "", f"Additional property {key} is not allowed") for key in extra
+            ]
+            return invalid_input(errors)
         if self.config.create_latency > 0:
             await asyncio.sleep(self.config.create_latency)
         resolved = self.resolve_model(model, body)
