@@ -19,7 +19,6 @@ The attempt protocol (no lost job, no double billing):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -533,9 +532,16 @@ def _announce(ctx: WorkerContext, claim: jobs.Claim, status: str, **fields: Any)
 
 async def _explain_lost(ctx: WorkerContext, claim: jobs.Claim, expired: LeaseExpired) -> None:
     """Our lease ran out during a database outage and another worker took the job over, closing our
-    attempt as `WorkerLost`: put what really happened on it."""
-    with contextlib.suppress(Exception):  # the database is gone again: the attempt keeps the new holder's words
-        await jobs.explain_abandoned(ctx.db, claim, expired.error_class, expired.message)
+    attempt as `WorkerLost`: put what really happened on it. A connection the outage broke may fail
+    the first try; after a few, the attempt keeps the new holder's words."""
+    for _ in range(5):
+        try:
+            await jobs.explain_abandoned(ctx.db, claim, expired.error_class, expired.message)
+            break
+        except UNREACHABLE:
+            await asyncio.sleep(1.0)
+        except Exception:
+            break
     log_event(
         "job.lease.expired",
         logging.WARNING,
