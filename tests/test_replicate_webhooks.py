@@ -95,15 +95,21 @@ async def test_a_duplicated_webhook_is_relayed_once(api: httpx.AsyncClient, list
     assert relayed[0]["progress"] == {"percentage": 0.5, "current": 2, "total": 4}
 
 
+@pytest.mark.usefixtures("worker")
 async def test_a_webhook_for_an_unknown_or_finished_job_is_answered_and_ignored(
     api: httpx.AsyncClient, secret: str
 ) -> None:
+    finished = await submit(api, unique("done already"), width=512, height=512)
+    before = await wait_for_job(api, finished)
     body = prediction_body("p-nobody")
     unknown = await api.post(f"/webhooks/replicate?job={uuid.uuid4()}", content=body, headers=signed(secret, body))
+    late = await api.post(f"/webhooks/replicate?job={finished}", content=body, headers=signed(secret, body))
     no_job = await api.post("/webhooks/replicate", content=body, headers=signed(secret, body))
 
-    assert unknown.status_code == no_job.status_code == 200
-    assert unknown.json() == no_job.json() == {"ignored": "unknown job"}
+    assert unknown.status_code == late.status_code == no_job.status_code == 200
+    assert unknown.json() == late.json() == {"ignored": "nobody waits on this job"}
+    assert no_job.json() == {"ignored": "no job"}
+    assert await wait_for_job(api, finished) == before
 
 
 async def _drain(events: Any) -> AsyncIterator[dict[str, Any]]:

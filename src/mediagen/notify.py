@@ -10,6 +10,7 @@ waiter always re-reads the row after waking, and never waits without a timeout.
     notifier.publish(job_id, {"type": "job", "status": "running", "attempt": 1})
         # never blocks and never raises: queued, then sent with the others queued in the same loop
         # turn in one pipeline; dropped (counted, logged) when Redis is unreachable or too many wait
+    await notifier.publish_now(job_id, event)             # sent now; how many listeners got it
 
     async with notifier.listen(job_id) as events:         # subscribed (confirmed) when this returns
         row = await read_the_row()                        # so nothing published after this is missed
@@ -93,6 +94,15 @@ class Notifier:
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
             except RuntimeError:  # no loop (a synchronous caller): nobody to wake in this process
                 self._outbox.clear()
+
+    async def publish_now(self, job_id: uuid.UUID | str, event: Event) -> int:
+        """Send `event` at once (one PUBLISH); how many listeners, in every process, received it.
+
+        Raises when Redis cannot be reached: for a caller whose answer depends on the delivery."""
+        payload = orjson.dumps({**event, "job_id": str(job_id)})
+        receivers = int(await self.redis.publish(self.channel(job_id), payload))
+        self.published += 1
+        return receivers
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(0)  # let the current loop turn add its events to the same pipeline
