@@ -8,6 +8,7 @@ drops them at the end. The API, the worker and the fake Replicate run as real pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -183,6 +184,24 @@ def service_env(
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+@contextlib.contextmanager
+def private_fake(workdir: Path, name: str, latency: float) -> Iterator[FakeReplicate]:
+    """A fake Replicate of one test's own: its counters and limits are that test's alone."""
+    port = free_port()
+    with open(workdir / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fake_replicate", "--port", str(port), "--latency", str(latency)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            fake = FakeReplicate(f"http://127.0.0.1:{port}")
+            wait_http(f"{fake.url}/_fake/health", proc)
+            yield fake
+        finally:
+            stop(proc)
 
 
 @dataclass

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from conftest import FakeReplicate, kill_group, stop, unique, wait_http
+from conftest import FakeReplicate, kill_group, private_fake, unique
 from mediagen.core.db import Database
 from mediagen.devtools.embedded import free_port
 
@@ -30,21 +28,11 @@ CREATES_PER_MINUTE = 1200
 
 @pytest.fixture
 def limited_fake(workdir: Any) -> Iterator[FakeReplicate]:
-    port = free_port()
-    log = open(workdir / "limited-fake.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fake_replicate", "--port", str(port), "--latency", "0.3"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    fake = FakeReplicate(f"http://127.0.0.1:{port}")
-    wait_http(f"{fake.url}/_fake/health", proc)
-    fake.configure(
-        create_rate_per_minute=CREATES_PER_MINUTE, create_burst=10, request_rate_per_minute=3000, request_burst=100
-    )
-    yield fake
-    stop(proc)
-    log.close()
+    with private_fake(workdir, "limited-fake", latency=0.3) as fake:
+        fake.configure(
+            create_rate_per_minute=CREATES_PER_MINUTE, create_burst=10, request_rate_per_minute=3000, request_burst=100
+        )
+        yield fake
 
 
 async def test_three_workers_share_one_budget_see_no_429_and_survive_losing_one(

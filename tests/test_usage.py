@@ -11,25 +11,15 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import FakeReplicate, stop, submit, unique, wait_for_job, wait_http
+from conftest import FakeReplicate, private_fake, submit, unique, wait_for_job
 from mediagen.devtools.embedded import free_port
 
 
 @pytest.fixture
 def own_fake(workdir: Any) -> Iterator[FakeReplicate]:
     """A fake of this test's own, so its count of images is this test's alone."""
-    port = free_port()
-    log = open(workdir / "usage-fake.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fake_replicate", "--port", str(port), "--latency", "0.2"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    fake = FakeReplicate(f"http://127.0.0.1:{port}")
-    wait_http(f"{fake.url}/_fake/health", proc)
-    yield fake
-    stop(proc)
-    log.close()
+    with private_fake(workdir, "usage-fake", latency=0.2) as fake:
+        yield fake
 
 
 async def test_usage_matches_the_images_replicate_made_and_each_job_shows_its_cost(
