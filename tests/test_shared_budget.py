@@ -1,9 +1,12 @@
 """Several workers as several machines: one Replicate budget for all of them, and none of them indispensable.
 
 The issue's test is 200 jobs through 3 workers against a fake limited to 60 creates a minute (200 s).
-Scaled to keep the suite fast, the limit still binds: 1,200 creates a minute (20 a second, a burst of
-10 at the fake, 5 in our budget), so 200 jobs take about 10 s of creates where the three workers
-could otherwise start them in one second.
+Scaled to keep the suite fast, the limit still binds: the fake allows 1,200 creates a minute (a burst
+of 30), our budget takes 1,000 (a burst of 5), so 200 jobs take about 12 s of creates where the three
+workers could otherwise start them in a second. The headroom is what a loaded machine needs: a worker
+whose event loop wakes late gives its slot up and reserves another, but when the whole machine stalls
+(seen with a load average of 8 on 2 cores), the fake's own event loop reads requests that were sent
+spaced out at one instant.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from mediagen.core.db import Database
 from mediagen.devtools.embedded import free_port
 
 JOBS = 200
-CREATES_PER_MINUTE = 1200
+CREATES_PER_MINUTE = 1200  # the fake's limit
+BUDGET_PER_MINUTE = 1000  # ours
 
 
 @pytest.fixture
 def limited_fake(workdir: Any) -> Iterator[FakeReplicate]:
     with private_fake(workdir, "limited-fake", latency=0.3) as fake:
         fake.configure(
-            create_rate_per_minute=CREATES_PER_MINUTE, create_burst=10, request_rate_per_minute=3000, request_burst=100
+            create_rate_per_minute=CREATES_PER_MINUTE, create_burst=30, request_rate_per_minute=3000, request_burst=100
         )
         yield fake
 
@@ -40,7 +44,7 @@ async def test_three_workers_share_one_budget_see_no_429_and_survive_losing_one(
 ) -> None:
     stack = make_stack(
         REPLICATE_BASE_URL=limited_fake.url,
-        MEDIAGEN_REPLICATE_CREATES_PER_MINUTE=str(CREATES_PER_MINUTE),
+        MEDIAGEN_REPLICATE_CREATES_PER_MINUTE=str(BUDGET_PER_MINUTE),
         MEDIAGEN_REPLICATE_CREATE_BURST="5",
         MEDIAGEN_REPLICATE_REQUESTS_PER_MINUTE="2400",
     )
@@ -86,5 +90,5 @@ async def test_three_workers_share_one_budget_see_no_429_and_survive_losing_one(
     # No attempt failed: the only attempts besides the 200 successes are those the lost worker held.
     assert set(outcomes) <= {("succeeded", None), ("abandoned", "WorkerLost")}, outcomes
     assert outcomes[("succeeded", None)] == JOBS
-    # The budget bound: 200 creates at 20 a second cannot be done in much under 10 s.
-    assert elapsed >= (JOBS - 10) / (CREATES_PER_MINUTE / 60)
+    # The budget bound: 200 creates at our 1,000 a minute cannot be done in much under 12 s.
+    assert elapsed >= (JOBS - 5) / (BUDGET_PER_MINUTE / 60)

@@ -43,6 +43,9 @@ replicate_token_wait = Histogram(
     ["budget"],
     buckets=(0.0005, 0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120),
 )
+replicate_tokens_late = Counter(
+    "mediagen_replicate_tokens_late_total", "Budget slots given up because the caller woke too late", ["budget"]
+)
 replicate_throttled = Counter("mediagen_replicate_throttled_total", "429s received from Replicate", ["budget"])
 spend_usd = Counter(
     "mediagen_spend_usd_total", "USD spent on predictions (by the price table; unknown prices count nothing)", ["model"]

@@ -33,8 +33,9 @@ from mediagen.logging import log_event
 
 Budget = Literal["create", "other"]
 
-# KEYS[1]: the budget's theoretical arrival time (ms, Redis clock). ARGV: interval ms, burst, pause ms.
-# Reserve (pause 0): returns the ms to wait for the reserved slot. Pause (> 0): no slot before now + pause.
+# KEYS[1]: the budget's theoretical arrival time (ms, Redis clock); KEYS[2]: set while it is paused.
+# ARGV: interval ms, burst, pause ms. Reserve (pause 0): returns the ms to wait for the reserved slot.
+# Pause (> 0): no slot before now + pause, and KEYS[2] lives that long (slots reserved before it see it).
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -45,6 +46,7 @@ if tat < now then tat = now end
 local wait = 0
 if pause > 0 then
   tat = math.max(tat, now + pause + tolerance)
+  if redis.call('PTTL', KEYS[2]) < pause then redis.call('SET', KEYS[2], '1', 'PX', math.ceil(pause)) end
 else
   wait = math.max(0, tat - tolerance - now)
   tat = tat + interval
@@ -78,29 +80,61 @@ class RateLimiter:
     def key(self, budget: Budget) -> str:
         return f"{self.namespace}:replicate-budget:{budget}"
 
+    def _keys(self, budget: Budget) -> list[str]:
+        return [self.key(budget), f"{self.key(budget)}:paused"]
+
     def enabled(self, budget: Budget) -> bool:
         return self._rates[budget][0] > 0
 
     async def acquire(self, budget: Budget) -> float:
         """Wait for a token of `budget`; the seconds waited. Redis unreachable: no wait (logged)."""
-        per_minute, burst = self._rates[budget]
-        if per_minute <= 0:
+        if self._rates[budget][0] <= 0:
             return 0.0
         started = time.monotonic()
-        try:
-            wait = float(await self._script(keys=[self.key(budget)], args=[60_000 / per_minute, burst, 0])) / 1000
-        except Exception as error:
-            # Better a 429 (which pauses us) than a worker stuck because Redis blinked.
-            log_event("replicate.budget.unavailable", logging.WARNING, budget=budget, error=repr(error))
-            wait = 0.0
-        # A pause this process learned of after the slot was reserved elsewhere still holds.
-        wait = max(wait, self._paused_until[budget] - time.monotonic())
-        if wait > 0:
-            await asyncio.sleep(wait)
-        waited = time.monotonic() - started
+        await self.reserve(budget)
+        return time.monotonic() - started
+
+    def late(self, budget: Budget, slot: float) -> bool:
+        """Is it now well past `slot` (half the budget's burst of slots)? A request sent this late would
+        go out together with the next ones, a burst Replicate may refuse: reserve another slot."""
+        per_minute, burst = self._rates[budget]
+        return per_minute > 0 and time.monotonic() - slot > 60.0 / per_minute * max(1, burst // 2)
+
+    async def reserve(self, budget: Budget) -> float:
+        """Wait for a token of `budget`; its slot (`time.monotonic()`). A caller that wakes `late()`
+        (a busy event loop) gives its slot up and reserves another."""
+        per_minute, burst = self._rates[budget]
+        started = time.monotonic()
+        if per_minute <= 0:
+            return started
+        interval = 60.0 / per_minute
+        slot = started
+        while True:
+            asked_at = time.monotonic()
+            try:
+                wait = float(await self._script(keys=self._keys(budget), args=[interval * 1000, burst, 0])) / 1000
+                # The slot is `wait` after Redis answered, which was no later than now. A pause this
+                # process learned of after the slot was reserved elsewhere still holds.
+                slot = max(asked_at + wait, self._paused_until[budget])
+                if slot > time.monotonic():
+                    await asyncio.sleep(slot - time.monotonic())
+                    # Paused while we slept (a 429 in any process): this slot is no good, take a later one.
+                    paused_for = int(await self.redis.pttl(self._keys(budget)[1]))
+                    if paused_for > 0:
+                        self._paused_until[budget] = max(
+                            self._paused_until[budget], time.monotonic() + paused_for / 1000
+                        )
+                        continue
+            except Exception as error:
+                # Better a 429 (which pauses us) than a worker stuck because Redis blinked.
+                log_event("replicate.budget.unavailable", logging.WARNING, budget=budget, error=repr(error))
+                break
+            if not self.late(budget, slot):
+                break
+            metrics.replicate_tokens_late.labels(budget).inc()
         metrics.replicate_tokens.labels(budget).inc()
-        metrics.replicate_token_wait.labels(budget).observe(waited)
-        return waited
+        metrics.replicate_token_wait.labels(budget).observe(time.monotonic() - started)
+        return slot
 
     def pause(self, budget: Budget, seconds: float) -> None:
         """Nobody spends `budget` for `seconds` (a 429 said so); never blocks, never raises."""
@@ -117,4 +151,4 @@ class RateLimiter:
 
     async def _pause(self, budget: Budget, seconds: float, per_minute: int, burst: int) -> None:
         with contextlib.suppress(Exception):
-            await self._script(keys=[self.key(budget)], args=[60_000 / per_minute, burst, seconds * 1000])
+            await self._script(keys=self._keys(budget), args=[60_000 / per_minute, burst, seconds * 1000])

@@ -33,7 +33,7 @@ from mediagen.providers.ratelimit import Budget, RateLimiter
 from mediagen.providers.transport import LeanTransport
 
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-_create_token_taken: contextvars.ContextVar[bool] = contextvars.ContextVar("replicate_create_token", default=False)
+_create_slot: contextvars.ContextVar[float | None] = contextvars.ContextVar("replicate_create_slot", default=None)
 _retry_hint: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
     "replicate_retry_hint", default=None
 )
@@ -97,8 +97,12 @@ class _LimitingTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         budget = _budget(request)
-        if not (budget == "create" and _create_token_taken.get()):
+        slot = _create_slot.get() if budget == "create" else None
+        if slot is None:
             await self._limiter.acquire(budget)
+        elif self._limiter.late(budget, slot):
+            # The create's token was taken before a busy loop delayed its sending: take a fresh one.
+            await self._limiter.reserve(budget)
         response = await self._inner.handle_async_request(request)
         if response.status_code == 429:
             seconds = await _retry_after(response)
@@ -201,10 +205,11 @@ class ReplicateProvider:
     async def create(self, model: str, input: dict[str, Any], *, webhook: str | None = None) -> Prediction:
         # The client sends create with no timeout at all (timeout=None): bound it ourselves. A create
         # cut off this way may have started a prediction, hence UnknownCreateOutcome.
+        slot = None
         if self._limiter is not None:
             # The token first, outside the create's time bound: a long wait for it is no timeout.
-            await self._limiter.acquire("create")
-        taken = _create_token_taken.set(self._limiter is not None)
+            slot = await self._limiter.reserve("create")
+        taken = _create_slot.set(slot)
         params: dict[str, Any] = {}
         if webhook is not None:
             params = {"webhook": webhook, "webhook_events_filter": list(self.webhook_events)}
@@ -221,7 +226,7 @@ class ReplicateProvider:
         try:
             return _prediction(await self._call(bounded, creating=True, operation="create"))
         finally:
-            _create_token_taken.reset(taken)
+            _create_slot.reset(taken)
 
     async def get(self, prediction_id: str) -> Prediction:
         return _prediction(await self._call(lambda: self.client.predictions.async_get(prediction_id)))
