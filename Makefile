@@ -13,17 +13,17 @@ line = {"ts": round(time.time(), 6), "level": "info", "logger": "make", "event":
 for arg in sys.argv[2:]:
     key, _, value = arg.partition("=")
     if key == "tail":
-        line.update(level="error", log=open(value, errors="replace").read()[-4000:])
+        line.update(level="error", log=value, tail=open(value, errors="replace").read()[-4000:])
     else:
         line[key] = value
 print(json.dumps(line), file=sys.stderr, flush=True)
 endef
-export JSON_LINE
 
 install: $(STAMP)
 
 # Quiet, like `run`: one JSON line to say what happens, pip's own output in $(VENV)/install.log (its
 # last lines in the JSON line when it fails).
+$(STAMP): export JSON_LINE := $(JSON_LINE)
 $(STAMP):
 	@$(PYTHON) -c "$$JSON_LINE" dev.installing log=$(VENV)/install.log
 	@mkdir -p $(VENV) && { test -x $(PY) || $(PYTHON) -m venv $(VENV); } > $(VENV)/install.log 2>&1 \
