@@ -36,6 +36,19 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 """What the drivers raise when PostgreSQL cannot be reached (not a bad statement)."""
 
 
+def is_unreachable(error: BaseException) -> bool:
+    """Did this error come from PostgreSQL being out of reach? SQLAlchemy wraps a connection that broke
+    mid-statement as a plain `DBAPIError`: its causes tell (e.g. `ConnectionResetError`)."""
+    seen: BaseException | None = error
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, UNREACHABLE) or getattr(seen, "connection_invalidated", False):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def async_url(url: str) -> str:
     """`postgresql://...` (any driver) → the asyncpg dialect SQLAlchemy runs on."""
     return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
-from mediagen.core.db import UNREACHABLE, Database
+from mediagen.core.db import Database, is_unreachable
 from mediagen.core.errors import JobCanceled, LeaseExpired, LeaseLost, MediagenError
 from mediagen.logging import log_event
 
@@ -113,8 +113,9 @@ class LeaseKeeper:
                         },
                     )
                 ).all()
-        except UNREACHABLE as error:
-            self._outage = self._outage or f"{type(error).__name__}: {error}".strip().rstrip(":")
+        except Exception as error:
+            if is_unreachable(error):
+                self._outage = self._outage or _first_line(error)
             raise
         lost = self._lost_reason(sent)
         self._renewed(sent)
@@ -165,3 +166,8 @@ class LeaseKeeper:
                     await self.watch_cancels()
             except Exception:
                 log_event("worker.lease.renew_failed", logging.WARNING, held=len(self.holds), exc_info=True)
+
+
+def _first_line(error: BaseException) -> str:
+    cause = error.__cause__ or error
+    return f"{type(cause).__name__}: {cause}".splitlines()[0].strip().rstrip(":")

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from mediagen import metrics
 from mediagen.broker import Dispatcher
 from mediagen.core import jobs, pricing
-from mediagen.core.db import UNREACHABLE, Database
+from mediagen.core.db import Database, is_unreachable
 from mediagen.core.errors import (
     JobCanceled,
     JobDeadlineExceeded,
@@ -208,8 +208,8 @@ async def _recorded(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, write: Ca
     while True:
         try:
             return await write()
-        except UNREACHABLE as error:
-            if _exiting(ctx):
+        except Exception as error:
+            if _exiting(ctx) or not is_unreachable(error):
                 raise
             if not waiting:
                 waiting = True
@@ -538,10 +538,10 @@ async def _explain_lost(ctx: WorkerContext, claim: jobs.Claim, expired: LeaseExp
         try:
             await jobs.explain_abandoned(ctx.db, claim, expired.error_class, expired.message)
             break
-        except UNREACHABLE:
+        except Exception as error:
+            if not is_unreachable(error):
+                break
             await asyncio.sleep(1.0)
-        except Exception:
-            break
     log_event(
         "job.lease.expired",
         logging.WARNING,
