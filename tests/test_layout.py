@@ -17,6 +17,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "fake_replicate": ("mediagen",),
     "mediagen.core": (
         "mediagen.api",
+        "mediagen.catalog",
+        "mediagen.notify",
         "mediagen.worker",
         "mediagen.providers",
         "mediagen.storage",
