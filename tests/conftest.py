@@ -179,6 +179,8 @@ def service_env(
         MEDIAGEN_POLL_INITIAL_SECONDS="0.05",
         MEDIAGEN_POLL_MAX_SECONDS="0.2",
         MEDIAGEN_WORKER_THREADS="32",
+        # Three test processes share one PostgreSQL (100 connections by default): small pools each.
+        MEDIAGEN_DB_POOL_SIZE="4",
         MEDIAGEN_REPLICATE_TIMEOUT_SECONDS="5",
         MEDIAGEN_WORKER_METRICS_PORT=str(free_port()),
         PYTHONUNBUFFERED="1",

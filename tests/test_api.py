@@ -10,6 +10,9 @@ import pytest
 
 from conftest import submit, unique
 
+# A fixed id keeps parametrised test ids the same in every test process (pytest-xdist compares them).
+NO_SUCH_JOB = "3f0c6a2e-8d41-4c5b-9a7e-1b2c3d4e5f60"
+
 DEV = "black-forest-labs/flux-dev"
 PRO = "black-forest-labs/flux-1.1-pro"
 SD35 = "stability-ai/stable-diffusion-3.5-large"
@@ -187,7 +190,7 @@ async def test_an_unknown_job_is_404_and_a_malformed_id_is_422(api: httpx.AsyncC
         "/media/../../etc/passwd",
         "/media/%2e%2e/%2e%2e/etc/passwd",
         "/media/..%2f..%2fetc%2fpasswd",
-        f"/media/{uuid.uuid4()}/0.png",
+        f"/media/{NO_SUCH_JOB}/0.png",
         "/media/whatever.png",
     ],
 )

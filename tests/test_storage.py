@@ -33,6 +33,9 @@ from mediagen.storage.local import LocalStorage
 from mediagen.storage.s3 import S3Storage
 from s3server import S3Server, free_ports, start_s3_server
 
+# A fixed id keeps parametrised test ids the same in every test process (pytest-xdist compares them).
+SOME_JOB = "3f0c6a2e-8d41-4c5b-9a7e-1b2c3d4e5f60"
+
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 400  # about 100 KiB: several chunks
 
 
@@ -162,10 +165,10 @@ async def test_a_reader_never_sees_a_partial_object(storage: Storage) -> None:
         "../etc/passwd",
         "../../0.png",
         "not-a-uuid/0.png",
-        f"{uuid.uuid4()}/0.exe",
-        f"{uuid.uuid4()}/../0.png",
-        f"/{uuid.uuid4()}/0.png",
-        f"{uuid.uuid4()}/100.png",
+        f"{SOME_JOB}/0.exe",
+        f"{SOME_JOB}/../0.png",
+        f"/{SOME_JOB}/0.png",
+        f"{SOME_JOB}/100.png",
         "",
     ],
 )
