@@ -316,7 +316,7 @@ class Stack:
         """Empty the job tables, the namespace's Redis keys and the fake's predictions."""
         assert self.worker is None, "stop the worker before resetting"
         with psycopg.connect(libpq_url(self.database_url), autocommit=True) as conn:
-            conn.execute("TRUNCATE jobs, attempts, outputs")
+            conn.execute("TRUNCATE jobs, attempts, outputs CASCADE")  # and what references jobs (webhooks)
         self.flush_redis()
         self.fake_reset()
 
