@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import time
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from standardwebhooks.webhooks import Webhook
 
 from mediagen.core import jobs, webhooks
 from mediagen.core.db import Database
+from mediagen.core.retry import RetryPolicy
 from mediagen.logging import log_event
 
 MAX_ANSWER_BYTES = 64 * 1024
@@ -57,8 +57,8 @@ class WebhookSender:
         self.public_base_url = public_base_url
         self.allowed = webhooks.networks(allowed_networks)
         self.timeout = timeout_seconds
-        self.base = retry_base_seconds
-        self.cap = retry_cap_seconds
+        # The same capped, jittered backoff as job attempts: one policy (mediagen.core.retry).
+        self.backoff = RetryPolicy(base_seconds=retry_base_seconds, cap_seconds=retry_cap_seconds).backoff
         self.give_up = give_up_seconds
         self.poll = poll_seconds
         self.batch = batch
@@ -142,8 +142,7 @@ class WebhookSender:
             )
 
     def _next_try(self, due: webhooks.Due) -> float | None:
-        delay = min(self.cap, self.base * 2 ** (due.tries - 1))
-        delay = delay / 2 + random.uniform(0, delay / 2)
+        delay = self.backoff(due.tries)
         age = (datetime.now(UTC) - due.created_at).total_seconds()
         return None if age + delay > self.give_up else delay
 
