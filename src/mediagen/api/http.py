@@ -48,6 +48,13 @@ def error(status: int, code: str, detail: Any = None, headers: dict[str, str] | 
     return FastJSON({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+def invalid_field(field: str, message: str, *, summary: str | None = None, kind: str | None = None) -> FastJSON:
+    """The 422 of one bad field, shaped as every other validation error: `summary` defaults to
+    `field: message`; `kind` is the field's `type`, when there is one to name."""
+    problem = {"field": field, "message": message} | ({"type": kind} if kind is not None else {})
+    return error(422, "validation_failed", {"message": summary or f"{field}: {message}", "fields": [problem]})
+
+
 class MalformedJSON(HTTPException):
     """A request body that is not one well-formed JSON document with unique keys (a 400)."""
 

@@ -22,7 +22,7 @@ from sqlalchemy import text
 from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from mediagen.api.auth import Owner, visible_to
-from mediagen.api.http import FastJSON, JSONBodyRoute, error
+from mediagen.api.http import FastJSON, JSONBodyRoute, error, invalid_field
 from mediagen.api.limits import LimitedOwner
 from mediagen.api.schemas import (
     ErrorResponse,
@@ -133,13 +133,11 @@ async def generate(
     params = body.parameters.model_dump()
     model = params.pop("model") or settings.default_model
     if model not in settings.allowed_models:
-        return error(
-            422,
-            "validation_failed",
-            {
-                "message": f"parameters.model: {model!r} is not allowed; use one of {settings.allowed_models}",
-                "fields": [{"field": "parameters.model", "message": "not an allowed model", "type": "model"}],
-            },
+        return invalid_field(
+            "parameters.model",
+            "not an allowed model",
+            summary=f"parameters.model: {model!r} is not allowed; use one of {settings.allowed_models}",
+            kind="model",
         )
     schema = state.catalog.get(model)
     if schema is None:
@@ -148,14 +146,7 @@ async def generate(
     if body.webhook_url is not None:
         refused = _webhook_refusal(settings, body.webhook_url)
         if refused is not None:
-            return error(
-                422,
-                "validation_failed",
-                {
-                    "message": f"webhook_url: {refused}",
-                    "fields": [{"field": "webhook_url", "message": refused, "type": "webhook_url"}],
-                },
-            )
+            return invalid_field("webhook_url", refused, kind="webhook_url")
     request_hash = _request_hash(body) if idempotency_key is not None else None
     job = jobs.NewJob(
         id=uuid.uuid4(),
@@ -382,14 +373,7 @@ async def list_jobs(
     if cursor is not None:
         before = _decode_cursor(cursor)
         if before is None:
-            return error(
-                422,
-                "validation_failed",
-                {
-                    "message": "cursor: not a cursor from this API",
-                    "fields": [{"field": "cursor", "message": "invalid"}],
-                },
-            )
+            return invalid_field("cursor", "invalid", summary="cursor: not a cursor from this API")
     async with state.db.connect() as conn:
         rows = await jobs.list_jobs(
             conn,

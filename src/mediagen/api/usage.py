@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from mediagen.api.auth import visible_to
-from mediagen.api.http import FastJSON, error
+from mediagen.api.http import FastJSON, invalid_field
 from mediagen.api.limits import LimitedOwner
 from mediagen.api.schemas import ErrorResponse
 from mediagen.core.usage import parse_duration, usage
@@ -57,10 +57,6 @@ async def get_usage(
     try:
         start = datetime.now(UTC) - parse_duration(since)
     except (ValueError, OverflowError) as invalid:
-        return error(
-            422,
-            "validation_failed",
-            {"message": f"since: {invalid}", "fields": [{"field": "since", "message": "a duration like 24h"}]},
-        )
+        return invalid_field("since", "a duration like 24h", summary=f"since: {invalid}")
     report = await usage(state.db, start, visible_to(owner))
     return FastJSON(report.as_json())
