@@ -2,7 +2,7 @@
 
 For each job, the durable work `POST /generate` does, with no HTTP, no FastAPI, no ORM:
 
-* an INSERT of the same job row (same columns and values as `mediagen.core.jobs._CREATE_SQL`: status
+* an INSERT of the same job row (same columns and values as `mediagen.core.jobs.submit._CREATE_SQL`: status
   `queued`, the prompt, the parameters as the API stores them, the exact model input with a random
   seed (as the default model's schema builds it, mediagen.catalog), the default model,
   owner `''`, max_attempts, `deadline_at = now() + deadline`, `dispatched_at = now()`), committed,

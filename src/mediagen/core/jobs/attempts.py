@@ -1,0 +1,242 @@
+"""An attempt in progress and how it ends: record its prediction, succeed, fail, hand back, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import and_, func, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mediagen.core.db import Database
+from mediagen.core.jobs.claim import Claim
+from mediagen.core.models import Attempt, AttemptOutcome, Job, JobStatus
+
+_RECORD_SQL = """
+    UPDATE attempts SET prediction_id = $3, prediction_status = $4
+    WHERE id = $1 AND EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND claim_token = $5 AND status = 'running')
+"""
+
+
+async def record_prediction(db: Database, claim: Claim, prediction_id: str, status: str) -> bool:
+    """Store the prediction id the moment we have it, before any waiting (no double billing).
+
+    False: the job is no longer ours. Its new holder did not know of this prediction when it
+    claimed the job (unless it found it through reconciliation, see `prediction_owner`).
+    """
+    result = await db.execute(_RECORD_SQL, claim.attempt_id, claim.job_id, prediction_id, status, claim.token)
+    return result.endswith(" 1")
+
+
+_GONE_SQL = """
+    UPDATE attempts SET gone_prediction_id = prediction_id, prediction_id = NULL, prediction_status = NULL,
+           resumed = false, create_sent_at = now()
+    WHERE id = $1 AND prediction_id = $3
+      AND EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND claim_token = $4 AND status = 'running')
+"""
+
+
+async def forget_gone_prediction(db: Database, claim: Claim, prediction_id: str) -> bool:
+    """The prediction this attempt was to resume is gone (Replicate answered 404): keep its id as
+    `gone_prediction_id` and clear the way for a new one, created next (a 404 proves there is nothing
+    to be billed twice). The attempt is then a create like any other: sent now, outcome unknown until
+    recorded. False: the job is no longer ours.
+    """
+    result = await db.execute(_GONE_SQL, claim.attempt_id, claim.job_id, prediction_id, claim.token)
+    return result.endswith(" 1")
+
+
+_EXPLAIN_SQL = """
+    UPDATE attempts SET error_class = $2, error_message = $3
+    WHERE id = $1 AND outcome = 'abandoned' AND error_class = 'WorkerLost'
+"""
+
+
+async def explain_abandoned(db: Database, claim: Claim, error_class: str, message: str) -> bool:
+    """Say on an attempt that another worker closed as `WorkerLost` what really happened to it
+    (its worker, still alive, knows); False when it is not closed that way."""
+    result = await db.execute(_EXPLAIN_SQL, claim.attempt_id, error_class, message)
+    return result.endswith(" 1")
+
+
+def _held(claim: Claim) -> Any:
+    return and_(Job.id == claim.job_id, Job.claim_token == claim.token, Job.status == JobStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    index: int
+    storage_key: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What a prediction that ended reported (its `metrics`) and what it cost (None: unknown)."""
+
+    predict_time: float | None = None
+    image_count: int | None = None
+    cost_usd: Decimal | None = None
+
+
+NO_SPEND = Spend()
+
+
+_SUCCEED_SQL = """
+    WITH done AS (
+        UPDATE jobs SET status = 'succeeded', finished_at = now(), updated_at = now(), lease_until = NULL,
+               error_class = NULL, error_message = NULL
+        WHERE id = $1 AND claim_token = $2 AND status = 'running'
+        RETURNING id
+    ), closed AS (
+        UPDATE attempts SET finished_at = now(), outcome = 'succeeded', prediction_status = $4,
+               predict_time = $12, image_count = $13, cost_usd = $14
+        WHERE id = $3 AND EXISTS (SELECT 1 FROM done)
+    ), stored AS (
+        INSERT INTO outputs (job_id, index, storage_key, content_type, size_bytes, sha256, width, height)
+        SELECT $1, o.index, o.storage_key, o.content_type, o.size_bytes, o.sha256, o.width, o.height
+        FROM unnest($5::int[], $6::text[], $7::text[], $8::bigint[], $9::text[], $10::int[], $11::int[])
+             AS o(index, storage_key, content_type, size_bytes, sha256, width, height)
+        WHERE EXISTS (SELECT 1 FROM done)
+    )
+    SELECT count(*) AS held FROM done
+"""
+
+
+async def succeed(
+    db: Database, claim: Claim, outputs: Sequence[StoredOutput], prediction_status: str, spend: Spend = NO_SPEND
+) -> bool:
+    """Close the attempt and the job as succeeded, with its outputs, in one statement.
+    False: the job is no longer ours (another worker took it over), and nothing was written."""
+    held = await db.fetchval(
+        _SUCCEED_SQL,
+        claim.job_id,
+        claim.token,
+        claim.attempt_id,
+        prediction_status,
+        [o.index for o in outputs],
+        [o.storage_key for o in outputs],
+        [o.content_type for o in outputs],
+        [o.size_bytes for o in outputs],
+        [o.sha256 for o in outputs],
+        [o.width for o in outputs],
+        [o.height for o in outputs],
+        spend.predict_time,
+        spend.image_count,
+        spend.cost_usd,
+    )
+    return bool(held)
+
+
+@dataclass(frozen=True)
+class Failure:
+    error_class: str
+    message: str
+    http_status: int | None = None
+    prediction_status: str | None = None
+    create_rejected: bool = False
+    """The create was answered with an error: no prediction exists, nothing to reconcile later."""
+
+
+_FAIL_SQL = """
+    WITH done AS (
+        UPDATE jobs SET
+            status = CASE WHEN $3::float8 IS NULL THEN 'failed' ELSE 'retrying' END,
+            next_attempt_at = CASE WHEN $3::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $3) END,
+            dispatched_at = CASE WHEN $3::float8 IS NULL THEN dispatched_at ELSE now() END,
+            finished_at = CASE WHEN $3::float8 IS NULL THEN now() END,
+            lease_until = NULL, updated_at = now(), error_class = $5, error_message = $6
+        WHERE id = $1 AND claim_token = $2 AND status = 'running'
+        RETURNING id
+    ), closed AS (
+        UPDATE attempts SET finished_at = now(), outcome = 'failed', error_class = $5, error_message = $6,
+               http_status = $7, retry_delay_seconds = $3,
+               prediction_status = coalesce($8, prediction_status),
+               create_sent_at = CASE WHEN $9 THEN NULL ELSE create_sent_at END,
+               predict_time = $10, image_count = $11, cost_usd = $12
+        WHERE id = $4 AND EXISTS (SELECT 1 FROM done)
+    )
+    SELECT count(*) AS held FROM done
+"""
+
+
+async def fail_attempt(
+    db: Database, claim: Claim, failure: Failure, *, retry_delay: float | None, spend: Spend = NO_SPEND
+) -> bool:
+    """Close the attempt as failed; the job goes `retrying` after `retry_delay` s, or `failed` if None."""
+    held = await db.fetchval(
+        _FAIL_SQL,
+        claim.job_id,
+        claim.token,
+        None if retry_delay is None else float(retry_delay),
+        claim.attempt_id,
+        failure.error_class,
+        failure.message,
+        failure.http_status,
+        failure.prediction_status,
+        failure.create_rejected,
+        spend.predict_time,
+        spend.image_count,
+        spend.cost_usd,
+    )
+    return bool(held)
+
+
+async def release(conn: AsyncConnection, claim: Claim, reason: str) -> bool:
+    """Hand a running job back (worker shutting down): the next attempt resumes its prediction."""
+    done = await conn.execute(
+        update(Job)
+        .where(_held(claim))
+        .values(
+            status=JobStatus.RETRYING.value,
+            next_attempt_at=func.now(),
+            dispatched_at=func.now(),
+            lease_until=None,
+            updated_at=func.now(),
+        )
+    )
+    if done.rowcount != 1:
+        return False
+    await _close_attempt(conn, claim, AttemptOutcome.ABANDONED, error_class="WorkerShutdown", error_message=reason)
+    return True
+
+
+async def finish_canceled(conn: AsyncConnection, claim: Claim, prediction_status: str | None) -> bool:
+    done = await conn.execute(
+        update(Job)
+        .where(and_(Job.id == claim.job_id, Job.claim_token == claim.token, Job.status == "running"))
+        .values(
+            status=JobStatus.CANCELED.value,
+            finished_at=func.now(),
+            updated_at=func.now(),
+            lease_until=None,
+            error_class="JobCanceled",
+            error_message="canceled on request",
+        )
+    )
+    if done.rowcount != 1:
+        return False
+    await _close_attempt(
+        conn,
+        claim,
+        AttemptOutcome.CANCELED,
+        error_class="JobCanceled",
+        error_message="canceled on request",
+        prediction_status=prediction_status,
+    )
+    return True
+
+
+async def _close_attempt(conn: AsyncConnection, claim: Claim, outcome: AttemptOutcome, **values: Any) -> None:
+    values = {key: value for key, value in values.items() if value is not None}
+    await conn.execute(
+        update(Attempt)
+        .where(Attempt.id == claim.attempt_id)
+        .values(finished_at=func.now(), outcome=outcome.value, **values)
+    )

@@ -1,0 +1,137 @@
+"""Submitting jobs and the requests made about them afterwards: create (with idempotency), cancel, an
+operator's retry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mediagen.core.errors import JobConflict, JobNotFound
+from mediagen.core.models import Job
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: uuid.UUID
+    prompt: str
+    parameters: dict[str, Any]
+    model: str
+    max_attempts: int
+    deadline_seconds: float
+    owner: str = ""
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] = ()
+    input: dict[str, Any] | None = None
+    """The exact model input to send to Replicate (None: built from `parameters` by the worker)."""
+
+
+_CREATE_SQL = text(
+    """
+    INSERT INTO jobs (id, status, prompt, parameters, input, model, owner, idempotency_key, request_hash,
+                      max_attempts, deadline_at, dispatched_at)
+    SELECT n.id, 'queued', n.prompt, CAST(n.parameters AS jsonb), CAST(n.input AS jsonb), n.model, n.owner,
+           n.idempotency_key, n.request_hash, n.max_attempts, now() + make_interval(secs => n.deadline), now()
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:prompts AS text[]), CAST(:parameters AS text[]),
+                CAST(:inputs AS text[]), CAST(:models AS text[]), CAST(:owners AS text[]), CAST(:keys AS text[]),
+                CAST(:hashes AS text[]), CAST(:max_attempts AS int[]), CAST(:deadlines AS float8[]))
+         AS n(id, prompt, parameters, input, model, owner, idempotency_key, request_hash, max_attempts, deadline)
+    ON CONFLICT (owner, idempotency_key) DO NOTHING
+    RETURNING id
+    """
+)
+
+
+async def create_jobs(conn: AsyncConnection, jobs: Sequence[NewJob]) -> set[uuid.UUID]:
+    """Insert new `queued` jobs (one statement for any number), marked as dispatched now.
+
+    Returns the ids inserted: a job whose (owner, idempotency key) exists already is not.
+    """
+    result = await conn.execute(
+        _CREATE_SQL,
+        {
+            "ids": [job.id for job in jobs],
+            "prompts": [job.prompt for job in jobs],
+            "parameters": [orjson.dumps(job.parameters).decode() for job in jobs],
+            "inputs": [None if job.input is None else orjson.dumps(job.input).decode() for job in jobs],
+            "models": [job.model for job in jobs],
+            "owners": [job.owner for job in jobs],
+            "keys": [job.idempotency_key for job in jobs],
+            "hashes": [job.request_hash for job in jobs],
+            "max_attempts": [job.max_attempts for job in jobs],
+            "deadlines": [float(job.deadline_seconds) for job in jobs],
+        },
+    )
+    return {row.id for row in result}
+
+
+async def find_by_idempotency_key(
+    conn: AsyncConnection, owner: str, key: str
+) -> tuple[uuid.UUID, str | None, str] | None:
+    """(job id, request hash, status) of the job submitted earlier with this key."""
+    row = (
+        await conn.execute(
+            select(Job.id, Job.request_hash, Job.status).where(Job.owner == owner, Job.idempotency_key == key)
+        )
+    ).first()
+    return (row.id, row.request_hash, row.status) if row is not None else None
+
+
+_CANCEL_SQL = text(
+    """
+    UPDATE jobs SET cancel_requested = true, updated_at = now(),
+           status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
+           finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
+           error_class = CASE WHEN status = 'running' THEN error_class ELSE 'JobCanceled' END,
+           error_message = CASE WHEN status = 'running' THEN error_message ELSE 'canceled on request' END
+    WHERE id = :id AND status IN ('queued', 'retrying', 'running')
+      AND (CAST(:owner AS text) IS NULL OR owner = :owner)
+    RETURNING status
+    """
+)
+
+
+async def request_cancel(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None = None) -> str:
+    """Cancel a job: waiting ones end `canceled` now; a running one is asked to stop (its worker
+    cancels the prediction at Replicate). Returns the job's status after the request."""
+    row = (await conn.execute(_CANCEL_SQL, {"id": job_id, "owner": owner})).first()
+    if row is not None:
+        return str(row.status)
+    query = select(Job.status).where(Job.id == job_id)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    status = (await conn.execute(query)).scalar()
+    if status is None:
+        raise JobNotFound(f"no job {job_id}")
+    raise JobConflict(f"job {job_id} is already {status}")
+
+
+_RETRY_SQL = text(
+    """
+    UPDATE jobs SET status = 'queued', max_attempts = attempts + :budget, error_class = NULL,
+           error_message = NULL, finished_at = NULL, cancel_requested = false, claim_token = NULL,
+           lease_until = NULL, next_attempt_at = NULL, dispatched_at = now(), updated_at = now(),
+           retried_at = now(), deadline_at = now() + make_interval(secs => :deadline)
+    WHERE id = :id AND status IN ('failed', 'canceled')
+    RETURNING attempts
+    """
+)
+
+
+async def retry_finished(
+    conn: AsyncConnection, job_id: uuid.UUID, *, budget: int, deadline_seconds: float
+) -> int | None:
+    """An operator runs a failed or canceled job again: `budget` more attempts, a new deadline, and a
+    fresh prediction (the job's earlier predictions are neither resumed nor adopted, whatever became
+    of them). Returns the number of attempts made so far, or None when the job is not failed or canceled.
+    """
+    row = (await conn.execute(_RETRY_SQL, {"id": job_id, "budget": budget, "deadline": deadline_seconds})).first()
+    return int(row.attempts) if row is not None else None
