@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mediagen.providers.downloads import Downloader
 from mediagen.providers.transport import LeanTransport
-from mediagen.worker.outputs import Downloader
 
 Handler = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
 

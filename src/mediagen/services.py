@@ -8,6 +8,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from mediagen.broker import Dispatcher
 from mediagen.core.db import Database
+from mediagen.providers.downloads import Downloader
 from mediagen.providers.ratelimit import RateLimiter
 from mediagen.providers.replicate import ReplicateProvider
 from mediagen.providers.webhooks import WebhookVerifier
@@ -15,7 +16,6 @@ from mediagen.settings import Settings
 from mediagen.storage import Storage
 from mediagen.storage.local import LocalStorage
 from mediagen.storage.s3 import S3Storage
-from mediagen.worker.outputs import Downloader
 
 REPLICATE_DELIVERY = "replicate.delivery"
 

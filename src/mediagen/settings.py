@@ -9,13 +9,12 @@ from __future__ import annotations
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from mediagen.core.pricing import Price
+from mediagen.core.pricing import Price, parse_prices
 
 DEFAULT_MODELS = (
     "black-forest-labs/flux-schnell",
@@ -192,15 +191,11 @@ class Settings(BaseSettings):
     @field_validator("model_prices")
     @classmethod
     def _prices_parse(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from mediagen.core.pricing import parse_prices
-
         parse_prices(value)  # fail at startup, not at the first GET /models
         return value
 
     @property
     def price_table(self) -> dict[str, Price | None]:
-        from mediagen.core.pricing import parse_prices
-
         return parse_prices(self.model_prices)
 
     @property

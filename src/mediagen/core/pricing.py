@@ -58,12 +58,8 @@ def parse_prices(overrides: Mapping[str, Any]) -> dict[str, Price | None]:
     return table
 
 
-def price_for(model: str, table: Mapping[str, Price | None] | None = None) -> Price | None:
-    """The model's price (settings' table by default), or None when unknown."""
-    if table is None:
-        from mediagen.settings import get_settings
-
-        table = get_settings().price_table
+def price_for(model: str, table: Mapping[str, Price | None]) -> Price | None:
+    """The model's price in `table` (settings' `price_table`), or None when unknown."""
     return table.get(model)
 
 
@@ -71,7 +67,7 @@ def cost(
     model: str,
     image_count: int | None,
     predict_time: float | None,
-    table: Mapping[str, Price | None] | None = None,
+    table: Mapping[str, Price | None],
 ) -> Decimal | None:
     """What one prediction of `model` cost in USD, or None when the price or the needed metric is unknown."""
     price = price_for(model, table)

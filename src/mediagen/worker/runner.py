@@ -48,9 +48,10 @@ from mediagen.core.retry import RetryPolicy, prediction_failure_is_transient
 from mediagen.logging import log_event
 from mediagen.notify import Event, Notifier, Subscription
 from mediagen.providers.base import TERMINAL_PREDICTION, Prediction, Provider
+from mediagen.providers.downloads import Downloader
 from mediagen.storage import Storage
 from mediagen.worker.leases import Hold, LeaseKeeper
-from mediagen.worker.outputs import Downloader, store_outputs
+from mediagen.worker.outputs import store_outputs
 from mediagen.worker.polling import PollSchedule
 from mediagen.worker.progress import ProgressReporter
 
