@@ -23,11 +23,11 @@ def upgrade() -> None:
     op.add_column("attempts", sa.Column("predict_time", sa.Double(), nullable=True))
     op.add_column("attempts", sa.Column("image_count", sa.Integer(), nullable=True))
     op.add_column("attempts", sa.Column("cost_usd", sa.Numeric(12, 6), nullable=True))
-    op.create_index("ix_attempts_finished_at", "attempts", ["finished_at"])
+    # ix_attempts_finished_at was built here, in this transaction, holding the lock above: it is
+    # revision 0930_finished_at_index now, built CONCURRENTLY (databases already past here have it).
 
 
 def downgrade() -> None:
-    op.drop_index("ix_attempts_finished_at", table_name="attempts")
     op.drop_column("attempts", "cost_usd")
     op.drop_column("attempts", "image_count")
     op.drop_column("attempts", "predict_time")

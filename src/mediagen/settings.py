@@ -158,6 +158,11 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # --- migrations --------------------------------------------------------------------------------
+    migration_lock_timeout_seconds: float = Field(3.0, gt=0)
+    """The longest a migration waits for a table lock (`lock_timeout`), and so the longest a request
+    queued behind that wait can be held up; past it the migration fails and says what was in the way."""
+
     # --- make run (mediagen.devtools) ----------------------------------------------------------------
     host: str = "127.0.0.1"
     """Where `make run` serves the API."""

@@ -71,13 +71,17 @@ def api_command(host: str, port: int) -> list[str]:
 def migrate(database_url: str) -> None:
     from alembic import command
     from alembic.config import Config
+    from alembic.util import CommandError
 
     root = Path(__file__).resolve().parents[3]
     config = Config(str(root / "alembic.ini"))
     config.set_main_option("script_location", str(root / "migrations"))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
+    try:
+        command.upgrade(config, "head")
+    except CommandError as error:  # says what failed and what to do (a lock not taken in time, say)
+        raise GiveUp(str(error)) from error
 
 
 def _webhooks_for_a_local_receiver(env: dict[str, str], data_dir: Path) -> None:
