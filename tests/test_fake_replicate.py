@@ -30,7 +30,8 @@ from replicate.helpers import FileOutput
 from fake_replicate.cli import build_config, build_settings
 from fake_replicate.config import FakeConfig
 from fake_replicate.directives import CreateFault, GetFault, parse_directives
-from fake_replicate.server import create_app, model_version_id
+from fake_replicate.inputs import model_version_id
+from fake_replicate.server import create_app
 
 MODEL = "acme/stand-in"  # the generic stand-in: the per-model behaviour is pinned in test_fake_models.py
 ID_RE = re.compile(r"^[a-z2-7]{26}$")

@@ -12,7 +12,7 @@ Flags win over the environment. ``--data-dir`` (``FAKE_REPLICATE_DATA_DIR``) kee
 the predictions in that directory, found again after a restart (see
 :mod:`fake_replicate.store`); without it they live in memory only. Point the client at it with
 ``REPLICATE_BASE_URL=http://127.0.0.1:5055``. Faults can be changed while it runs
-with ``PUT /_fake/config``; see :mod:`fake_replicate.server` for the
+with ``PUT /_fake/config``; the package's README.md describes every knob, the
 per-prompt ``[[...]]`` directives and the ``/_fake`` control routes.
 """
 

@@ -57,7 +57,7 @@ class RateLimits:
         if per_minute > 0:
             wait = self.buckets[budget].take(time.monotonic(), per_minute, burst)
             if wait > 0:
-                self.fake.faults[f"rate_limited_{budget}"] += 1
+                self.fake.faults.counts[f"rate_limited_{budget}"] += 1
                 await _throttled(send, max(1, math.ceil(wait)), per_minute, burst)
                 return
         await self.app(scope, receive, send)

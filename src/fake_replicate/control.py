@@ -1,0 +1,69 @@
+"""The fake's own control and inspection routes under ``/_fake`` (not Replicate's; no auth): read and
+change the live config, reset, statistics, health. See the package README for each route.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fake_replicate.config import config_with
+from fake_replicate.responses import error_response, json_response
+from fake_replicate.state import FakeReplicate
+
+
+class ControlRoutes:
+    """The ``/_fake`` handlers over one `FakeReplicate`."""
+
+    def __init__(self, fake: FakeReplicate) -> None:
+        self.fake = fake
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/_fake/config", self.get_config, methods=["GET"]),
+            Route("/_fake/config", self.put_config, methods=["PUT"]),
+            Route("/_fake/reset", self.post_reset, methods=["POST"]),
+            Route("/_fake/stats", self.get_stats, methods=["GET"]),
+            Route("/_fake/health", self.health, methods=["GET"]),
+        ]
+
+    async def get_config(self, request: Request) -> Response:
+        return json_response(asdict(self.fake.config))
+
+    async def put_config(self, request: Request) -> Response:
+        try:
+            patch = orjson.loads(await request.body())
+            if not isinstance(patch, dict):
+                raise ValueError("the body must be a JSON object")
+            new = config_with(self.fake.config, patch)
+        except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+            return error_response(400, str(exc))
+        self.fake.set_config(new)
+        return json_response(asdict(new))
+
+    async def post_reset(self, request: Request) -> Response:
+        self.fake.reset()
+        return json_response({"ok": True})
+
+    async def get_stats(self, request: Request) -> Response:
+        fake = self.fake
+        return json_response(
+            {
+                "creates": fake.requests["creates"],
+                "predictions": len(fake.predictions),
+                "by_prompt": fake.by_prompt,
+                "statuses": fake.status_counts(),
+                "requests": dict(fake.requests),
+                "faults": dict(fake.faults.counts),
+                "image_renders": fake.images.renders,
+                "images": fake.images_made(),
+                "webhooks": dict(fake.webhooks.stats),
+            }
+        )
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"ok": True})
