@@ -21,7 +21,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # part -> prefixes it must never import (a prefix matches the module and everything under it)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "fake_replicate": ("mediagen",),
+    "fake_replicate": ("mediagen", "fake_fal"),
+    "fake_fal": ("mediagen", "fake_replicate"),
     "mediagen.core": (
         "mediagen.api",
         "mediagen.catalog",
@@ -33,6 +34,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "mediagen.broker",
         "mediagen.services",
         "fake_replicate",
+        "fake_fal",
     ),
     "mediagen.providers": (
         "mediagen.api",
@@ -47,6 +49,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "mediagen.services",
         "mediagen.cli",
         "fake_replicate",
+        "fake_fal",
     ),
     "mediagen.storage": (
         "mediagen.api",
@@ -58,6 +61,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "mediagen.services",
         "mediagen.cli",
         "fake_replicate",
+        "fake_fal",
     ),
     "mediagen.catalog": (
         "mediagen.api",
@@ -71,9 +75,10 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "mediagen.core.jobs",
         "mediagen.core.models",
         "fake_replicate",
+        "fake_fal",
     ),
-    "mediagen.api": ("mediagen.worker", "mediagen.devtools", "mediagen.cli", "fake_replicate"),
-    "mediagen.worker": ("mediagen.api", "mediagen.devtools", "mediagen.cli", "fake_replicate"),
+    "mediagen.api": ("mediagen.worker", "mediagen.devtools", "mediagen.cli", "fake_replicate", "fake_fal"),
+    "mediagen.worker": ("mediagen.api", "mediagen.devtools", "mediagen.cli", "fake_replicate", "fake_fal"),
 }
 
 # top-level module -> the only parts of mediagen it may import (a prefix matches everything under it;
@@ -274,9 +279,11 @@ def test_the_api_process_loads_no_worker_module(service_env: dict[str, str]) -> 
     assert not worker_only, f"the API process loaded {worker_only}"
 
 
-def test_the_fake_replicate_stands_alone() -> None:
-    """The fake stands in for api.replicate.com, so it may share nothing with the service it fakes."""
-    modules = {m for path in part_files("fake_replicate") for m in imported_modules(path)}
+@pytest.mark.parametrize("fake", ["fake_replicate", "fake_fal"])
+def test_each_fake_stands_alone(fake: str) -> None:
+    """A fake stands in for a provider (api.replicate.com, queue.fal.run), so it may share nothing with the
+    service it fakes."""
+    modules = {m for path in part_files(fake) for m in imported_modules(path)}
     assert "starlette.applications" in modules or any(matches(m, "starlette") for m in modules)
     assert not [m for m in modules if matches(m, "mediagen")]
 
