@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
-
 from mediagen.core import jobs
 from mediagen.core.db import Database
 from mediagen.core.usage import parse_duration, usage
@@ -106,17 +104,8 @@ async def show_job(db: Database, job_id: uuid.UUID) -> int:
 
 
 async def list_jobs(db: Database, status: str | None, since: timedelta | None, limit: int) -> int:
-    query = "SELECT id, status, attempts, created_at, error_class, error_message, prompt FROM jobs WHERE true"
-    params: dict[str, Any] = {"limit": limit}
-    if status:
-        query += " AND status = :status"
-        params["status"] = status
-    if since:
-        query += " AND created_at >= now() - make_interval(secs => :since)"
-        params["since"] = since.total_seconds()
-    query += " ORDER BY created_at DESC, id DESC LIMIT :limit"
     async with db.connect() as conn:
-        rows = (await conn.execute(text(query), params)).all()
+        rows = await jobs.list_jobs(conn, status=status or None, limit=limit, before=None, since=since)
     for row in rows:
         error = f"  {row.error_class}: {row.error_message}" if row.error_class else ""
         print(f"{row.id}  {row.status:<9} {row.attempts:>2}  {_time(row.created_at)}  {row.prompt[:40]!r}{error}")

@@ -32,11 +32,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from redis.asyncio import Redis
-from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mediagen.api.auth import current_owner
-from mediagen.core import usage
+from mediagen.core import jobs, usage
 from mediagen.core.db import Database
 from mediagen.core.errors import MediagenError
 
@@ -82,7 +81,6 @@ end
 return {1, '', remaining, reset, 0, unfinished}
 """
 
-_STATUSES_SQL = text("SELECT id, status FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
 _UNFINISHED = frozenset({"queued", "running", "retrying"})
 
 _NAMES = {"requests": "requests_per_minute", "jobs": "unfinished_jobs", "spend": "daily_spend"}
@@ -233,7 +231,7 @@ class Limits:
             return False
         ids = [uuid.UUID(member.decode()) for member, _ in members]
         async with self.db.connect() as conn:
-            statuses = {row.id: row.status for row in await conn.execute(_STATUSES_SQL, {"ids": ids})}
+            statuses = await jobs.statuses(conn, ids)
         uncommitted_since = time.time() * 1000 - UNCOMMITTED_GRACE_SECONDS * 1000
         gone = [
             str(job_id)

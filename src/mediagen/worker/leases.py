@@ -1,7 +1,8 @@
 """Leases on running jobs, renewed in bulk: one UPDATE per worker process per renewal, not per job.
 
 Each running job registers a `Hold`. Every `lease_seconds / 3` the keeper extends the lease of every
-job this process holds, in one statement that also reads back `cancel_requested`. A job missing from
+job this process holds, in one statement that also reads back `cancel_requested`
+(mediagen.core.jobs.leases). A job missing from
 the answer has been taken over (its lease had expired and another worker claimed it); the keeper tells
 its runner to stop (`LeaseLost`). A cancel request is passed on the same way (`JobCanceled`).
 
@@ -19,23 +20,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
-
+from mediagen.core import jobs
 from mediagen.core.db import Database, is_unreachable
 from mediagen.core.errors import JobCanceled, LeaseExpired, LeaseLost, MediagenError
 from mediagen.logging import log_event
-
-_RENEW_SQL = text(
-    """
-    UPDATE jobs AS j SET lease_until = now() + make_interval(secs => :lease)
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS held(id, token)
-    WHERE j.id = held.id AND j.claim_token = held.token AND j.status = 'running'
-    RETURNING j.id, j.cancel_requested
-    """
-)
-
-
-_CANCELED_SQL = text("SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND cancel_requested")
 
 
 @dataclass
@@ -102,24 +90,15 @@ class LeaseKeeper:
             self._renewed(sent)
             return
         try:
-            async with self.db.transaction() as conn:
-                rows = (
-                    await conn.execute(
-                        _RENEW_SQL,
-                        {
-                            "lease": self.lease_seconds,
-                            "ids": [h.job_id for h in holds],
-                            "tokens": [h.token for h in holds],
-                        },
-                    )
-                ).all()
+            alive = await jobs.renew_leases(
+                self.db, [(h.job_id, h.token) for h in holds], lease_seconds=self.lease_seconds
+            )
         except Exception as error:
             if is_unreachable(error):
                 self._outage = self._outage or _first_line(error)
             raise
         lost = self._lost_reason(sent)
         self._renewed(sent)
-        alive = {row.id: row.cancel_requested for row in rows}
         for hold in holds:
             if hold.job_id not in alive:
                 if self.holds.get(hold.job_id) is hold:  # not finished in the meantime
@@ -147,10 +126,8 @@ class LeaseKeeper:
         holds = list(self.holds.values())
         if not holds:
             return
-        async with self.db.connect() as conn:
-            rows = (await conn.execute(_CANCELED_SQL, {"ids": [h.job_id for h in holds]})).all()
-        for row in rows:
-            hold = self.holds.get(row.id)
+        for job_id in await jobs.cancel_requested(self.db, [h.job_id for h in holds]):
+            hold = self.holds.get(job_id)
             if hold is not None:
                 hold.tell(JobCanceled("canceled on request"))
 

@@ -14,18 +14,13 @@ from __future__ import annotations
 import logging
 import re
 
+from mediagen.core import jobs
 from mediagen.core.db import Database
-from mediagen.core.jobs import Claim
 from mediagen.logging import log_event
 from mediagen.notify import Notifier
 from mediagen.providers.base import Prediction
 
 _BAR = re.compile(r"^\s*(?P<percentage>\d+)%\s*\|.+?\|\s*(?P<current>\d+)\/(?P<total>\d+)")
-
-_STORE_SQL = """
-    UPDATE jobs SET progress = $3 WHERE id = $1 AND claim_token = $2 AND status = 'running'
-      AND progress IS DISTINCT FROM $3
-"""
 
 
 def parse(logs: str | None) -> float | None:
@@ -42,7 +37,7 @@ def parse(logs: str | None) -> float | None:
 class ProgressReporter:
     """One attempt's progress: `seen(prediction)` after every look at its prediction."""
 
-    def __init__(self, db: Database, notifier: Notifier, claim: Claim) -> None:
+    def __init__(self, db: Database, notifier: Notifier, claim: jobs.Claim) -> None:
         self.db = db
         self.notifier = notifier
         self.claim = claim
@@ -59,7 +54,7 @@ class ProgressReporter:
             return
         self.last = progress
         try:
-            await self.db.execute(_STORE_SQL, self.claim.job_id, self.claim.token, progress)
+            await jobs.record_progress(self.db, self.claim, progress)
         except Exception as error:
             log_event("job.progress.unrecorded", logging.WARNING, job_id=str(self.claim.job_id), error=repr(error))
             return

@@ -1,5 +1,8 @@
 """The recovery sweep: the database is the truth, the broker only delivers.
 
+The jobs it ends or takes are chosen and changed by the job's domain (mediagen.core.jobs.sweeps); this
+module runs it periodically and does the broker's part.
+
 Every worker process runs it every `sweep_interval_seconds`; it is safe to run in many processes at
 once (rows are taken with `FOR UPDATE SKIP LOCKED` and stamped, so two sweeps never take the same
 job). Each pass:
@@ -19,39 +22,10 @@ import asyncio
 import contextlib
 import logging
 
-from sqlalchemy import text
-
 from mediagen.broker import Dispatcher
+from mediagen.core import jobs
 from mediagen.core.db import Database
 from mediagen.logging import log_event
-
-_EXPIRE_SQL = text(
-    """
-    UPDATE jobs SET status = 'failed', finished_at = now(), updated_at = now(),
-           error_class = 'JobDeadlineExceeded',
-           error_message = 'the job did not finish before its deadline'
-    WHERE id IN (SELECT id FROM jobs
-                 WHERE status IN ('queued', 'retrying') AND deadline_at < now()
-                 LIMIT :batch FOR UPDATE SKIP LOCKED)
-    RETURNING id
-    """
-)
-
-_STALE_SQL = text(
-    """
-    UPDATE jobs SET dispatched_at = now()
-    WHERE id IN (
-        SELECT id FROM jobs
-        WHERE status IN ('queued', 'retrying', 'running')
-          AND dispatched_at < now() - make_interval(secs => :stale)
-          AND (status = 'queued'
-               OR (status = 'retrying' AND next_attempt_at < now() - make_interval(secs => :stale))
-               OR (status = 'running' AND lease_until < now()))
-        ORDER BY dispatched_at
-        LIMIT :batch FOR UPDATE SKIP LOCKED)
-    RETURNING id, status
-    """
-)
 
 
 class Sweeper:
@@ -82,14 +56,12 @@ class Sweeper:
 
     async def sweep_once(self) -> dict[str, int]:
         """One pass; returns how many jobs it expired and re-sent."""
-        async with self.db.transaction() as conn:
-            expired = (await conn.execute(_EXPIRE_SQL, {"batch": self.batch})).all()
-        for row in expired:
-            log_event("job.failed", job_id=str(row.id), error_class="JobDeadlineExceeded", swept=True)
-        async with self.db.transaction() as conn:
-            stale = (await conn.execute(_STALE_SQL, {"stale": self.stale_seconds, "batch": self.batch})).all()
-        waiting = [row.id for row in stale if row.status != "running"]
-        orphans = [row.id for row in stale if row.status == "running"]
+        expired = await jobs.fail_overdue(self.db, batch=self.batch)
+        for job_id in expired:
+            log_event("job.failed", job_id=str(job_id), error_class="JobDeadlineExceeded", swept=True)
+        stale = await jobs.take_stale(self.db, stale_seconds=self.stale_seconds, batch=self.batch)
+        waiting = [s.job_id for s in stale if s.status != "running"]
+        orphans = [s.job_id for s in stale if s.status == "running"]
         if waiting:
             present = await self.dispatcher.pending(waiting)
             lost = [job_id for job_id, live in zip(waiting, present, strict=True) if not live]

@@ -110,8 +110,7 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         return
     claim = await jobs.claim(ctx.db, job_id, lease_seconds=ctx.lease_seconds)
     if claim is None:
-        async with ctx.db.connect() as conn:
-            early = await jobs.due_in(conn, job_id)
+        early = await jobs.due_in(ctx.db, job_id)
         if early is not None:  # a delayed message that arrived before its time
             await ctx.dispatcher.send([job_id], delay=max(early, MIN_RESEND_DELAY))
         return
@@ -247,8 +246,7 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) ->
     if not await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status):
         # We lost the job while creating: its new holder may create a prediction of its own. Unless it
         # adopted ours, cancel ours, so the job is not paid for twice.
-        async with ctx.db.connect() as conn:
-            owners = await jobs.prediction_owners(conn, prediction.id)
+        owners = await jobs.prediction_owners(ctx.db, prediction.id)
         if not owners:
             await _cancel_prediction(ctx, claim, prediction)
         raise LeaseLost("the job was taken over while its prediction was being created")
@@ -292,8 +290,7 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]
     for candidate in candidates:
         if candidate.status in ("failed", "canceled", "aborted"):
             continue
-        async with ctx.db.connect() as conn:
-            owners = await jobs.prediction_owners(conn, candidate.id)
+        owners = await jobs.prediction_owners(ctx.db, candidate.id)
         if any(job_id != claim.job_id for job_id, _ in owners):
             continue  # another job's prediction with the very same input
         if not await jobs.record_prediction(ctx.db, claim, candidate.id, candidate.status):
@@ -460,8 +457,7 @@ async def _cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction 
     status = None
     if prediction is not None and not prediction.done:
         status = await _cancel_prediction(ctx, claim, prediction)
-    async with ctx.db.transaction() as conn:
-        held = await jobs.finish_canceled(conn, claim, status)
+    held = await jobs.finish_canceled(ctx.db, claim, status)
     if held:
         metrics.jobs_finished.labels("canceled").inc()
         _attempt_closed(claim.job_id, claim.attempt, "canceled", "JobCanceled", error="canceled on request")
@@ -471,8 +467,7 @@ async def _cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction 
 
 async def _release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
     try:
-        async with ctx.db.transaction() as conn:
-            held = await jobs.release(conn, claim, reason)
+        held = await jobs.release(ctx.db, claim, reason)
     except Exception:
         return  # the lease will expire and the sweep hands the job back
     if held:

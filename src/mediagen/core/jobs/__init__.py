@@ -8,13 +8,25 @@ workers can never both hold a job:
        └──due── retrying ◀┘ transient error
     queued | retrying | running ──cancel──▶ canceled
 
-`running` carries a lease (`lease_until`, renewed in bulk by each worker, see mediagen.worker.leases) and a
-`claim_token`; a worker's writes count only while its token is the job's. Functions take a connection
-inside a transaction and never commit (see mediagen.core.db).
+`running` carries a lease (`lease_until`, renewed in bulk by each worker) and a `claim_token`; a worker's
+writes count only while its token is the job's.
 
-Where to look: `submit` (create, idempotency, cancel, an operator's retry), `queries` (reading jobs),
-`status` (the status clients poll), `claim` (taking a job for an attempt), `attempts` (an attempt in
-progress and how it ends). Callers use the names re-exported here: `jobs.claim(...)`.
+This package is the only writer of the `jobs` and `attempts` tables: the API, the worker's runner,
+leases and sweep, and the CLI call its verbs. Where to look:
+
+* `submit`: create (with idempotency), cancel, an operator's retry: the API's and CLI's writes;
+* `queries`: reading jobs for people (detail, a page, outputs, statuses);
+* `status`: the status clients poll;
+* `claim`: taking a job for an attempt;
+* `attempts`: an attempt in progress and how it ends;
+* `leases`: renewing the leases of running jobs, watching for cancels;
+* `sweeps`: jobs past their deadline, jobs to send again.
+
+Two calling conventions, one rule: a verb that is a unit of work by itself (the worker's side: claim,
+attempts, leases, sweeps) takes the `Database` and runs its own transaction; a verb the caller composes
+into its own unit of work (the API's and CLI's side: submit, queries) takes the caller's
+`AsyncConnection` and never commits (see mediagen.core.db). Each module's docstring says its SQL style
+and why. Callers use the names re-exported here: `jobs.claim(...)`.
 """
 
 from mediagen.core.jobs.attempts import (
@@ -26,14 +38,18 @@ from mediagen.core.jobs.attempts import (
     fail_attempt,
     finish_canceled,
     forget_gone_prediction,
+    prediction_owners,
     record_prediction,
+    record_progress,
     release,
     succeed,
 )
-from mediagen.core.jobs.claim import Claim, claim
-from mediagen.core.jobs.queries import JobDetail, due_in, get_detail, list_jobs, output_keys, prediction_owners
+from mediagen.core.jobs.claim import Claim, claim, due_in
+from mediagen.core.jobs.leases import cancel_requested, renew_leases
+from mediagen.core.jobs.queries import JobDetail, get_detail, list_jobs, output_keys, statuses
 from mediagen.core.jobs.status import STATUS_SQL, JobStatusView, get_status, shown_progress, status_object
 from mediagen.core.jobs.submit import NewJob, create_jobs, find_by_idempotency_key, request_cancel, retry_finished
+from mediagen.core.jobs.sweeps import Stale, fail_overdue, take_stale
 
 __all__ = [
     "NO_SPEND",
@@ -44,12 +60,15 @@ __all__ = [
     "JobStatusView",
     "NewJob",
     "Spend",
+    "Stale",
     "StoredOutput",
+    "cancel_requested",
     "claim",
     "create_jobs",
     "due_in",
     "explain_abandoned",
     "fail_attempt",
+    "fail_overdue",
     "find_by_idempotency_key",
     "finish_canceled",
     "forget_gone_prediction",
@@ -59,10 +78,14 @@ __all__ = [
     "output_keys",
     "prediction_owners",
     "record_prediction",
+    "record_progress",
     "release",
+    "renew_leases",
     "request_cancel",
     "retry_finished",
     "shown_progress",
     "status_object",
+    "statuses",
     "succeed",
+    "take_stale",
 ]

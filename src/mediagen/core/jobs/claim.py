@@ -1,4 +1,8 @@
-"""Claiming a job for an attempt: the one statement that takes the lease and opens the attempt."""
+"""Claiming a job for an attempt: the one statement that takes the lease and opens the attempt.
+
+SQL style: raw asyncpg (`$1`) through `Database`'s statement pool, as in `attempts`: the claim runs
+for every message a worker receives, and it is one statement in its own transaction.
+"""
 
 from __future__ import annotations
 
@@ -107,3 +111,16 @@ async def claim(db: Database, job_id: uuid.UUID, *, lease_seconds: float) -> Cla
         reconcile_since=row["reconcile_since"],
         abandoned_attempt=row["abandoned"],
     )
+
+
+_DUE_SQL = """
+    SELECT extract(epoch FROM next_attempt_at - now()) FROM jobs
+    WHERE id = $1 AND status = 'retrying' AND NOT cancel_requested
+"""
+
+
+async def due_in(db: Database, job_id: uuid.UUID) -> float | None:
+    """Seconds until a `retrying` job is due (None unless it is retrying and not yet due): what a worker
+    asks when its claim found nothing, as a delayed message may arrive early."""
+    due = await db.fetchval(_DUE_SQL, job_id)
+    return float(due) if due is not None and due > 0 else None

@@ -1,5 +1,10 @@
-"""Reading jobs: one job in detail, a page of jobs, their outputs, when a retry is due, who recorded a
-prediction.
+"""Reading jobs for people: one job in detail, a page of jobs, their outputs, the statuses of a few.
+
+Used by the API and the operator's CLI, inside a connection the caller opened (one connection for a
+page and its outputs). SQL style: SQLAlchemy Core expressions, because these queries are composed
+from optional filters (status, owner, cursor, age) that string-built SQL would splice by hand, and
+they return whole rows of the tables mapped in mediagen.core.models. None is on a hot path that the
+statement pool would pay for; the one that is, the status clients poll, lives in `status`.
 """
 
 from __future__ import annotations
@@ -7,10 +12,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, select, text, tuple_
+from sqlalchemy import Row, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mediagen.core import webhooks
@@ -47,8 +52,9 @@ async def list_jobs(
     limit: int,
     before: tuple[datetime, uuid.UUID] | None,
     owner: str | None = None,
+    since: timedelta | None = None,
 ) -> list[Row[Any]]:
-    """Newest first, keyset-paginated on (created_at, id)."""
+    """Newest first, keyset-paginated on (created_at, id); `since`: created within that long ago."""
     query = select(Job.__table__).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if status is not None:
         query = query.where(Job.status == status)
@@ -56,6 +62,8 @@ async def list_jobs(
         query = query.where(Job.owner == owner)
     if before is not None:
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(*before))
+    if since is not None:
+        query = query.where(Job.created_at >= func.now() - since)
     return list((await conn.execute(query)).all())
 
 
@@ -74,21 +82,9 @@ async def output_keys(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> di
     return found
 
 
-async def due_in(conn: AsyncConnection, job_id: uuid.UUID) -> float | None:
-    """Seconds until a `retrying` job is due (None unless it is retrying and not yet due)."""
-    row = (
-        await conn.execute(
-            text(
-                "SELECT extract(epoch FROM next_attempt_at - now()) AS due FROM jobs "
-                "WHERE id = :id AND status = 'retrying' AND NOT cancel_requested"
-            ),
-            {"id": job_id},
-        )
-    ).first()
-    return float(row.due) if row is not None and row.due is not None and row.due > 0 else None
-
-
-async def prediction_owners(conn: AsyncConnection, prediction_id: str) -> list[tuple[uuid.UUID, int]]:
-    """(job id, attempt id) of every attempt that recorded this prediction."""
-    rows = await conn.execute(select(Attempt.job_id, Attempt.id).where(Attempt.prediction_id == prediction_id))
-    return [(row.job_id, row.id) for row in rows]
+async def statuses(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The status of each of these jobs that exists."""
+    if not job_ids:
+        return {}
+    rows = await conn.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids)))
+    return {row.id: row.status for row in rows}

@@ -1,5 +1,11 @@
 """Submitting jobs and the requests made about them afterwards: create (with idempotency), cancel, an
 operator's retry.
+
+The API's and the CLI's writes. Each verb takes the caller's `AsyncConnection`, inside its unit of work:
+the API's group commit writes a batch of jobs and their webhook subscriptions in one transaction
+(mediagen.api.submissions). SQL style: `text()` with named parameters, because these statements are
+PostgreSQL's own (a batch through `unnest`, `ON CONFLICT` for idempotency, a status-dependent cancel
+in one `UPDATE`) and read best as the SQL they are.
 """
 
 from __future__ import annotations
@@ -10,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mediagen.core.errors import JobConflict, JobNotFound
-from mediagen.core.models import Job
 
 
 @dataclass(frozen=True)
@@ -73,15 +78,14 @@ async def create_jobs(conn: AsyncConnection, jobs: Sequence[NewJob]) -> set[uuid
     return {row.id for row in result}
 
 
+_KEY_SQL = text("SELECT id, request_hash, status FROM jobs WHERE owner = :owner AND idempotency_key = :key")
+
+
 async def find_by_idempotency_key(
     conn: AsyncConnection, owner: str, key: str
 ) -> tuple[uuid.UUID, str | None, str] | None:
     """(job id, request hash, status) of the job submitted earlier with this key."""
-    row = (
-        await conn.execute(
-            select(Job.id, Job.request_hash, Job.status).where(Job.owner == owner, Job.idempotency_key == key)
-        )
-    ).first()
+    row = (await conn.execute(_KEY_SQL, {"owner": owner, "key": key})).first()
     return (row.id, row.request_hash, row.status) if row is not None else None
 
 
@@ -99,16 +103,16 @@ _CANCEL_SQL = text(
 )
 
 
+_STATUS_SQL = text("SELECT status FROM jobs WHERE id = :id AND (CAST(:owner AS text) IS NULL OR owner = :owner)")
+
+
 async def request_cancel(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None = None) -> str:
     """Cancel a job: waiting ones end `canceled` now; a running one is asked to stop (its worker
     cancels the prediction at Replicate). Returns the job's status after the request."""
     row = (await conn.execute(_CANCEL_SQL, {"id": job_id, "owner": owner})).first()
     if row is not None:
         return str(row.status)
-    query = select(Job.status).where(Job.id == job_id)
-    if owner is not None:
-        query = query.where(Job.owner == owner)
-    status = (await conn.execute(query)).scalar()
+    status = (await conn.execute(_STATUS_SQL, {"id": job_id, "owner": owner})).scalar()
     if status is None:
         raise JobNotFound(f"no job {job_id}")
     raise JobConflict(f"job {job_id} is already {status}")

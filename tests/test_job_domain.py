@@ -1,0 +1,276 @@
+"""The job's domain verbs, each called as the worker, the sweep, the API or the CLI calls it, against a
+real PostgreSQL database of this module's own (no worker or sweep of the session runs on it).
+
+Each test reads as one state change of mediagen.core.jobs: given a job in some state, when one verb
+runs, then the row (and its attempt) is as the state machine says, and the verb's answer says so too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from conftest import RUN_ID, create_database, drop_database
+from mediagen.core import jobs
+from mediagen.core.db import Database
+from mediagen.devtools.launcher import migrate
+
+
+@pytest.fixture(scope="module")
+async def domain_db(postgres_admin_url: str) -> AsyncIterator[Database]:
+    name = f"mediagen_test_{RUN_ID}_domain_{uuid.uuid4().hex[:6]}"
+    url = create_database(postgres_admin_url, name)
+    await asyncio.to_thread(migrate, url)
+    db = Database(url, pool_size=2)
+    yield db
+    await db.dispose()
+    drop_database(postgres_admin_url, name)
+
+
+async def new_job(db: Database, *, deadline_seconds: float = 900, owner: str = "", max_attempts: int = 3) -> uuid.UUID:
+    job = jobs.NewJob(
+        id=uuid.uuid4(),
+        prompt="a lighthouse",
+        parameters={"width": 512},
+        model="fake/model",
+        max_attempts=max_attempts,
+        deadline_seconds=deadline_seconds,
+        owner=owner,
+    )
+    async with db.transaction() as conn:
+        assert await jobs.create_jobs(conn, [job]) == {job.id}
+    return job.id
+
+
+async def job_row(db: Database, job_id: uuid.UUID) -> Any:
+    async with db.connect() as conn:
+        return (await conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id})).one()
+
+
+async def attempt_rows(db: Database, job_id: uuid.UUID) -> list[Any]:
+    async with db.connect() as conn:
+        query = text("SELECT * FROM attempts WHERE job_id = :id ORDER BY number")
+        return list((await conn.execute(query, {"id": job_id})).all())
+
+
+async def age(db: Database, job_id: uuid.UUID, **columns: float) -> None:
+    """Move some of the job's timestamps `seconds` into the past (a test cannot wait for a lease)."""
+    sets = ", ".join(f"{column} = now() - make_interval(secs => :{column})" for column in columns)
+    async with db.transaction() as conn:
+        await conn.execute(text(f"UPDATE jobs SET {sets} WHERE id = :id"), {"id": job_id, **columns})
+
+
+async def running(db: Database, *, prediction: str | None = None, **new: Any) -> jobs.Claim:
+    job_id = await new_job(db, **new)
+    claim = await jobs.claim(db, job_id, lease_seconds=30)
+    assert claim is not None
+    if prediction is not None:
+        assert await jobs.record_prediction(db, claim, prediction, "starting")
+    return claim
+
+
+# --- the deadline sweep ---------------------------------------------------------------------------
+
+
+async def test_a_waiting_job_past_its_deadline_is_failed_by_the_sweep(domain_db: Database) -> None:
+    overdue = await new_job(domain_db, deadline_seconds=0.001)
+    in_time = await new_job(domain_db)
+    await asyncio.sleep(0.01)
+
+    ended = await jobs.fail_overdue(domain_db, batch=500)
+
+    assert overdue in ended and in_time not in ended
+    row = await job_row(domain_db, overdue)
+    assert (row.status, row.error_class) == ("failed", "JobDeadlineExceeded")
+    assert row.finished_at is not None
+    assert (await job_row(domain_db, in_time)).status == "queued"
+    assert overdue not in await jobs.fail_overdue(domain_db, batch=500), "a failed job is not failed twice"
+
+
+async def test_a_retrying_job_past_its_deadline_is_failed_by_the_sweep(domain_db: Database) -> None:
+    claim = await running(domain_db)
+    assert await jobs.fail_attempt(domain_db, claim, jobs.Failure("Boom", "boom"), retry_delay=60)
+    await age(domain_db, claim.job_id, deadline_at=1)
+
+    assert claim.job_id in await jobs.fail_overdue(domain_db, batch=500)
+    assert (await job_row(domain_db, claim.job_id)).status == "failed"
+
+
+# --- the stale sweep: lost messages, expired leases --------------------------------------------
+
+
+async def test_a_queued_job_is_taken_for_resending_once_per_stale_interval(domain_db: Database) -> None:
+    job_id = await new_job(domain_db)
+    await age(domain_db, job_id, dispatched_at=10)
+
+    taken = await jobs.take_stale(domain_db, stale_seconds=5, batch=500)
+
+    assert jobs.Stale(job_id, "queued") in taken
+    again = await jobs.take_stale(domain_db, stale_seconds=5, batch=500)
+    assert job_id not in [s.job_id for s in again], "stamped as dispatched: left alone for the interval"
+
+
+async def test_a_running_job_is_taken_for_resending_only_once_its_lease_expired(domain_db: Database) -> None:
+    claim = await running(domain_db, prediction="p-lease")
+    await age(domain_db, claim.job_id, dispatched_at=10)
+    assert claim.job_id not in [s.job_id for s in await jobs.take_stale(domain_db, stale_seconds=5, batch=500)]
+
+    await age(domain_db, claim.job_id, lease_until=1, dispatched_at=10)
+
+    assert jobs.Stale(claim.job_id, "running") in await jobs.take_stale(domain_db, stale_seconds=5, batch=500)
+
+
+async def test_a_job_whose_lease_expired_is_claimed_again_and_resumes_its_prediction(domain_db: Database) -> None:
+    first = await running(domain_db, prediction="p-resume")
+    assert await jobs.claim(domain_db, first.job_id, lease_seconds=30) is None, "a held lease is not taken"
+    await age(domain_db, first.job_id, lease_until=1)
+
+    second = await jobs.claim(domain_db, first.job_id, lease_seconds=30)
+
+    assert second is not None
+    assert (second.attempt, second.resume_prediction_id, second.abandoned_attempt) == (2, "p-resume", 1)
+    dead, live = await attempt_rows(domain_db, first.job_id)
+    assert (dead.outcome, dead.error_class) == ("abandoned", "WorkerLost")
+    assert (live.prediction_id, live.resumed, live.finished_at) == ("p-resume", True, None)
+    assert not await jobs.record_prediction(domain_db, first, "p-late", "starting"), "the old token writes nothing"
+
+
+# --- leases -----------------------------------------------------------------------------------
+
+
+async def test_a_lease_is_renewed_only_with_the_token_that_holds_it(domain_db: Database) -> None:
+    claim = await running(domain_db)
+    before = (await job_row(domain_db, claim.job_id)).lease_until
+
+    renewed = await jobs.renew_leases(domain_db, [(claim.job_id, claim.token)], lease_seconds=120)
+    stranger = await jobs.renew_leases(domain_db, [(claim.job_id, uuid.uuid4())], lease_seconds=600)
+
+    assert renewed == {claim.job_id: False}
+    assert stranger == {}
+    after = (await job_row(domain_db, claim.job_id)).lease_until
+    assert timedelta(seconds=80) < after - before < timedelta(seconds=100)
+
+
+async def test_a_cancel_request_reaches_the_worker_through_its_lease(domain_db: Database) -> None:
+    claim = await running(domain_db)
+    other = await running(domain_db)
+    async with domain_db.transaction() as conn:
+        assert await jobs.request_cancel(conn, claim.job_id) == "running"
+
+    assert await jobs.cancel_requested(domain_db, [claim.job_id, other.job_id]) == [claim.job_id]
+    renewed = await jobs.renew_leases(
+        domain_db, [(claim.job_id, claim.token), (other.job_id, other.token)], lease_seconds=30
+    )
+    assert renewed == {claim.job_id: True, other.job_id: False}
+
+
+# --- an attempt's other ends: handed back, canceled ---------------------------------------------
+
+
+async def test_a_released_job_is_due_at_once_and_its_attempt_abandoned(domain_db: Database) -> None:
+    claim = await running(domain_db, prediction="p-release")
+
+    assert await jobs.release(domain_db, claim, "the worker was stopped")
+
+    row = await job_row(domain_db, claim.job_id)
+    assert (row.status, row.lease_until) == ("retrying", None)
+    assert await jobs.due_in(domain_db, claim.job_id) is None, "due now, not later"
+    (attempt,) = await attempt_rows(domain_db, claim.job_id)
+    assert (attempt.outcome, attempt.error_class, attempt.error_message) == (
+        "abandoned",
+        "WorkerShutdown",
+        "the worker was stopped",
+    )
+    assert not await jobs.release(domain_db, claim, "twice"), "a job no longer held is not released"
+    resumed = await jobs.claim(domain_db, claim.job_id, lease_seconds=30)
+    assert resumed is not None and resumed.resume_prediction_id == "p-release"
+
+
+async def test_a_canceled_running_job_ends_canceled_with_its_attempt(domain_db: Database) -> None:
+    claim = await running(domain_db, prediction="p-cancel")
+
+    assert await jobs.finish_canceled(domain_db, claim, "canceled")
+
+    row = await job_row(domain_db, claim.job_id)
+    assert (row.status, row.error_class, row.lease_until) == ("canceled", "JobCanceled", None)
+    (attempt,) = await attempt_rows(domain_db, claim.job_id)
+    assert (attempt.outcome, attempt.prediction_status) == ("canceled", "canceled")
+    assert not await jobs.finish_canceled(domain_db, claim, None)
+
+
+async def test_a_cancel_without_a_prediction_status_keeps_the_recorded_one(domain_db: Database) -> None:
+    claim = await running(domain_db, prediction="p-keep")
+
+    assert await jobs.finish_canceled(domain_db, claim, None)
+
+    (attempt,) = await attempt_rows(domain_db, claim.job_id)
+    assert (attempt.outcome, attempt.prediction_status) == ("canceled", "starting")
+
+
+# --- progress, due time, owners of a prediction -------------------------------------------------
+
+
+async def test_progress_is_stored_only_while_the_job_is_held(domain_db: Database) -> None:
+    claim = await running(domain_db)
+
+    await jobs.record_progress(domain_db, claim, 0.5)
+    assert (await job_row(domain_db, claim.job_id)).progress == 0.5
+
+    assert await jobs.release(domain_db, claim, "stopping")
+    await jobs.record_progress(domain_db, claim, 0.75)
+    assert (await job_row(domain_db, claim.job_id)).progress == 0.5
+
+
+async def test_a_retrying_job_says_how_long_until_it_is_due(domain_db: Database) -> None:
+    claim = await running(domain_db)
+    assert await jobs.due_in(domain_db, claim.job_id) is None, "a running job is not waiting"
+
+    assert await jobs.fail_attempt(domain_db, claim, jobs.Failure("Boom", "boom"), retry_delay=30)
+
+    due = await jobs.due_in(domain_db, claim.job_id)
+    assert due is not None and 25 < due <= 30
+    assert await jobs.claim(domain_db, claim.job_id, lease_seconds=30) is None, "not before it is due"
+
+
+async def test_the_owners_of_a_prediction_are_the_attempts_that_recorded_it(domain_db: Database) -> None:
+    claim = await running(domain_db, prediction="p-owned")
+
+    assert await jobs.prediction_owners(domain_db, "p-owned") == [(claim.job_id, claim.attempt_id)]
+    assert await jobs.prediction_owners(domain_db, "p-nobody") == []
+
+
+# --- reading: the CLI's list and the limiter's statuses ------------------------------------------
+
+
+async def test_the_list_of_jobs_filters_by_status_and_age(domain_db: Database) -> None:
+    old = await new_job(domain_db, owner="lister")
+    fresh = await new_job(domain_db, owner="lister")
+    async with domain_db.transaction() as conn:
+        await conn.execute(text("UPDATE jobs SET created_at = now() - interval '2 hours' WHERE id = :id"), {"id": old})
+        assert await jobs.request_cancel(conn, fresh) == "canceled"
+
+    async with domain_db.connect() as conn:
+        recent = await jobs.list_jobs(
+            conn, status=None, limit=10, before=None, owner="lister", since=timedelta(hours=1)
+        )
+        canceled = await jobs.list_jobs(conn, status="canceled", limit=10, before=None, owner="lister")
+        everything = await jobs.list_jobs(conn, status=None, limit=10, before=None, owner="lister")
+
+    assert [r.id for r in recent] == [fresh]
+    assert [r.id for r in canceled] == [fresh]
+    assert [r.id for r in everything] == [fresh, old]
+
+
+async def test_the_statuses_of_some_jobs_leave_out_unknown_ones(domain_db: Database) -> None:
+    queued = await new_job(domain_db)
+    unknown = uuid.uuid4()
+
+    async with domain_db.connect() as conn:
+        assert await jobs.statuses(conn, [queued, unknown]) == {queued: "queued"}
+        assert await jobs.statuses(conn, []) == {}
