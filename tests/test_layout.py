@@ -88,6 +88,8 @@ TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "mediagen.settings": ("mediagen.core.pricing",),
     "mediagen.logging": (),
     "mediagen.metrics": (),
+    # the GCRA maths as Lua, run by the API's per-key limits and the workers' Replicate budget alike
+    "mediagen.gcra": (),
     # the two wires between processes, used by the API and the worker alike: the job queue (API -> worker)
     # and the wake-ups (worker and Replicate's webhooks -> whoever waits); they know no table and no route
     "mediagen.broker": (),

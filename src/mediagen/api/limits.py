@@ -3,8 +3,8 @@
 Two limits per API key (the anonymous caller counts as one key when `MEDIAGEN_LIMIT_ANONYMOUS` is on):
 
 * requests a minute (`MEDIAGEN_RATE_LIMIT_PER_MINUTE`): a GCRA bucket (one key holding its
-  "theoretical arrival time"), so a client may spend its minute's quota in a burst, then one request
-  every 60/q seconds;
+  "theoretical arrival time"; mediagen.gcra, the maths the Replicate budget runs too), so a client
+  may spend its minute's quota in a burst, then one request every 60/q seconds;
 * unfinished jobs at once (`MEDIAGEN_MAX_UNFINISHED_JOBS`): a sorted set of the key's job ids. Jobs
   leave it lazily: only when a key is at its limit are its members looked up in PostgreSQL (the
   truth), and finished ones removed. Members older than the job deadline expire on their own.
@@ -34,6 +34,7 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mediagen import gcra
 from mediagen.api.auth import current_owner
 from mediagen.core import jobs, usage
 from mediagen.core.db import Database
@@ -48,20 +49,20 @@ UNCOMMITTED_GRACE_SECONDS = 30.0
 # job id ("": a request that starts no job), active member lifetime ms.
 # Returns {allowed (1/0), refused limit ("" / "requests" / "jobs"), remaining requests, reset ms,
 #          retry after ms, unfinished jobs}.
-_ADMIT = """
+_ADMIT = gcra.script("""
 local now, quota, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local job_limit, job, lifetime = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local remaining, reset, new_tat = -1, 0, 0
 if quota > 0 then
+  -- the minute's quota may come in a burst: `quota` slots, one every window / quota ms
   local interval = window / quota
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if tat < now then tat = now end
-  new_tat = tat + interval
-  local allow_at = new_tat - window
-  if now < allow_at then
-    return {0, 'requests', 0, math.ceil(tat - now), math.ceil(allow_at - now), -1}
+  local tat = gcra_tat(KEYS[1], now)
+  local wait = gcra_wait(tat, now, interval, quota)
+  if wait > 0 then
+    return {0, 'requests', 0, math.ceil(tat - now), math.ceil(wait), -1}
   end
-  remaining = math.floor((now + window - new_tat) / interval)
+  new_tat = tat + interval
+  remaining = gcra_left(new_tat, now, interval, quota)
   reset = math.ceil(new_tat - now)
 end
 local unfinished = -1
@@ -76,10 +77,10 @@ if job ~= '' and job_limit > 0 then
   unfinished = unfinished + 1
 end
 if quota > 0 then
-  redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+  gcra_store(KEYS[1], new_tat, now)
 end
 return {1, '', remaining, reset, 0, unfinished}
-"""
+""")
 
 _UNFINISHED = frozenset({"queued", "running", "retrying"})
 

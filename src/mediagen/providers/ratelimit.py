@@ -2,12 +2,12 @@
 
 Replicate allows an account 600 prediction creates a minute and 3,000 other requests a minute, with
 short bursts above that (shared/replicate-api.md §1.6). Each budget here is one Redis key holding a
-"theoretical arrival time" (GCRA). A caller *reserves* the next free slot in one script call (Redis's
-own clock, so hosts need not agree on the time) and sleeps until it: no polling, no thundering herd
-when a window opens, and waiters are served in the order they asked. The script is ours (about fifteen
-lines) because the libraries that do async Redis (`limits`, `pyrate-limiter`) answer "allowed or not
-now", which leaves the waiting to a retry loop, and neither can hold a budget shut for a 429's
-`retry_after`.
+"theoretical arrival time" (GCRA, mediagen.gcra: the same maths as the API's per-key limits). A caller
+*reserves* the next free slot in one script call (Redis's own clock, so hosts need not agree on the
+time) and sleeps until it: no polling, no thundering herd when a window opens, and waiters are served
+in the order they asked. The script is ours (about fifteen lines) because the libraries that do async
+Redis (`limits`, `pyrate-limiter`) answer "allowed or not now", which leaves the waiting to a retry
+loop, and neither can hold a budget shut for a 429's `retry_after`.
 
     limiter = RateLimiter(redis, namespace="mediagen", creates_per_minute=600, requests_per_minute=3000)
     waited = await limiter.acquire("create")     # seconds slept for the token
@@ -28,32 +28,29 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
-from mediagen import metrics
+from mediagen import gcra, metrics
 from mediagen.logging import log_event
 
 Budget = Literal["create", "other"]
 
-# KEYS[1]: the budget's theoretical arrival time (ms, Redis clock); KEYS[2]: set while it is paused.
+# KEYS[1]: the budget's theoretical arrival time (mediagen.gcra); KEYS[2]: set while it is paused.
 # ARGV: interval ms, burst, pause ms. Reserve (pause 0): returns the ms to wait for the reserved slot.
 # Pause (> 0): no slot before now + pause, and KEYS[2] lives that long (slots reserved before it see it).
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+_RESERVE = gcra.script("""
+local now = gcra_clock()
 local interval, burst, pause = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tolerance = interval * (burst - 1)
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
+local tat = gcra_tat(KEYS[1], now)
 local wait = 0
 if pause > 0 then
-  tat = math.max(tat, now + pause + tolerance)
+  tat = gcra_hold(tat, now, interval, burst, pause)
   if redis.call('PTTL', KEYS[2]) < pause then redis.call('SET', KEYS[2], '1', 'PX', math.ceil(pause)) end
 else
-  wait = math.max(0, tat - tolerance - now)
+  wait = gcra_wait(tat, now, interval, burst)
   tat = tat + interval
 end
-redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+gcra_store(KEYS[1], tat, now)
 return tostring(wait)
-"""
+""")
 
 
 class RateLimiter:
@@ -73,7 +70,7 @@ class RateLimiter:
             "create": (creates_per_minute, max(1, create_burst)),
             "other": (requests_per_minute, max(1, request_burst)),
         }
-        self._script = redis.register_script(_GCRA)
+        self._script = redis.register_script(_RESERVE)
         self._paused_until: dict[Budget, float] = {"create": 0.0, "other": 0.0}
         self._tasks: set[asyncio.Task[None]] = set()
 
