@@ -173,7 +173,10 @@ async def test_a_refused_delivery_is_retried_and_signed_again() -> None:
         await submit(http, {"prompt": "retried"}, hook.url)
         deliveries = await hook.wait_for(3)
         jwks = (await http.get("/.well-known/jwks.json")).json()
-        stats = (await http.get("/_fake/stats")).json()["webhooks"]
+        deadline = time.monotonic() + 5
+        while "delivered" not in (stats := (await http.get("/_fake/stats")).json()["webhooks"]):
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.02)
     assert all(verify(d.headers, d.body, jwks) for d in deliveries)
     assert {d.headers["x-fal-webhook-request-id"] for d in deliveries} == {
         deliveries[0].headers["x-fal-webhook-request-id"]

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
 
@@ -26,10 +25,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fake_fal.config import FakeFalConfig, config_with
+from fake_fal.config import FakeFalConfig
+from fake_fal.control import control_routes
 from fake_fal.directives import Directives, first_n_applies, nth_fault, parse_directives
 from fake_fal.images import BLACK, ImageCache, mark, palette_index
-from fake_fal.models import ENDPOINTS, endpoint_for, plan, schema, validate
+from fake_fal.models import endpoint_for, plan, validate
 from fake_fal.queue import JSON, QueuedRequest
 from fake_fal.responses import (
     RUNNER_ERRORS,
@@ -422,75 +422,16 @@ class FakeFal:
 
     # ------------------------------------------------------------------ control
 
-    async def get_config(self, request: Request) -> Response:
-        return json_response(asdict(self.config))
-
-    async def put_config(self, request: Request) -> Response:
-        try:
-            patch = orjson.loads(await request.body())
-            if not isinstance(patch, dict):
-                raise ValueError("the body must be a JSON object")
-            new = config_with(self.config, patch)
-        except (ValueError, TypeError) as exc:
-            return detail_response(400, str(exc))
-        if new.seed != self.config.seed:
-            self.rng = random.Random(new.seed)
-        self.config = new
-        return json_response(asdict(new))
-
-    async def post_outage(self, request: Request) -> Response:
-        """``{"seconds": N, "status": 503}``: every queue route answers ``status`` for N seconds (0 ends it)."""
-        try:
-            body = orjson.loads(await request.body() or b"{}")
-            seconds, status = float(body.get("seconds", 60)), int(body.get("status", 503))
-        except (ValueError, TypeError, AttributeError) as exc:
-            return detail_response(400, f"expected {{'seconds': N, 'status': S}}: {exc}")
-        self.start_outage(seconds, status)
-        return json_response({"seconds": seconds, "status": status})
-
     def start_outage(self, seconds: float, status: int = 503) -> None:
         self.outage_until = time.monotonic() + seconds
         self.outage_status = status
-
-    async def post_reset(self, request: Request) -> Response:
-        self.reset()
-        return json_response({"ok": True})
-
-    async def get_stats(self, request: Request) -> Response:
-        now = time.monotonic()
-        statuses = Counter(req.status(now) for req in self.requests.values())
-        cancelled = sum(1 for req in self.requests.values() if req.canceled_after is not None)
-        return json_response(
-            {
-                "requests": len(self.requests),
-                "by_prompt": dict(self.by_prompt),
-                "statuses": dict(statuses),
-                "cancelled": cancelled,
-                "calls": dict(self.counts),
-                "faults": dict(self.faults),
-                "image_renders": self.images.renders,
-                "webhooks": dict(self.webhooks.stats),
-            }
-        )
-
-    async def get_models(self, request: Request) -> Response:
-        return json_response({endpoint_id: schema(spec) for endpoint_id, spec in ENDPOINTS.items()})
-
-    async def health(self, request: Request) -> Response:
-        return json_response({"ok": True})
 
     # ------------------------------------------------------------------ routing
 
     def routes(self) -> list[Route]:
         rid = "/{owner}/{alias}/requests/{request_id}"
         return [
-            Route("/_fake/config", self.get_config, methods=["GET"]),
-            Route("/_fake/config", self.put_config, methods=["PUT"]),
-            Route("/_fake/outage", self.post_outage, methods=["POST"]),
-            Route("/_fake/reset", self.post_reset, methods=["POST"]),
-            Route("/_fake/stats", self.get_stats, methods=["GET"]),
-            Route("/_fake/models", self.get_models, methods=["GET"]),
-            Route("/_fake/health", self.health, methods=["GET"]),
+            *control_routes(self),
             Route("/.well-known/jwks.json", self.jwks, methods=["GET"]),
             Route("/files/{request_id}/{index:int}.{ext}", self.file, methods=["GET"]),
             Route(rid + "/status", self.status, methods=["GET"]),
