@@ -118,7 +118,7 @@ def launch(env: dict[str, str], log_path: Path, *, via_make: bool = False) -> La
     log = open(log_path, "ab")  # noqa: SIM115 (the child writes to it for as long as it runs)
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    return Launched(proc, log_path, f"http://127.0.0.1:{env['MEDIAGEN_PORT']}")
+    return Launched(proc, log_path, f"http://127.0.0.1:{env.get('MEDIAGEN_PORT', 8000)}")  # else: dev.starting's
 
 
 def group_members(pgid: int) -> list[int]:
@@ -274,9 +274,7 @@ def test_every_line_of_a_make_run_session_is_json_and_the_readme_jq_line_tells_a
     ]
 
 
-def test_a_killed_launcher_leaves_no_child_and_a_graceful_stop_after_adopting_leaves_no_embedded_server(
-    tmp_path: Path,
-) -> None:
+def test_a_killed_launcher_leaves_no_process_behind_within_seconds_even_servers_it_adopted(tmp_path: Path) -> None:
     env = launcher_env(tmp_path, REPLICATE_API_TOKEN="r8_not_used")
     # Chatty (DEBUG), so that children still write plenty after the launcher is gone, as in real use.
     first = launch({**env, "MEDIAGEN_LOG_LEVEL": "DEBUG"}, tmp_path / "first.log")
@@ -285,24 +283,68 @@ def test_a_killed_launcher_leaves_no_child_and_a_graceful_stop_after_adopting_le
         postgres = first.wait_for("dev.embedded_postgres", adopted=False)
         redis = first.wait_for("dev.embedded_redis", adopted=False)
         first.wait_for("worker.started")
+        # Given a launcher killed together with its watchdog (the one way servers outlive it) ...
+        os.kill(first.wait_for("dev.starting")["watchdog_pid"], signal.SIGKILL)
         os.kill(first.proc.pid, signal.SIGKILL)  # the launcher alone: its children go by themselves
         first.proc.wait()
         wait_until(lambda: not any(group_members(pid) for pid in first.child_pids()), 30, "the children stop")
-        assert pid_alive(postgres["pid"]) and pid_alive(redis["pid"])  # what the next start finds
-
+        assert pid_alive(postgres["pid"]) and pid_alive(redis["pid"])
+        # ... the next start adopts its servers ...
         second = launch(env, tmp_path / "second.log")
         assert second.wait_for("dev.embedded_postgres")["pid"] == postgres["pid"]
         assert second.wait_for("dev.embedded_redis", adopted=True)["pid"] == redis["pid"]
         second.wait_for("dev.child_started", child="worker")
-        code, seconds = second.stop(signal.SIGTERM)
 
-        assert code == 0 and seconds < 10
-        assert not pid_alive(postgres["pid"]) and not pid_alive(redis["pid"])
+        os.kill(second.proc.pid, signal.SIGKILL)  # when that one is killed in turn, nothing stays
+        second.proc.wait()
+        killed = time.monotonic()
+        wait_until(lambda: not pid_alive(postgres["pid"]) and not pid_alive(redis["pid"]), 5, "the servers stop")
+        servers_gone = time.monotonic() - killed
+        wait_until(lambda: not any(group_members(pid) for pid in second.child_pids()), 10, "the children stop")
+        wait_until(lambda: any(line["event"] == "dev.watchdog.stopped" for line in second.events()), 5, "its line")
+        watchdog = next(line for line in second.events() if line["event"] == "dev.watchdog.stopped")
+
+        assert servers_gone < 5
+        assert watchdog["postgres_pid"] == postgres["pid"] and watchdog["redis_pid"] == redis["pid"]
         assert not port_open("127.0.0.1", int(env["MEDIAGEN_EMBEDDED_REDIS_PORT"]))
         assert not list((tmp_path / "data" / "postgres").glob(".s.PGSQL.*"))  # no socket left to connect to
-        assert [pid for pid in second.child_pids() if pid_alive(pid)] == []
+        watchdog_pid = second.wait_for("dev.starting")["watchdog_pid"]
+        wait_until(lambda: not pid_alive(watchdog_pid), 5, "the watchdog exits, its work done")
+        third = launch(env, tmp_path / "third.log")  # the data folder is free again
+        assert third.wait_for("dev.embedded_redis")["adopted"] is False
+        code, _ = third.stop(signal.SIGTERM)
+        assert code == 0
     finally:  # whatever failed, leave nothing running on a machine others share
         kill_everything(first, second)
+
+
+def test_two_launchers_on_the_default_ports_both_start_and_say_where(postgres_admin_url: str, tmp_path: Path) -> None:
+    ports = ("MEDIAGEN_PORT", "MEDIAGEN_EMBEDDED_REDIS_PORT")
+    launched: list[Launched] = []
+    with contextlib.ExitStack() as stack:
+        for default in (Settings().port, Settings().embedded_redis_port):  # taken, as by another checkout's run
+            with contextlib.suppress(OSError):  # already taken by someone else: as good
+                holder = stack.enter_context(socket.socket())
+                holder.bind(("127.0.0.1", default))
+                holder.listen()
+        try:
+            for name in ("one", "two"):
+                database = stack.enter_context(empty_database(postgres_admin_url))
+                env = {k: v for k, v in launcher_env(tmp_path / name).items() if k not in ports}
+                env.update(DATABASE_URL=database, REPLICATE_API_TOKEN="r8_not_used")
+                launched.append(launch(env, tmp_path / f"{name}.log"))
+            ready = [run.wait_for("dev.ready") for run in launched]
+            firsts = [run.events()[0] for run in launched]
+            redis = [run.wait_for("dev.embedded_redis") for run in launched]
+            codes = [run.stop(signal.SIGTERM)[0] for run in launched]
+        finally:
+            kill_everything(*launched)
+
+    assert [line["event"] for line in firsts] == ["dev.starting", "dev.starting"]
+    assert [line["api"] for line in firsts] == [line["api"] for line in ready]
+    assert len({line["api"] for line in firsts}) == 2 and all(line["port_taken"] == 8000 for line in firsts)
+    assert len({line["url"] for line in redis}) == 2 and all(line["port_taken"] == 6390 for line in redis)
+    assert codes == [0, 0]
 
 
 def kill_everything(*launched: Launched | None) -> None:

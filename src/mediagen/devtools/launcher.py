@@ -14,9 +14,12 @@ REDIS_URL is set, the fake Replicate unless REPLICATE_API_TOKEN is set; migrates
   server could not start, the migration failed, another launcher uses the data folder).
 - Every line it writes is one JSON object: the children's JSON lines pass through, anything else
   they print (a traceback, a library's print) is wrapped in a `dev.child_output` line.
-- Killed itself (SIGKILL), it leaves nothing in the way of the next start: each child gets SIGTERM
-  from the kernel when the launcher dies (PR_SET_PDEATHSIG), the data folder's lock goes with the
-  process, and the embedded servers, which run detached, are adopted by the next start.
+- Killed itself (SIGKILL), it leaves nothing behind: each child gets SIGTERM from the kernel when the
+  launcher dies (PR_SET_PDEATHSIG), and its watchdog (`mediagen.devtools.watchdog`) stops the embedded
+  servers, then lets go of the data folder's lock (an flock: nothing goes stale).
+- The API (8000) and the embedded Redis (6390) move to free ports when those are taken, another
+  checkout's `make run` say, unless MEDIAGEN_PORT / MEDIAGEN_EMBEDDED_REDIS_PORT ask for them: the
+  first lines (`dev.starting`, `dev.embedded_redis`) say which.
 """
 
 from __future__ import annotations
@@ -41,7 +44,15 @@ from typing import Any
 
 import orjson
 
-from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port
+from mediagen.devtools.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    EmbeddedServerError,
+    free_port,
+    pid_alive,
+    port_open,
+)
+from mediagen.devtools.watchdog import start_watchdog
 from mediagen.logging import configure_logging, log_event, redact
 from mediagen.settings import Settings, get_settings
 
@@ -348,24 +359,53 @@ class Supervisor:
             self._output_broken = True
 
 
+LOCK_WAIT_SECONDS = 30.0
+"""How long a start waits for the watchdog of a launcher that died to stop its servers."""
+
+
 @contextlib.contextmanager
-def data_dir_lock(data_dir: Path) -> Iterator[None]:
-    """One launcher per data folder. An flock, not a pid file: it goes away with the process, however
-    that ended, so a killed run never keeps the next one out."""
+def data_dir_lock(data_dir: Path) -> Iterator[int]:
+    """One launcher per data folder; yields the lock's file descriptor (its watchdog holds it too).
+
+    An flock, not a pid file: it goes away with the last process holding it, however that ended, so
+    a killed run never keeps the next one out. Held while the launcher that wrote its pid is gone: its
+    watchdog is stopping the servers, and the start waits for that.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "launcher.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise GiveUp(
-                f"another make run (pid {lock.read().strip() or '?'}) uses {data_dir}: "
-                "stop it, or set MEDIAGEN_DATA_DIR to another folder"
-            ) from None
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip()
+                if holder.isdigit() and not pid_alive(int(holder)) and time.monotonic() < deadline:
+                    if not waiting:
+                        waiting = True
+                        log_event("dev.waiting_for_watchdog", launcher_pid=int(holder), data_dir=str(data_dir))
+                    time.sleep(0.1)
+                    continue
+                raise GiveUp(
+                    f"another make run (pid {holder or '?'}) uses {data_dir}: "
+                    "stop it, or set MEDIAGEN_DATA_DIR to another folder"
+                ) from None
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-        yield
+        yield lock.fileno()
+
+
+def choose_port(settings: Settings, name: str, variable: str) -> int:
+    """The port setting `name`; its default when taken becomes a free port, a port set explicitly never."""
+    port: int = getattr(settings, name)
+    if not port_open("127.0.0.1", port):
+        return port
+    if name in settings.model_fields_set:
+        raise GiveUp(f"port {port} is taken: unset {variable} (a free port is then chosen) or pick another")
+    return free_port()
 
 
 def api_healthy(host: str, port: int) -> bool:
@@ -392,9 +432,18 @@ def run(settings: Settings) -> int:
     supervisor.install_signal_handlers()
     code = 0
     try:
-        with data_dir_lock(settings.data_dir):
+        with data_dir_lock(settings.data_dir) as lock_fd, watching(settings.data_dir, lock_fd) as watchdog_pid:
             stops: list[Callable[[], None]] = []
             try:
+                port = choose_port(settings, "port", "MEDIAGEN_PORT")
+                log_event(
+                    "dev.starting",
+                    api=f"http://{settings.host}:{port}",
+                    data_dir=str(settings.data_dir.resolve()),
+                    watchdog_pid=watchdog_pid,
+                    **({"port_taken": settings.port} if port != settings.port else {}),
+                )
+                settings = supervisor.settings = settings.model_copy(update={"port": port})
                 start(settings, supervisor, stops)
                 supervisor.run(ready=lambda: api_healthy(settings.host, settings.port))
             except StopRequested:
@@ -414,6 +463,18 @@ def run(settings: Settings) -> int:
     return code
 
 
+@contextlib.contextmanager
+def watching(data_dir: Path, lock_fd: int) -> Iterator[int]:
+    """The watchdog runs before any server starts (yields its pid); after a stop it finds nothing left, and goes."""
+    watchdog, pipe = start_watchdog(data_dir.resolve(), lock_fd)
+    try:
+        yield watchdog.pid
+    finally:
+        os.close(pipe)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watchdog.wait(timeout=15)
+
+
 def gave_up(error: Exception) -> int:
     expected = isinstance(error, GiveUp | EmbeddedServerError)
     message = str(error) if expected else redact(f"{type(error).__name__}: {error}")
@@ -430,10 +491,13 @@ def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], N
         log_event("dev.embedded_postgres", url=redact(pg.url), pid=pg.pid, adopted=pg.adopted)
         supervisor.check_stop()
     if not settings.redis_url:
-        redis = EmbeddedRedis(settings.data_dir / "redis", port=settings.embedded_redis_port)
+        wanted = settings.embedded_redis_port
+        explicit = "embedded_redis_port" in settings.model_fields_set
+        redis = EmbeddedRedis(settings.data_dir / "redis", port=wanted, or_free_port=not explicit)
         stops.append(redis.stop)
         env["REDIS_URL"] = redis.url
-        log_event("dev.embedded_redis", url=redis.url, pid=redis.pid, adopted=redis.adopted)
+        moved = {"port_taken": wanted} if redis.port != wanted and not redis.adopted else {}
+        log_event("dev.embedded_redis", url=redis.url, pid=redis.pid, adopted=redis.adopted, **moved)
         supervisor.check_stop()
     if settings.uses_fake_replicate:
         fake_port = settings.fake_replicate_port or free_port()
