@@ -31,7 +31,7 @@ from mediagen.providers.base import Prediction
 from mediagen.storage.local import LocalStorage
 from mediagen.worker.leases import LeaseKeeper
 from mediagen.worker.polling import PollSchedule
-from mediagen.worker.runner import WorkerContext, run_job
+from mediagen.worker.runner import CLOCK_SKEW, WorkerContext, run_job
 
 MODEL = "black-forest-labs/flux-schnell"
 Hook = Callable[[], Awaitable[None]]
@@ -68,6 +68,8 @@ class StubProvider:
     """Ids of the predictions that exist because of a create (billed unless canceled)."""
     canceled: list[str] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
+    deadlines: list[datetime | None] = field(default_factory=list)
+    windows: list[datetime] = field(default_factory=list)
     got: asyncio.Event = field(default_factory=asyncio.Event)
     prefix: str = field(default_factory=lambda: f"p{uuid.uuid4().hex[:8]}")
     """Prediction ids are unique across the run's database (reconcile looks them up in every job)."""
@@ -78,8 +80,11 @@ class StubProvider:
     def named(self, call: str) -> list[str]:
         return [arg for name, arg in self.calls if name == call]
 
-    async def create(self, model: str, input: dict[str, Any], *, webhook: str | None = None) -> Prediction:
+    async def create(
+        self, model: str, input: dict[str, Any], *, webhook: str | None = None, deadline: datetime | None = None
+    ) -> Prediction:
         self.calls.append(("create", model))
+        self.deadlines.append(deadline)
         self.inputs.append(input)
         answer = self.creates.pop(0) if len(self.creates) > 1 else self.creates[0]
         if isinstance(answer, Exception) and not isinstance(answer, UnknownCreateOutcome):
@@ -92,7 +97,7 @@ class StubProvider:
             raise answer  # made, but the answer was lost
         return Prediction(prediction_id, answer)
 
-    async def get(self, prediction_id: str) -> Prediction:
+    async def get(self, prediction_id: str, *, deadline: datetime | None = None) -> Prediction:
         self.calls.append(("get", prediction_id))
         self.got.set()
         if self.on_get is not None:
@@ -107,8 +112,11 @@ class StubProvider:
         self.calls.append(("cancel", prediction_id))
         self.canceled.append(prediction_id)
 
-    async def find_recent(self, model: str, input: dict[str, Any], since: datetime) -> list[Prediction]:
+    async def find_recent(
+        self, model: str, input: dict[str, Any], since: datetime, *, deadline: datetime | None = None
+    ) -> list[Prediction]:
         self.calls.append(("find_recent", model))
+        self.windows.append(since)
         return list(self.listed)
 
     async def aclose(self) -> None:
@@ -382,6 +390,75 @@ async def test_another_jobs_prediction_with_the_same_input_is_never_adopted(worl
     assert len(world.provider.named("create")) == 2
     _, second = await attempt_rows(world.ctx.db, job_id)
     assert second.prediction_id == world.provider.nth(2)
+
+
+async def test_a_prediction_whose_webhook_names_another_job_is_never_adopted(world: World) -> None:
+    job_id = await world.job()
+    world.provider.creates = [UnknownCreateOutcome("Replicate did not answer: ReadTimeout"), "starting"]
+    await world.run(job_id)
+    stranger = world.provider.nth(0)
+    world.provider.listed = [
+        Prediction(
+            stranger, "processing", webhook=f"https://example.com/webhooks/replicate?job={uuid.uuid4()}&attempt=1"
+        )
+    ]
+
+    await world.run(job_id)
+
+    assert len(world.provider.named("create")) == 2
+    _, second = await attempt_rows(world.ctx.db, job_id)
+    assert second.prediction_id == world.provider.nth(2)
+
+
+async def test_a_prediction_whose_webhook_names_this_job_is_adopted(world: World) -> None:
+    job_id = await world.job()
+    world.provider.creates = [UnknownCreateOutcome("Replicate did not answer: ReadTimeout"), "starting"]
+    await world.run(job_id)
+    lost = world.provider.nth(1)
+    world.provider.listed = [
+        Prediction(lost, "processing", webhook=f"https://example.com/webhooks/replicate?job={job_id}&attempt=1")
+    ]
+
+    await world.run(job_id)
+
+    assert len(world.provider.named("create")) == 1
+    _, second = await attempt_rows(world.ctx.db, job_id)
+    assert second.prediction_id == lost
+
+
+async def test_the_search_window_opens_before_the_unknown_create_by_the_clock_skew_allowance(world: World) -> None:
+    job_id = await world.job()
+    world.provider.creates = [UnknownCreateOutcome("Replicate 504"), "starting"]
+    await world.run(job_id)
+
+    await world.run(job_id)
+
+    first, _ = await attempt_rows(world.ctx.db, job_id)
+    # Stamped by PostgreSQL before the request went out; Replicate's clock may be behind it.
+    assert world.provider.windows == [first.create_sent_at - CLOCK_SKEW]
+
+
+async def test_a_create_refused_leaves_nothing_to_look_for(world: World) -> None:
+    job_id = await world.job()
+    refused = PermanentProviderError("Input validation failed", http_status=422, error_class="Replicate422")
+    refused.create_rejected = True
+    world.provider.creates = [refused]
+
+    await world.run(job_id)
+
+    assert world.provider.made == [] and world.provider.named("find_recent") == []
+    job = await job_row(world.ctx.db, job_id)
+    assert (job.status, job.error_class) == ("failed", "Replicate422")
+    [attempt] = await attempt_rows(world.ctx.db, job_id)
+    assert (attempt.create_sent_at, attempt.http_status) == (None, 422)
+
+
+async def test_each_prediction_is_created_to_end_by_the_jobs_deadline(world: World) -> None:
+    job_id = await world.job()
+
+    await world.run(job_id)
+
+    assert world.provider.deadlines == [(await job_row(world.ctx.db, job_id)).deadline_at]
 
 
 # --- cancel ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     MediagenError
     ├── ProviderError                 the image provider (Replicate) said no, or could not be reached
     │   ├── TransientProviderError    worth another attempt: timeouts, connection errors, 429, 5xx
-    │   │   └── UnknownCreateOutcome  the create request may or may not have made a prediction
+    │   │   └── UnknownCreateOutcome  a create may have made a prediction: 5xx, 408, timeout, dropped
     │   └── PermanentProviderError    retrying cannot help: 401, 402, 404, 422, a refused prediction
     ├── OutputError                   the prediction's images could not be fetched
     │   ├── OutputDownloadFailed      transient (a timeout, a 5xx): retry, resuming the same prediction
@@ -33,7 +33,8 @@ from __future__ import annotations
 class MediagenError(Exception):
     transient: bool = False
     create_rejected: bool = False
-    """Set on a create the provider answered with an error: it surely made no prediction."""
+    """Set on a create whose answer proves refusal (400, 401, 402, 403, 404, 422, 429): it made no
+    prediction, so nothing is left to look for."""
 
     def __init__(
         self,
@@ -59,7 +60,8 @@ class TransientProviderError(ProviderError):
 
 
 class UnknownCreateOutcome(TransientProviderError):
-    """The create request was sent but no answer came back: a prediction may exist."""
+    """The create request went out, and what came back (a 5xx, a 408, nothing: a timeout or a dropped
+    connection) does not prove refusal: a prediction may exist, and the next attempt looks for it."""
 
 
 class PermanentProviderError(ProviderError):

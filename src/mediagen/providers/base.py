@@ -20,6 +20,8 @@ class Prediction:
     logs: str | None = None
     metrics: dict[str, Any] | None = None
     """Replicate's `metrics` once it ended: `predict_time` (s), `image_count` when the model reports it."""
+    webhook: str | None = None
+    """The webhook it was created with, where the provider shows it (ours carry `job` and `attempt`)."""
 
     @property
     def done(self) -> bool:
@@ -27,16 +29,25 @@ class Prediction:
 
 
 class Provider(Protocol):
-    async def create(self, model: str, input: dict[str, Any], *, webhook: str | None = None) -> Prediction:
+    """`deadline`: the job's. A call gives up by then (as a whole: connect, retries, waits), and a
+    prediction is created so that the provider itself ends it by then."""
+
+    async def create(
+        self, model: str, input: dict[str, Any], *, webhook: str | None = None, deadline: datetime | None = None
+    ) -> Prediction:
         """Start a prediction (Replicate POSTs it to `webhook` as it goes, when given).
 
-        Raises TransientProviderError (incl. UnknownCreateOutcome) or Permanent."""
+        Raises TransientProviderError or PermanentProviderError; `create_rejected` on one that proves
+        nothing was made; UnknownCreateOutcome when a prediction may have been made all the same."""
 
-    async def get(self, prediction_id: str) -> Prediction: ...
+    async def get(self, prediction_id: str, *, deadline: datetime | None = None) -> Prediction: ...
 
     async def cancel(self, prediction_id: str) -> None: ...
 
-    async def find_recent(self, model: str, input: dict[str, Any], since: datetime) -> list[Prediction]:
-        """Predictions of `model` with exactly this `input`, created at or after `since`, newest first."""
+    async def find_recent(
+        self, model: str, input: dict[str, Any], since: datetime, *, deadline: datetime | None = None
+    ) -> list[Prediction]:
+        """Predictions of `model` with exactly this `input`, created at or after `since` by the
+        provider's clock (every one of them, however many others were made since), newest first."""
 
     async def aclose(self) -> None: ...

@@ -25,9 +25,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from mediagen import metrics
 from mediagen.broker import Dispatcher
@@ -60,6 +61,11 @@ T = TypeVar("T")
 # Sends from inside a job's own message go through the delay queue: an immediate send would reuse
 # the Redis id of the message still being processed and be deleted by its acknowledgement.
 MIN_RESEND_DELAY = 1.0
+
+CLOCK_SKEW = timedelta(seconds=30)
+"""How far the provider's clock may be behind PostgreSQL's when predictions are looked for by time.
+NTP keeps servers within milliseconds; 30 s also covers a host whose clock drifted, for about three
+more pages of Replicate's list at its 600 creates a minute."""
 
 
 @dataclass
@@ -236,13 +242,15 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) ->
             return resumed, False
     data = model_input(claim)
     if claim.reconcile_since is not None:
-        adopted = await _reconcile(ctx, claim, data)
+        adopted = await _reconcile(ctx, claim, hold, data)
         if adopted is not None:
             return adopted, False
     webhook = None
     if ctx.webhook_url is not None:
         webhook = f"{ctx.webhook_url}?job={claim.job_id}&attempt={claim.attempt}"
-    prediction = await _unthrottled(ctx, claim, hold, lambda: ctx.provider.create(claim.model, data, webhook=webhook))
+    prediction = await _unthrottled(
+        ctx, claim, hold, lambda: ctx.provider.create(claim.model, data, webhook=webhook, deadline=claim.deadline_at)
+    )
     if not await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status):
         # We lost the job while creating: its new holder may create a prediction of its own. Unless it
         # adopted ours, cancel ours, so the job is not paid for twice.
@@ -261,7 +269,9 @@ async def _resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction_
     another account).
     """
     try:
-        return await _unthrottled(ctx, claim, hold, partial(ctx.provider.get, prediction_id))
+        return await _unthrottled(
+            ctx, claim, hold, partial(ctx.provider.get, prediction_id, deadline=claim.deadline_at)
+        )
     except PermanentProviderError as error:
         if error.http_status != 404:
             raise
@@ -278,17 +288,31 @@ async def _resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction_
     return None
 
 
-async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]) -> Prediction | None:
-    """An earlier create may have started a prediction we never heard of: find it and adopt it."""
+async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, data: dict[str, Any]) -> Prediction | None:
+    """An earlier create may have started a prediction we never heard of: find it and adopt it.
+
+    Found by its exact input (the seed recorded at submit makes it this job's), and by the webhook URL
+    where the provider shows it (ours carry the job's id). The window opens at the earliest create
+    whose outcome is unknown, stamped by PostgreSQL's clock before the request went out, and read
+    against the provider's clock for its predictions' `created_at`: two clocks, so the window opens
+    `CLOCK_SKEW` earlier than that stamp. Too early costs a few more pages of the list; too late would
+    miss the prediction and pay for it twice.
+    """
     assert claim.reconcile_since is not None
+    since = claim.reconcile_since - CLOCK_SKEW
     try:
-        candidates = await ctx.provider.find_recent(claim.model, data, claim.reconcile_since)
+        candidates = await _unthrottled(
+            ctx,
+            claim,
+            hold,
+            lambda: ctx.provider.find_recent(claim.model, data, since, deadline=claim.deadline_at),
+        )
     except PermanentProviderError as error:
         # A provider without a list of predictions (some stand-ins): nothing to reconcile against.
         log_event("job.reconcile.unavailable", logging.WARNING, job_id=str(claim.job_id), error=error.message)
         return None
     for candidate in candidates:
-        if candidate.status in ("failed", "canceled", "aborted"):
+        if candidate.status in ("failed", "canceled", "aborted") or not _webhook_of(candidate, claim):
             continue
         owners = await jobs.prediction_owners(ctx.db, candidate.id)
         if any(job_id != claim.job_id for job_id, _ in owners):
@@ -303,6 +327,13 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, data: dict[str, Any]
         )
         return candidate
     return None
+
+
+def _webhook_of(prediction: Prediction, claim: jobs.Claim) -> bool:
+    """Could the prediction be this job's, by the webhook URL it shows (none shown: it could)?"""
+    if prediction.webhook is None:
+        return True
+    return parse_qs(urlsplit(prediction.webhook).query).get("job") == [str(claim.job_id)]
 
 
 async def _unthrottled(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: Callable[[], Awaitable[T]]) -> T:
@@ -328,7 +359,9 @@ async def _poll(
         hold.check()
         _check_deadline(claim)
         await hold.sleep(next(delays))
-        prediction = await _unthrottled(ctx, claim, hold, partial(ctx.provider.get, prediction.id))
+        prediction = await _unthrottled(
+            ctx, claim, hold, partial(ctx.provider.get, prediction.id, deadline=claim.deadline_at)
+        )
         await progress.seen(prediction)
     ctx.polls.observe(claim.model, prediction)
     return prediction
@@ -351,7 +384,9 @@ async def _await_webhook(
                 break
             if event.get("progress"):  # a `logs` webhook: its tqdm bar, parsed by the receiver
                 await progress.report(event["progress"]["percentage"])
-        prediction = await _unthrottled(ctx, claim, hold, partial(ctx.provider.get, prediction.id))
+        prediction = await _unthrottled(
+            ctx, claim, hold, partial(ctx.provider.get, prediction.id, deadline=claim.deadline_at)
+        )
     ctx.polls.observe(claim.model, prediction)
     return prediction
 
