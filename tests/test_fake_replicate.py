@@ -29,8 +29,9 @@ from replicate.helpers import FileOutput
 
 from fake_replicate.cli import build_config, build_settings
 from fake_replicate.config import FakeConfig
-from fake_replicate.directives import CreateFault, GetFault, parse_directives
+from fake_replicate.directives import AmbiguousCreate, CreateFault, GetFault, Outage, parse_directives
 from fake_replicate.inputs import model_version_id
+from fake_replicate.responses import ConnectionDropped
 from fake_replicate.server import create_app
 
 MODEL = "acme/stand-in"  # the generic stand-in: the per-model behaviour is pinned in test_fake_models.py
@@ -451,6 +452,9 @@ def test_parse_directives() -> None:
     d = parse_directives("[[hang_create=1.5*2]][[latency=0.25]][[output:notimage]][[flagged]][[bogus]]")
     assert (d.hang_create, d.hang_count, d.latency, d.output, d.flagged) == (1.5, 2, 0.25, "notimage", True)
     assert parse_directives("plain prompt") == parse_directives("")
+    d = parse_directives("[[create_ambiguous:504*2]] [[create_ambiguous:drop]] [[outage=2.5:after=1]]")
+    assert d.ambiguous_creates == (AmbiguousCreate("504", 2), AmbiguousCreate("drop", None))
+    assert d.outage == Outage(2.5, 1.0) and parse_directives("[[outage=3]]").outage == Outage(3.0, None)
 
 
 def test_build_config_from_flags_and_env() -> None:
@@ -559,3 +563,131 @@ async def test_webhooks_of_a_prediction_running_at_a_restart_are_still_sent(tmp_
                 await asyncio.sleep(0.05)
     finally:
         receiver.close()
+
+
+# --------------------------------------------------------------------------- ambiguous creates
+
+
+def listed_with(client: Client, prompt: str) -> list[Any]:
+    return [p for p in client.predictions.list().results if p.input and p.input.get("prompt") == prompt]
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_an_ambiguous_create_makes_the_prediction_then_answers_a_gateway_error(
+    server: LiveServer, client: Client, status: int
+) -> None:
+    """Given [[create_ambiguous:5xx*1]], when a create is sent, then it answers that status although the
+    prediction exists, runs and is billed (GET and the list show it); the next create answers 201."""
+    prompt = unique(f"[[create_ambiguous:{status}*1]]")
+    with pytest.raises(ReplicateError) as info:
+        client.predictions.create(model=MODEL, input={"prompt": prompt, "width": 8, "height": 8})
+    assert info.value.status == status
+    made = listed_with(client, prompt)
+    assert len(made) == 1 and server.stats()["by_prompt"][prompt] == 1
+    assert poll(client, made[0].id).status == "succeeded"
+    assert client.predictions.create(model=MODEL, input={"prompt": prompt}).status == "starting"
+    assert server.stats()["by_prompt"][prompt] == 2
+
+
+def test_an_ambiguous_create_can_drop_the_connection_without_an_answer(server: LiveServer, client: Client) -> None:
+    prompt = unique("[[create_ambiguous:drop*1]]")
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+        client.predictions.create(model=MODEL, input={"prompt": prompt})
+    assert len(listed_with(client, prompt)) == 1
+    assert server.stats()["faults"]["create_ambiguous_drop"] >= 1
+
+
+def test_p_create_ambiguous_makes_every_prediction_and_answers_each_way(server: LiveServer, client: Client) -> None:
+    """Given p_create_ambiguous 1 over 502, 504 and drop, every create is answered by one of them and made."""
+    url = f"{server.base_url}/_fake/config"
+    prompts = [unique("globally ambiguous") for _ in range(12)]
+    seen: set[str] = set()
+    try:
+        assert httpx.put(url, json={"p_create_ambiguous": 1.0}).json()["create_ambiguous_answers"] == "502,504,drop"
+        for prompt in prompts:
+            try:
+                client.predictions.create(model=MODEL, input={"prompt": prompt})
+            except ReplicateError as exc:
+                seen.add(str(exc.status))
+            except httpx.RemoteProtocolError:
+                seen.add("drop")
+    finally:
+        httpx.put(url, json={"p_create_ambiguous": 0})
+    assert seen == {"502", "504", "drop"}
+    by_prompt = server.stats()["by_prompt"]
+    assert all(by_prompt.get(prompt) == 1 for prompt in prompts)
+    assert httpx.put(url, json={"create_ambiguous_answers": "500,teapot"}).status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_an_ambiguous_drop_in_process_fails_the_request() -> None:
+    async with asgi_client(FakeConfig(latency=0, p_create_ambiguous=1, create_ambiguous_answers="drop")) as tc:
+        with pytest.raises(ConnectionDropped):
+            await tc.post(f"/v1/models/{MODEL}/predictions", json={"input": {"prompt": "p"}}, headers=AUTH)
+        stats = (await tc.get("/_fake/stats")).json()
+        assert stats["predictions"] == 1 and stats["faults"] == {"create_ambiguous_drop": 1}
+
+
+def test_ambiguous_knobs_from_flags() -> None:
+    config = build_config(["--p-create-ambiguous", "0.3", "--create-ambiguous-answers", "504"], {})
+    assert (config.p_create_ambiguous, config.create_ambiguous_answers) == (0.3, "504")
+    with pytest.raises(SystemExit):
+        build_config(["--create-ambiguous-answers", "200"], {})
+
+
+# --------------------------------------------------------------------------- outages
+
+V1_READS = ("/v1/predictions", f"/v1/models/{MODEL}", f"/v1/models/{MODEL}/versions/abc", "/v1/webhooks/default/secret")
+
+
+def test_an_outage_refuses_every_endpoint_while_predictions_run_on(server: LiveServer, client: Client) -> None:
+    """Given a prediction running, when an outage starts (POST /_fake/outage), then every Replicate endpoint
+    answers 503 and the control routes still answer; once it ends the prediction is found finished."""
+    running = client.predictions.create(model=MODEL, input={"prompt": unique("[[latency=0.3]]")})
+    base = server.base_url
+    started = httpx.post(f"{base}/_fake/outage", json={"seconds": 30}).json()
+    assert started["active"] and 29 < started["remaining"] <= 30
+    try:
+        answers = [httpx.get(f"{base}{path}", headers=AUTH).status_code for path in V1_READS]
+        answers.append(httpx.get(f"{base}/v1/predictions/{running.id}", headers=AUTH).status_code)
+        answers.append(httpx.post(f"{base}/v1/predictions/{running.id}/cancel", headers=AUTH).status_code)
+        create = httpx.post(f"{base}/v1/models/{MODEL}/predictions", json={"input": {"prompt": "x"}}, headers=AUTH)
+        answers.append(create.status_code)
+        assert answers == [503] * 7
+        assert create.json()["status"] == 503 and create.json()["title"] == "Service Unavailable"
+        assert httpx.get(f"{base}/_fake/stats").status_code == 200
+        time.sleep(0.4)  # the prediction ends meanwhile, unseen
+        assert httpx.get(f"{base}/_fake/outage").json()["active"] is True
+    finally:
+        ended = httpx.post(f"{base}/_fake/outage", json={"seconds": 0}).json()
+    assert ended == {"active": False, "remaining": 0}
+    assert client.predictions.get(running.id).status == "succeeded"
+    assert server.stats()["faults"]["outage_503"] >= 7
+    assert httpx.post(f"{base}/_fake/outage", json={"seconds": "soon"}).status_code == 400
+
+
+def test_an_outage_directive_refuses_its_create_and_starts_once(server: LiveServer, client: Client) -> None:
+    """Given [[outage=1.5]], the first create with it is refused 503 with nothing made and starts the outage;
+    once it is over, the same prompt creates as usual and starts no second one."""
+    prompt = unique("[[outage=1.5]]")
+    with pytest.raises(ReplicateError) as info:
+        client.predictions.create(model=MODEL, input={"prompt": prompt})
+    assert info.value.status == 503
+    assert httpx.get(f"{server.base_url}/v1/predictions", headers=AUTH).status_code == 503
+    time.sleep(1.55)
+    assert client.predictions.create(model=MODEL, input={"prompt": prompt}).status == "starting"
+    assert httpx.get(f"{server.base_url}/v1/predictions", headers=AUTH).status_code == 200
+    assert server.stats()["by_prompt"][prompt] == 1
+
+
+def test_an_outage_directive_with_after_lets_its_prediction_be_made_first(server: LiveServer) -> None:
+    """Given [[outage=1.5:after=0]], the create makes its prediction and answers 201, then every endpoint is
+    down for 1.5 s (the prediction's GETs too), then the prediction is seen again, finished."""
+    base = server.base_url
+    body = {"input": {"prompt": unique("[[outage=1.5:after=0]] [[latency=0.3]]")}}
+    created = httpx.post(f"{base}/v1/models/{MODEL}/predictions", json=body, headers=AUTH)
+    assert created.status_code == 201
+    get = f"{base}/v1/predictions/{created.json()['id']}"
+    assert httpx.get(get, headers=AUTH).status_code == 503
+    time.sleep(1.55)
+    assert httpx.get(get, headers=AUTH).json()["status"] == "succeeded"

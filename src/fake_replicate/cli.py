@@ -40,6 +40,8 @@ _HELP = {
     "create_latency": "seconds slept before handling each create",
     "p_create_500": "probability that a create answers 500",
     "p_create_429": "probability that a create answers 429",
+    "p_create_ambiguous": "probability that a create makes its prediction, then answers 502/504 or drops",
+    "create_ambiguous_answers": "what an ambiguous create answers, drawn evenly (default 502,504,drop)",
     "retry_after": "Retry-After seconds sent with 429s (default 1)",
     "p_get_503": "probability that a GET of a prediction answers 503",
     "p_get_429": "probability that a GET of a prediction answers 429",

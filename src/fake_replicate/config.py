@@ -21,6 +21,8 @@ class FakeConfig:
     create_latency: float = 0.0
     p_create_500: float = 0.0
     p_create_429: float = 0.0
+    p_create_ambiguous: float = 0.0
+    create_ambiguous_answers: str = "502,504,drop"
     retry_after: int = 1
     p_get_503: float = 0.0
     p_get_429: float = 0.0
@@ -47,6 +49,7 @@ class FakeConfig:
 _PROBABILITIES: Final = (
     "p_create_500",
     "p_create_429",
+    "p_create_ambiguous",
     "p_get_503",
     "p_get_429",
     "p_flagged",
@@ -71,6 +74,8 @@ _FIELD_KINDS: Final[Mapping[str, str]] = {
     "create_latency": "float",
     "p_create_500": "float",
     "p_create_429": "float",
+    "p_create_ambiguous": "float",
+    "create_ambiguous_answers": "str",
     "retry_after": "int",
     "p_get_503": "float",
     "p_get_429": "float",
@@ -102,6 +107,19 @@ def _validate_config(config: FakeConfig) -> None:
             raise ValueError(f"{name} must be >= 0")
     if config.output_mode not in ("url", "data"):
         raise ValueError("output_mode must be 'url' or 'data'")
+    ambiguous_answers(config.create_ambiguous_answers)
+
+
+def ambiguous_answers(text: str) -> tuple[str, ...]:
+    """The answers an ambiguous create may get, from ``create_ambiguous_answers`` (``"502,504,drop"``):
+    ``drop`` (the connection closed, no answer) or a 5xx status; raises ValueError on anything else."""
+    answers = tuple(token.strip() for token in text.split(",") if token.strip())
+    for answer in answers:
+        if answer != "drop" and not (answer.isdigit() and 500 <= int(answer) <= 599):
+            raise ValueError(f"create_ambiguous_answers: {answer!r} is neither 'drop' nor a 5xx status")
+    if not answers:
+        raise ValueError("create_ambiguous_answers must name at least one answer")
+    return answers
 
 
 def _coerce(name: str, value: object) -> object:

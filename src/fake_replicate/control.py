@@ -1,9 +1,11 @@
 """The fake's own control and inspection routes under ``/_fake`` (not Replicate's; no auth): read and
-change the live config, reset, statistics, health. See the package README for each route.
+change the live config, start or end an outage, reset, statistics, health. See the package README.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import asdict
 
 import orjson
@@ -26,6 +28,8 @@ class ControlRoutes:
         return [
             Route("/_fake/config", self.get_config, methods=["GET"]),
             Route("/_fake/config", self.put_config, methods=["PUT"]),
+            Route("/_fake/outage", self.get_outage, methods=["GET"]),
+            Route("/_fake/outage", self.post_outage, methods=["POST"]),
             Route("/_fake/reset", self.post_reset, methods=["POST"]),
             Route("/_fake/stats", self.get_stats, methods=["GET"]),
             Route("/_fake/health", self.health, methods=["GET"]),
@@ -44,6 +48,22 @@ class ControlRoutes:
             return error_response(400, str(exc))
         self.fake.set_config(new)
         return json_response(asdict(new))
+
+    async def get_outage(self, request: Request) -> Response:
+        left = self.fake.faults.outage_left(time.monotonic())
+        return json_response({"active": left > 0, "remaining": round(left, 3)})
+
+    async def post_outage(self, request: Request) -> Response:
+        """``{"seconds": N}``: every Replicate endpoint answers 503 from now for N s (0 ends an outage)."""
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            body = None
+        seconds = body.get("seconds") if isinstance(body, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+            return error_response(400, 'the body must be {"seconds": N} with N >= 0')
+        self.fake.faults.start_outage(float(seconds))
+        return await self.get_outage(request)
 
     async def post_reset(self, request: Request) -> Response:
         self.fake.reset()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 # --------------------------------------------------------------------------- directives
 
@@ -27,10 +27,31 @@ class GetFault:
 
 
 @dataclass(frozen=True)
+class AmbiguousCreate:
+    """``[[create_ambiguous:ANSWER*N]]``: the prediction is made, then the create answers ``answer``
+    (a 5xx status, or ``drop``: the connection closed with no answer); ``count`` None means always."""
+
+    answer: str
+    count: int | None
+
+
+@dataclass(frozen=True)
+class Outage:
+    """``[[outage=S]]`` / ``[[outage=S:after=D]]``: every Replicate endpoint answers 503 for ``seconds``,
+    from the first create with this prompt (which is refused, nothing made) or, with ``after``, from
+    ``after`` seconds past that create (which makes its prediction and answers as usual)."""
+
+    seconds: float
+    after: float | None = None
+
+
+@dataclass(frozen=True)
 class Directives:
     """Everything the ``[[...]]`` markers of one prompt ask for."""
 
     create_faults: tuple[CreateFault, ...] = ()
+    ambiguous_creates: tuple[AmbiguousCreate, ...] = ()
+    outage: Outage | None = None
     get_faults: tuple[GetFault, ...] = ()
     flagged: bool = False
     fail: bool = False
@@ -48,10 +69,13 @@ class Directives:
         return bool(self.create_faults)
 
 
+F = TypeVar("F", CreateFault, AmbiguousCreate)
 NO_DIRECTIVES: Final = Directives()
 _MARKER_RE: Final = re.compile(r"\[\[([^\[\]]*)\]\]")
 _NUM: Final = r"(\d+(?:\.\d+)?)"
 _CREATE_RE: Final = re.compile(rf"create:(\d{{3}})(?:\*(\d+))?(?::retry_after={_NUM})?")
+_AMBIGUOUS_RE: Final = re.compile(r"create_ambiguous:(5\d\d|drop)(?:\*(\d+))?")
+_OUTAGE_RE: Final = re.compile(rf"outage={_NUM}(?::after={_NUM})?")
 _GET_RE: Final = re.compile(r"get:(\d{3})(?:\*(\d+))?")
 _FAIL_RE: Final = re.compile(r"fail(?:\*(\d+))?")
 _LATENCY_RE: Final = re.compile(rf"latency={_NUM}")
@@ -73,6 +97,10 @@ def _apply_marker(marker: str, fields_: dict[str, Any]) -> None:
     elif m := _CREATE_RE.fullmatch(marker):
         after = float(m[3]) if m[3] is not None else None
         fields_["create_faults"] += (CreateFault(int(m[1]), _count(m[2]), after),)
+    elif m := _AMBIGUOUS_RE.fullmatch(marker):
+        fields_["ambiguous_creates"] += (AmbiguousCreate(m[1], _count(m[2])),)
+    elif m := _OUTAGE_RE.fullmatch(marker):
+        fields_["outage"] = Outage(float(m[1]), float(m[2]) if m[2] is not None else None)
     elif m := _GET_RE.fullmatch(marker):
         fields_["get_faults"] += (GetFault(int(m[1]), _count(m[2])),)
     elif m := _FAIL_RE.fullmatch(marker):
@@ -92,7 +120,7 @@ def parse_directives(prompt: str) -> Directives:
     """Parse the ``[[...]]`` directives of a prompt (see the module docstring)."""
     if "[[" not in prompt:
         return NO_DIRECTIVES
-    kwargs: dict[str, Any] = {"create_faults": (), "get_faults": ()}
+    kwargs: dict[str, Any] = {"create_faults": (), "ambiguous_creates": (), "get_faults": ()}
     for match in _MARKER_RE.finditer(prompt):
         _apply_marker(match[1].strip().replace(" ", ""), kwargs)
     return Directives(**kwargs)
@@ -103,8 +131,8 @@ def first_n_applies(count: int | None, index: int) -> bool:
     return count is None or index < count
 
 
-def create_fault_for(faults: tuple[CreateFault, ...], attempt: int) -> CreateFault | None:
-    """The create fault (if any) for the ``attempt``-th (0-based) create of a prompt."""
+def create_fault_for(faults: tuple[F, ...], attempt: int) -> F | None:
+    """The create fault (if any) for the ``attempt``-th (0-based) create (or prediction) of a prompt."""
     for fault in faults:
         if fault.count is None:
             return fault

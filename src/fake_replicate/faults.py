@@ -2,21 +2,23 @@
 
 Two sources, as the README tells: the live ``FakeConfig`` (global probabilities, drawn from one seeded
 RNG) and the prompt's ``[[...]]`` directives (deterministic, counted per exact prompt). Every fault
-injected is counted in ``counts``, shown by ``GET /_fake/stats`` under ``faults``.
+injected is counted in ``counts``, shown by ``GET /_fake/stats`` under ``faults``. An outage (every
+Replicate endpoint 503 for a while) is a window of time kept here; ``fake_replicate.outage`` answers it.
 """
 
 from __future__ import annotations
 
 import base64
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
 from starlette.responses import Response
 
-from fake_replicate.config import FakeConfig
-from fake_replicate.directives import Directives, create_fault_for, first_n_applies
+from fake_replicate.config import FakeConfig, ambiguous_answers
+from fake_replicate.directives import Directives, Outage, create_fault_for, first_n_applies
 from fake_replicate.prediction import Params, Prediction, Status
 from fake_replicate.responses import fault_response, throttled_response
 
@@ -35,12 +37,19 @@ class Faults:
         self.counts: Counter[str] = Counter()
         self.create_attempts: dict[str, int] = {}
         """Creates seen per prompt, for ``[[create:...]]`` (counted only for prompts that carry one)."""
+        self.outage_from = 0.0
+        self.outage_until = 0.0
+        """The outage window, in ``time.monotonic()`` seconds (empty when none)."""
+        self.outage_prompts: set[str] = set()
+        """Prompts whose ``[[outage=...]]`` has started its outage already (once per prompt)."""
 
     def reset(self) -> None:
-        """Reseed the RNG and forget the counters (``POST /_fake/reset``)."""
+        """Reseed the RNG and forget the counters and any outage (``POST /_fake/reset``)."""
         self.rng = random.Random(self.config().seed)
         self.counts.clear()
         self.create_attempts.clear()
+        self.outage_from = self.outage_until = 0.0
+        self.outage_prompts.clear()
 
     def reseed(self, seed: int | None) -> None:
         self.rng = random.Random(seed)
@@ -78,6 +87,19 @@ class Faults:
         self.counts[f"create_{fault.status}"] += 1
         after = fault.retry_after if fault.retry_after is not None else self.config().retry_after
         return fault_response(fault.status, after)
+
+    def ambiguous_answer(self, directives: Directives, index: int) -> str | None:
+        """How the create of the ``index``-th prediction of its prompt is answered after the prediction is
+        made, when the answer leaves the client in doubt: a 5xx status (``"504"``) or ``"drop"``; else None."""
+        fault = create_fault_for(directives.ambiguous_creates, index)
+        if fault is not None:
+            answer = fault.answer
+        elif self.chance(self.config().p_create_ambiguous):
+            answer = self.rng.choice(ambiguous_answers(self.config().create_ambiguous_answers))
+        else:
+            return None
+        self.counts[f"create_ambiguous_{answer}"] += 1
+        return answer
 
     def get_fault(self, pred: Prediction | None) -> Response | None:
         """An injected error for a GET or the list (directive first, then probabilistic)."""
@@ -120,3 +142,22 @@ class Faults:
         if jitter > 0 and latency > 0:
             latency *= 1.0 + self.rng.uniform(-jitter, jitter)
         return max(latency, 0.0)
+
+    # ------------------------------------------------------------------ outages
+
+    def start_outage(self, seconds: float, *, after: float = 0.0) -> None:
+        """Every Replicate endpoint answers 503 from ``after`` seconds from now, for ``seconds`` (0 ends one)."""
+        start = time.monotonic() + after
+        self.outage_from, self.outage_until = start, start + max(seconds, 0.0)
+
+    def outage_left(self, now: float) -> float:
+        """Seconds left of the outage under way at ``now``, or 0 when there is none."""
+        return self.outage_until - now if self.outage_from <= now < self.outage_until else 0.0
+
+    def directive_outage(self, prompt: str, directives: Directives) -> Outage | None:
+        """The ``[[outage=...]]`` of this prompt, the first time a create carries it."""
+        if directives.outage is None or prompt in self.outage_prompts:
+            return None
+        self.outage_prompts.add(prompt)
+        self.start_outage(directives.outage.seconds, after=directives.outage.after or 0.0)
+        return directives.outage

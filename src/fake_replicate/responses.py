@@ -2,11 +2,12 @@
 
 The prediction object follows shared/replicate-api.md §1.4 (``logs`` with tqdm lines where the real model
 writes them, ``metrics`` on terminal states); errors are RFC 7807-style JSON (§1.5), except a 502, which
-has the HTML body a gateway sends.
+has the HTML body a gateway sends. And no answer at all: ``drop_connection``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from typing import Any, Final
 
 import orjson
 from starlette.responses import Response
+from starlette.types import Scope
 
 from fake_replicate.images import PngCache, mark, palette_index
 from fake_replicate.prediction import TERMINAL, Prediction, Status
@@ -22,6 +24,8 @@ from fake_replicate.video import TINY_MP4
 
 JSON = dict[str, Any]
 
+RAW_SEND: Final = "fake_replicate.raw_send"
+"""The scope key of the server's own ``send`` (set by ``server.FakeApp``), for ``drop_connection``."""
 PROGRESS_STEPS: Final = 4
 ERROR_TITLES: Final[Mapping[int, str]] = {
     400: "Bad Request",
@@ -109,6 +113,29 @@ def invalid_version() -> Response:
         "The specified version does not exist (or perhaps you don't have permission to use it?)",
         title="Invalid version or not permitted",
     )
+
+
+class ConnectionDropped(Exception):
+    """A connection the fake drops where it cannot close it itself (an in-process ASGI transport)."""
+
+
+async def drop_connection(scope: Scope) -> None:
+    """Close the client's connection without a word, as a gateway that gives up does.
+
+    Under uvicorn the server's own ``send`` is a method of its request cycle, which holds the
+    connection's transport: closing it sends nothing, and uvicorn sends nothing more once it has seen
+    the connection go (a handler's later answer is dropped). Anywhere else (httpx's ASGITransport in
+    tests) this raises ``ConnectionDropped``, which the client sees as its request failing.
+    """
+    cycle = getattr(scope.get(RAW_SEND), "__self__", None)
+    close = getattr(getattr(cycle, "transport", None), "close", None)  # asyncio's or uvloop's transport
+    if not callable(close):
+        raise ConnectionDropped("the fake dropped the connection")
+    close()
+    for _ in range(200):  # connection_lost runs on a later turn of the loop
+        if getattr(cycle, "disconnected", True):
+            return
+        await asyncio.sleep(0.001)
 
 
 # --------------------------------------------------------------------------- the prediction object

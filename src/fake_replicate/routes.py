@@ -25,9 +25,12 @@ from fake_replicate.inputs import (
     validate_input,
 )
 from fake_replicate.models import openapi_schema, spec_for
+from fake_replicate.outage import unavailable
 from fake_replicate.prediction import Prediction
 from fake_replicate.responses import (
+    drop_connection,
     error_response,
+    fault_response,
     file_bytes,
     invalid_input,
     invalid_version,
@@ -141,6 +144,10 @@ class ReplicateRoutes:
         fault = fake.faults.directive_create_fault(params.prompt, directives)
         if fault is not None:
             return fault
+        outage = fake.faults.directive_outage(params.prompt, directives)
+        if outage is not None and outage.after is None:
+            fake.faults.counts["outage_503"] += 1
+            return unavailable()
         index = fake.by_prompt.get(params.prompt, 0)
         pred = fake.new_prediction(model, version, raw_input, params, directives, index)
         if isinstance(body.get("webhook"), str):
@@ -149,6 +156,12 @@ class ReplicateRoutes:
             fake.store.update(pred.id, webhook=body["webhook"], events=body.get("webhook_events_filter"), base=base)
         if directives.hang_create > 0 and first_n_applies(directives.hang_count, index):
             await asyncio.sleep(directives.hang_create)
+        answer = fake.faults.ambiguous_answer(directives, index)
+        if answer == "drop":
+            await drop_connection(request.scope)
+            return Response(status_code=204)  # never sent: the connection is gone
+        if answer is not None:
+            return fault_response(int(answer), fake.config.retry_after)
         return await self.create_reply(request, pred)
 
     async def create_reply(self, request: Request, pred: Prediction) -> Response:

@@ -1,5 +1,5 @@
 """The fake Replicate's ASGI app: ``create_app`` wires the Replicate routes, the control routes, the
-rate limits and the lifespan around one `FakeReplicate` state. The manual is the package's README.md.
+outage, the rate limits and the lifespan around one `FakeReplicate` state. The manual is the package's README.md.
 """
 
 from __future__ import annotations
@@ -12,15 +12,26 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from fake_replicate.config import FakeConfig
 from fake_replicate.control import ControlRoutes
 from fake_replicate.limits import RateLimits
-from fake_replicate.responses import error_response, not_found
+from fake_replicate.outage import Outages
+from fake_replicate.responses import RAW_SEND, error_response, not_found
 from fake_replicate.routes import ReplicateRoutes
 from fake_replicate.state import FakeReplicate
 
-__all__ = ["FakeReplicate", "create_app"]
+__all__ = ["FakeApp", "FakeReplicate", "create_app"]
+
+
+class FakeApp(Starlette):
+    """Starlette, keeping the server's own ``send`` in the scope: a dropped connection needs it
+    (``responses.drop_connection``), and the middleware Starlette puts outermost wraps it."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -48,7 +59,8 @@ def create_app(config: FakeConfig | None = None, *, data_dir: Path | None = None
             fake.store.close()
 
     routes = ReplicateRoutes(fake).routes() + ControlRoutes(fake).routes()
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception}, lifespan=lifespan)
+    app = FakeApp(routes=routes, exception_handlers={HTTPException: _http_exception}, lifespan=lifespan)
     app.add_middleware(RateLimits, fake=fake)
+    app.add_middleware(Outages, fake=fake)  # outermost: a refusal by the outage spends no rate budget
     app.state.fake = fake
     return app
