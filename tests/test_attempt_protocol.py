@@ -29,9 +29,10 @@ from mediagen.core.errors import PermanentProviderError, UnknownCreateOutcome
 from mediagen.core.retry import RetryPolicy
 from mediagen.providers.base import Prediction
 from mediagen.storage.local import LocalStorage
+from mediagen.worker.context import WorkerContext
 from mediagen.worker.leases import LeaseKeeper
 from mediagen.worker.polling import PollSchedule
-from mediagen.worker.runner import CLOCK_SKEW, WorkerContext, run_job
+from mediagen.worker.runner import CLOCK_SKEW, run_job
 
 MODEL = "black-forest-labs/flux-schnell"
 Hook = Callable[[], Awaitable[None]]

@@ -23,17 +23,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from mediagen import metrics
-from mediagen.broker import Dispatcher
-from mediagen.core import jobs, pricing
-from mediagen.core.db import Database, is_unreachable
+from mediagen.core import jobs
+from mediagen.core.db import is_unreachable
 from mediagen.core.errors import (
     JobCanceled,
     JobDeadlineExceeded,
@@ -44,52 +42,22 @@ from mediagen.core.errors import (
     TransientProviderError,
     WorkerStopping,
 )
-from mediagen.core.pricing import Price
-from mediagen.core.retry import RetryPolicy, prediction_failure_is_transient
+from mediagen.core.retry import prediction_failure_is_transient
 from mediagen.logging import log_event
-from mediagen.notify import Event, Notifier, Subscription
-from mediagen.providers.base import TERMINAL_PREDICTION, Prediction, Provider
-from mediagen.providers.downloads import Downloader
-from mediagen.storage import Storage
-from mediagen.worker.leases import Hold, LeaseKeeper
+from mediagen.notify import Event, Subscription
+from mediagen.providers.base import TERMINAL_PREDICTION, Prediction
+from mediagen.worker import endings
+from mediagen.worker.context import WorkerContext
+from mediagen.worker.leases import Hold
 from mediagen.worker.outputs import store_outputs
-from mediagen.worker.polling import PollSchedule
 from mediagen.worker.progress import ProgressReporter
 
 T = TypeVar("T")
-
-# Sends from inside a job's own message go through the delay queue: an immediate send would reuse
-# the Redis id of the message still being processed and be deleted by its acknowledgement.
-MIN_RESEND_DELAY = 1.0
 
 CLOCK_SKEW = timedelta(seconds=30)
 """How far the provider's clock may be behind PostgreSQL's when predictions are looked for by time.
 NTP keeps servers within milliseconds; 30 s also covers a host whose clock drifted, for about three
 more pages of Replicate's list at its 600 creates a minute."""
-
-
-@dataclass
-class WorkerContext:
-    """What a worker process builds once, on its event loop, and every job shares."""
-
-    db: Database
-    provider: Provider
-    storage: Storage
-    downloader: Downloader
-    dispatcher: Dispatcher
-    leases: LeaseKeeper
-    policy: RetryPolicy
-    lease_seconds: float
-    polls: PollSchedule
-    notifier: Notifier
-    prices: Mapping[str, Price | None] = field(default_factory=lambda: dict(pricing.DEFAULT_PRICES))
-    """The price table (settings), for each attempt's cost."""
-    webhook_url: str | None = None
-    """Replicate POSTs our predictions here (the API relays them as events), when webhooks are on."""
-    webhook_poll_seconds: float = 30.0
-    """With webhooks on: how long to wait for one before looking at the prediction anyway."""
-    stopping: bool = False
-    """Set when the worker begins to shut down: it takes no new job from then on."""
 
 
 def model_input(claim: jobs.Claim) -> dict[str, Any]:
@@ -112,16 +80,16 @@ def _exiting(ctx: WorkerContext) -> bool:
 async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     if _exiting(ctx):
         # A message that reached a worker on its way out: pass it on to another.
-        await _send_quietly(ctx, job_id, MIN_RESEND_DELAY)
+        await endings.send_quietly(ctx, job_id, endings.MIN_RESEND_DELAY)
         return
     claim = await jobs.claim(ctx.db, job_id, lease_seconds=ctx.lease_seconds)
     if claim is None:
         early = await jobs.due_in(ctx.db, job_id)
         if early is not None:  # a delayed message that arrived before its time
-            await ctx.dispatcher.send([job_id], delay=max(early, MIN_RESEND_DELAY))
+            await ctx.dispatcher.send([job_id], delay=max(early, endings.MIN_RESEND_DELAY))
         return
     if claim.abandoned_attempt is not None:
-        _attempt_closed(
+        endings.attempt_closed(
             job_id,
             claim.abandoned_attempt,
             "abandoned",
@@ -134,7 +102,7 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
         attempt=claim.attempt,
         resumed_prediction=claim.resume_prediction_id,
     )
-    _announce(ctx, claim, "running")
+    endings.announce(ctx, claim, "running")
     hold = ctx.leases.hold(job_id, claim.token)
     metrics.in_flight.inc()
     try:
@@ -170,12 +138,12 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
             log_event(
                 "job.outputs.fewer", job_id=str(claim.job_id), attempt=claim.attempt, asked=asked, got=len(outputs)
             )
-        spend = _spend(ctx, claim, prediction, images=len(outputs))
+        spend = endings.spend_of(ctx, claim, prediction, images=len(outputs))
         held = await _recorded(ctx, claim, hold, lambda: jobs.succeed(ctx.db, claim, outputs, prediction.status, spend))
         if held:
-            _count_spend(claim, spend)
+            endings.count_spend(claim, spend)
             metrics.jobs_finished.labels("succeeded").inc()
-            _attempt_closed(
+            endings.attempt_closed(
                 claim.job_id,
                 claim.attempt,
                 "succeeded",
@@ -184,26 +152,26 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
                 seconds=round(time.monotonic() - started, 3),
             )
             log_event("job.succeeded", job_id=str(claim.job_id), attempt=claim.attempt)
-            _announce(ctx, claim, "succeeded")
+            endings.announce(ctx, claim, "succeeded")
         else:
-            _log_lost(claim)
+            endings.log_lost(claim)
     except LeaseExpired as expired:
-        await _explain_lost(ctx, claim, expired)
+        await endings.explain_lost(ctx, claim, expired)
     except LeaseLost:
-        _log_lost(claim)
+        endings.log_lost(claim)
     except JobCanceled:
-        await _cancel(ctx, claim, prediction)
+        await endings.cancel(ctx, claim, prediction)
     except WorkerStopping as stopping:
-        await _release(ctx, claim, stopping.message)
+        await endings.release(ctx, claim, stopping.message)
     except asyncio.CancelledError:
-        await _release(ctx, claim, "the worker was stopped")
+        await endings.release(ctx, claim, "the worker was stopped")
         raise
     except Exception as error:
         if _exiting(ctx):
             # Errors of a dying process (e.g. no more threads for file writes) are not the job's.
-            await _release(ctx, claim, f"the worker stopped: {error}")
+            await endings.release(ctx, claim, f"the worker stopped: {error}")
         else:
-            await _fail(ctx, claim, prediction, error)
+            await endings.fail(ctx, claim, prediction, error)
 
 
 async def _recorded(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, write: Callable[[], Awaitable[T]]) -> T:
@@ -256,7 +224,7 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) ->
         # adopted ours, cancel ours, so the job is not paid for twice.
         owners = await jobs.prediction_owners(ctx.db, prediction.id)
         if not owners:
-            await _cancel_prediction(ctx, claim, prediction)
+            await endings.cancel_prediction(ctx, claim, prediction)
         raise LeaseLost("the job was taken over while its prediction was being created")
     return prediction, True
 
@@ -414,175 +382,3 @@ def _prediction_failure(prediction: Prediction) -> MediagenError:
         kind = TransientProviderError if prediction_failure_is_transient(message) else PermanentProviderError
         return kind(message, error_class="PredictionFailed")
     return TransientProviderError(message, error_class="PredictionCanceled")
-
-
-async def _fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None, error: Exception) -> None:
-    if isinstance(error, MediagenError):
-        failure = jobs.Failure(
-            error.error_class, error.message, error.http_status, create_rejected=error.create_rejected
-        )
-    else:
-        failure = jobs.Failure(type(error).__name__, str(error) or type(error).__name__)
-    if prediction is not None and prediction.done:
-        # Recorded so that the next attempt knows whether this prediction can be resumed.
-        failure = jobs.Failure(failure.error_class, failure.message, failure.http_status, prediction.status, False)
-    decision = ctx.policy.decide(error, claim.attempt, max_attempts=claim.max_attempts)
-    retry_delay = decision.delay if decision.retry else None
-    try:
-        spend = _spend(ctx, claim, prediction)
-        held = await jobs.fail_attempt(ctx.db, claim, failure, retry_delay=retry_delay, spend=spend)
-    except Exception:
-        # The database is unreachable: leave the job to its lease; the next claim closes this attempt.
-        log_event("job.attempt.unrecorded", logging.WARNING, job_id=str(claim.job_id), attempt=claim.attempt)
-        return
-    if not held:
-        _log_lost(claim)
-        return
-    _count_spend(claim, spend)
-    # Logged once the row is committed, so the log and the attempts table tell the same story.
-    _attempt_closed(
-        claim.job_id,
-        claim.attempt,
-        "failed",
-        failure.error_class,
-        logging.ERROR if not isinstance(error, MediagenError) else logging.INFO,
-        error=failure.message,
-        http_status=failure.http_status,
-        prediction_id=prediction.id if prediction else claim.resume_prediction_id,
-        exc_info=error if not isinstance(error, MediagenError) else None,
-    )
-    if retry_delay is not None:
-        metrics.retries_scheduled.labels(failure.error_class).inc()
-        log_event(
-            "job.retry.scheduled",
-            job_id=str(claim.job_id),
-            attempt=claim.attempt,
-            next_attempt=claim.attempt + 1,
-            delay_seconds=retry_delay,
-            error_class=failure.error_class,
-        )
-        _announce(ctx, claim, "retrying", delay_seconds=retry_delay, error_class=failure.error_class)
-        await _send_quietly(ctx, claim.job_id, max(retry_delay, MIN_RESEND_DELAY))
-    else:
-        if prediction is not None and not prediction.done:
-            await _cancel_prediction(ctx, claim, prediction)
-        metrics.jobs_finished.labels("failed").inc()
-        log_event(
-            "job.failed",
-            job_id=str(claim.job_id),
-            attempt=claim.attempt,
-            error_class=failure.error_class,
-            error=failure.message,
-        )
-        _announce(ctx, claim, "failed", error_class=failure.error_class, error=failure.message)
-
-
-async def _cancel_prediction(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction) -> str | None:
-    """Stop paying for a prediction we no longer want; its status if that worked."""
-    try:
-        await ctx.provider.cancel(prediction.id)
-    except MediagenError as error:
-        log_event("job.prediction.cancel_failed", logging.WARNING, job_id=str(claim.job_id), error=error.message)
-        return None
-    log_event("job.prediction.canceled", job_id=str(claim.job_id), prediction_id=prediction.id)
-    return "canceled"
-
-
-async def _cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None) -> None:
-    status = None
-    if prediction is not None and not prediction.done:
-        status = await _cancel_prediction(ctx, claim, prediction)
-    held = await jobs.finish_canceled(ctx.db, claim, status)
-    if held:
-        metrics.jobs_finished.labels("canceled").inc()
-        _attempt_closed(claim.job_id, claim.attempt, "canceled", "JobCanceled", error="canceled on request")
-        log_event("job.canceled", job_id=str(claim.job_id), attempt=claim.attempt)
-        _announce(ctx, claim, "canceled")
-
-
-async def _release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:
-    try:
-        held = await jobs.release(ctx.db, claim, reason)
-    except Exception:
-        return  # the lease will expire and the sweep hands the job back
-    if held:
-        _attempt_closed(claim.job_id, claim.attempt, "abandoned", "WorkerShutdown", error=reason)
-        _announce(ctx, claim, "retrying", delay_seconds=0.0, error_class="WorkerShutdown")
-        await _send_quietly(ctx, claim.job_id, MIN_RESEND_DELAY)
-
-
-async def _send_quietly(ctx: WorkerContext, job_id: uuid.UUID, delay: float) -> None:
-    try:
-        await ctx.dispatcher.send([job_id], delay=delay)
-    except Exception:
-        # Redis is down: the job is recorded as due in PostgreSQL and the sweep will send it.
-        log_event("job.dispatch.deferred", logging.WARNING, job_id=str(job_id))
-
-
-def _attempt_closed(
-    job_id: uuid.UUID, attempt: int, outcome: str, error_class: str = "", level: int = logging.INFO, **fields: Any
-) -> None:
-    """The one place an attempt's end is told: its metric and its log line (after the row is committed).
-
-    `job.attempt.succeeded` for a success; `job.attempt.failed` for every other end (failed, canceled,
-    abandoned), with the error class, so that log lines and attempt rows can be counted one for one.
-    """
-    metrics.attempts.labels(outcome, error_class).inc()
-    event = "job.attempt.succeeded" if outcome == "succeeded" else "job.attempt.failed"
-    if error_class:
-        fields["error_class"] = error_class
-    log_event(event, level, job_id=str(job_id), attempt=attempt, outcome=outcome, **fields)
-
-
-def _spend(
-    ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None, images: int | None = None
-) -> jobs.Spend:
-    """What an ended prediction reported and cost. `images`: outputs stored, for a model whose metrics
-    do not count them (Replicate bills per output image)."""
-    if prediction is None or not prediction.done:
-        return jobs.NO_SPEND
-    reported = prediction.metrics or {}
-    seconds = reported.get("predict_time")
-    count = reported.get("image_count")
-    predict_time = float(seconds) if isinstance(seconds, int | float) and not isinstance(seconds, bool) else None
-    image_count = count if isinstance(count, int) and not isinstance(count, bool) else images
-    return jobs.Spend(predict_time, image_count, pricing.cost(claim.model, image_count, predict_time, ctx.prices))
-
-
-def _count_spend(claim: jobs.Claim, spend: jobs.Spend) -> None:
-    if spend.image_count:
-        metrics.images_made.labels(claim.model).inc(spend.image_count)
-    if spend.cost_usd is not None:
-        metrics.spend_usd.labels(claim.model).inc(float(spend.cost_usd))
-
-
-def _announce(ctx: WorkerContext, claim: jobs.Claim, status: str, **fields: Any) -> None:
-    """Tell listeners (mediagen.notify) that the job's row changed: fire and forget, after the commit."""
-    ctx.notifier.publish(claim.job_id, {"type": "job", "status": status, "attempt": claim.attempt, **fields})
-
-
-async def _explain_lost(ctx: WorkerContext, claim: jobs.Claim, expired: LeaseExpired) -> None:
-    """Our lease ran out during a database outage and another worker took the job over, closing our
-    attempt as `WorkerLost`: put what really happened on it. A connection the outage broke may fail
-    the first try; after a few, the attempt keeps the new holder's words."""
-    for _ in range(5):
-        try:
-            await jobs.explain_abandoned(ctx.db, claim, expired.error_class, expired.message)
-            break
-        except Exception as error:
-            if not is_unreachable(error):
-                break
-            await asyncio.sleep(1.0)
-    log_event(
-        "job.lease.expired",
-        logging.WARNING,
-        job_id=str(claim.job_id),
-        attempt=claim.attempt,
-        error_class=expired.error_class,
-        error=expired.message,
-    )
-    _log_lost(claim)
-
-
-def _log_lost(claim: jobs.Claim) -> None:
-    log_event("job.attempt.superseded", job_id=str(claim.job_id), attempt=claim.attempt)

@@ -1,0 +1,42 @@
+"""What a worker process builds once, on its event loop, and every job it runs shares."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mediagen.broker import Dispatcher
+from mediagen.core import pricing
+from mediagen.core.db import Database
+from mediagen.core.pricing import Price
+from mediagen.core.retry import RetryPolicy
+from mediagen.notify import Notifier
+from mediagen.providers.base import Provider
+from mediagen.providers.downloads import Downloader
+from mediagen.storage import Storage
+from mediagen.worker.leases import LeaseKeeper
+from mediagen.worker.polling import PollSchedule
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process builds once, on its event loop, and every job shares."""
+
+    db: Database
+    provider: Provider
+    storage: Storage
+    downloader: Downloader
+    dispatcher: Dispatcher
+    leases: LeaseKeeper
+    policy: RetryPolicy
+    lease_seconds: float
+    polls: PollSchedule
+    notifier: Notifier
+    prices: Mapping[str, Price | None] = field(default_factory=lambda: dict(pricing.DEFAULT_PRICES))
+    """The price table (settings), for each attempt's cost."""
+    webhook_url: str | None = None
+    """Replicate POSTs our predictions here (the API relays them as events), when webhooks are on."""
+    webhook_poll_seconds: float = 30.0
+    """With webhooks on: how long to wait for one before looking at the prediction anyway."""
+    stopping: bool = False
+    """Set when the worker begins to shut down: it takes no new job from then on."""
