@@ -129,6 +129,36 @@ async def test_a_worker_killed_mid_job_is_replaced_and_the_prediction_resumed(
     assert fake_replicate.predictions_for(prompt) == 1
 
 
+async def test_a_job_canceled_while_its_worker_is_dead_ends_canceled_within_a_lease(
+    make_stack: Any, client: Any, fake_replicate: FakeReplicate
+) -> None:
+    """Given a running job whose worker was SIGKILLed, when its client cancels it and a worker runs again,
+    then it ends `canceled` within about one lease, and its prediction is canceled at Replicate."""
+    stack: Stack = make_stack(**FAST)
+    api = client(stack.start_api())
+    doomed = stack.start_worker()
+    prompt = unique("canceled in the dark [[latency=60]]")
+    job_id = await submit(api, prompt, width=512, height=512)
+    await wait_running_with_prediction(stack, job_id)
+    kill_group(doomed.proc, signal.SIGKILL)
+
+    response = await api.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 202, response.text
+    stack.start_worker()
+    canceled_at = time.monotonic()
+
+    status = await wait_for_job(api, job_id, timeout=15)
+    assert status["status"] == "canceled"
+    assert time.monotonic() - canceled_at < 2 * float(FAST["MEDIAGEN_LEASE_SECONDS"]) + 2
+    [attempt] = await attempts_of(stack, job_id)
+    assert (attempt.outcome, attempt.error_class, attempt.prediction_status) == ("abandoned", "WorkerLost", "canceled")
+    prediction = httpx.get(
+        f"{fake_replicate.url}/v1/predictions/{attempt.prediction_id}", headers={"Authorization": "Bearer t"}
+    ).json()
+    assert prediction["status"] == "canceled"
+    assert fake_replicate.predictions_for(prompt) == 1
+
+
 async def test_a_prediction_gone_on_resume_is_recorded_and_replaced_by_a_new_one(
     make_stack: Any, client: Any, fake_replicate: FakeReplicate
 ) -> None:

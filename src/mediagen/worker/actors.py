@@ -144,7 +144,13 @@ class WorkerResources(Middleware):
         )
         leases.start()
         self.sweeper = Sweeper(
-            db, dispatcher, interval=s.sweep_interval_seconds, stale_seconds=s.stale_dispatch_seconds
+            db,
+            dispatcher,
+            _context.provider,
+            interval=s.sweep_interval_seconds,
+            stale_seconds=s.stale_dispatch_seconds,
+            lease_seconds=s.lease_seconds,
+            notifier=_context.notifier,
         )
         self.sweeper.start()
         if s.webhook_secret is not None:

@@ -20,7 +20,7 @@ leases and sweep, and the CLI call its verbs. Where to look:
 * `claim`: taking a job for an attempt;
 * `attempts`: an attempt in progress and how it ends;
 * `leases`: renewing the leases of running jobs, watching for cancels;
-* `sweeps`: jobs past their deadline, jobs to send again.
+* `sweeps`: jobs past their deadline, jobs to send again, unheld jobs that must end.
 
 Two calling conventions, one rule: a verb that is a unit of work by itself (the worker's side: claim,
 attempts, leases, sweeps) takes the `Database` and runs its own transaction; a verb the caller composes
@@ -49,7 +49,7 @@ from mediagen.core.jobs.leases import cancel_requested, renew_leases
 from mediagen.core.jobs.queries import JobDetail, get_detail, list_jobs, output_keys, statuses
 from mediagen.core.jobs.status import STATUS_SQL, JobStatusView, get_status, shown_progress, status_object
 from mediagen.core.jobs.submit import NewJob, create_jobs, find_by_idempotency_key, request_cancel, retry_finished
-from mediagen.core.jobs.sweeps import Stale, fail_overdue, take_stale
+from mediagen.core.jobs.sweeps import Overdue, Stale, Unheld, end_unheld, fail_overdue, take_stale, take_unheld
 
 __all__ = [
     "NO_SPEND",
@@ -59,13 +59,16 @@ __all__ = [
     "JobDetail",
     "JobStatusView",
     "NewJob",
+    "Overdue",
     "Spend",
     "Stale",
     "StoredOutput",
+    "Unheld",
     "cancel_requested",
     "claim",
     "create_jobs",
     "due_in",
+    "end_unheld",
     "explain_abandoned",
     "fail_attempt",
     "fail_overdue",
@@ -88,4 +91,5 @@ __all__ = [
     "statuses",
     "succeed",
     "take_stale",
+    "take_unheld",
 ]

@@ -1,8 +1,11 @@
-"""What the recovery sweep changes in the jobs table: jobs past their deadline, and jobs to send again.
+"""What the recovery sweep changes in the jobs table: jobs past their deadline, jobs to send again, and
+running jobs whose worker is gone that must end (canceled, or past their deadline).
 
 Each verb takes a small batch with `FOR UPDATE SKIP LOCKED`, so sweeps in many worker processes at once
-never take the same job, and is its own transaction: it takes the `Database`. The broker side of the
-sweep (is a message still there? send it again) is mediagen.worker.recovery's.
+never take the same job, and is its own transaction: it takes the `Database`. The broker's and the
+provider's side of the sweep (is a message still there? send it again; cancel a prediction) is
+mediagen.worker.recovery's: a job that ends with a prediction that may still run is handed back to it
+with that prediction, as nothing here calls the provider.
 
 SQL style: `text()` with named parameters through SQLAlchemy's engine: a batch statement every sweep
 interval per process, not per job, so the statement pool's saving does not matter here.
@@ -17,24 +20,47 @@ from sqlalchemy import text
 
 from mediagen.core.db import Database
 
+# A prediction its attempt may still be running at the provider (billed until it ends or is canceled).
+_LIVE_PREDICTION = """
+    CASE WHEN coalesce(a.prediction_status, '') NOT IN ('succeeded', 'failed', 'canceled', 'aborted')
+         THEN a.prediction_id END
+"""
+_LAST_ATTEMPT = """
+    LEFT JOIN LATERAL (SELECT id, number, prediction_id, prediction_status FROM attempts
+                       WHERE job_id = t.id ORDER BY number DESC LIMIT 1) a ON true
+"""
+
 _EXPIRE_SQL = text(
-    """
-    UPDATE jobs SET status = 'failed', finished_at = now(), updated_at = now(),
-           error_class = 'JobDeadlineExceeded',
-           error_message = 'the job did not finish before its deadline'
-    WHERE id IN (SELECT id FROM jobs
-                 WHERE status IN ('queued', 'retrying') AND deadline_at < now()
-                 LIMIT :batch FOR UPDATE SKIP LOCKED)
-    RETURNING id
+    f"""
+    WITH t AS (
+        UPDATE jobs SET status = 'failed', finished_at = now(), updated_at = now(),
+               error_class = 'JobDeadlineExceeded',
+               error_message = 'the job did not finish before its deadline'
+        WHERE id IN (SELECT id FROM jobs
+                     WHERE status IN ('queued', 'retrying') AND deadline_at < now()
+                     LIMIT :batch FOR UPDATE SKIP LOCKED)
+        RETURNING id
+    )
+    SELECT t.id, {_LIVE_PREDICTION} AS prediction_id FROM t {_LAST_ATTEMPT}
     """
 )
 
 
-async def fail_overdue(db: Database, *, batch: int) -> list[uuid.UUID]:
+@dataclass(frozen=True)
+class Overdue:
+    """A waiting job the deadline ended, and the prediction an earlier attempt left running (to cancel)."""
+
+    job_id: uuid.UUID
+    prediction_id: str | None
+
+
+async def fail_overdue(db: Database, *, batch: int) -> list[Overdue]:
     """End `failed` (`JobDeadlineExceeded`) the waiting jobs (queued, retrying) whose deadline has
-    passed, up to `batch` of them: the ids so ended."""
+    passed, up to `batch` of them: those so ended, each with the prediction its last attempt left
+    running, if any (a retry waits to resume it), which the caller cancels at the provider."""
     async with db.transaction() as conn:
-        return [row.id for row in await conn.execute(_EXPIRE_SQL, {"batch": batch})]
+        rows = await conn.execute(_EXPIRE_SQL, {"batch": batch})
+        return [Overdue(row.id, row.prediction_id) for row in rows]
 
 
 _STALE_SQL = text(
@@ -46,7 +72,7 @@ _STALE_SQL = text(
           AND dispatched_at < now() - make_interval(secs => :stale)
           AND (status = 'queued'
                OR (status = 'retrying' AND next_attempt_at < now() - make_interval(secs => :stale))
-               OR (status = 'running' AND lease_until < now()))
+               OR (status = 'running' AND lease_until < now() AND NOT cancel_requested AND deadline_at >= now()))
         ORDER BY dispatched_at
         LIMIT :batch FOR UPDATE SKIP LOCKED)
     RETURNING id, status
@@ -66,7 +92,93 @@ async def take_stale(db: Database, *, stale_seconds: float, batch: int) -> list[
     """The jobs due for `stale_seconds` that a message may never deliver, stamped as dispatched now (so
     the next sweep leaves them for `stale_seconds`), oldest dispatch first: `queued` ones, `retrying`
     ones past their time, and `running` ones whose lease expired (their worker died; the next claim
-    closes its attempt as abandoned)."""
+    closes its attempt as abandoned), unless they must end instead (see `take_unheld`)."""
     async with db.transaction() as conn:
         rows = await conn.execute(_STALE_SQL, {"stale": stale_seconds, "batch": batch})
         return [Stale(row.id, row.status) for row in rows]
+
+
+_TAKE_UNHELD_SQL = text(
+    f"""
+    WITH t AS (
+        UPDATE jobs SET claim_token = :token, lease_until = now() + make_interval(secs => :lease),
+               updated_at = now()
+        WHERE id IN (SELECT id FROM jobs
+                     WHERE status = 'running' AND lease_until < now()
+                       AND (cancel_requested OR deadline_at < now())
+                     ORDER BY lease_until LIMIT :batch FOR UPDATE SKIP LOCKED)
+        RETURNING id, cancel_requested
+    )
+    SELECT t.id, t.cancel_requested, a.id AS attempt_id, a.number AS attempt,
+           {_LIVE_PREDICTION} AS prediction_id
+    FROM t {_LAST_ATTEMPT}
+    """
+)
+
+
+@dataclass(frozen=True)
+class Unheld:
+    """A running job whose worker is gone and that must end, now held by the sweep that took it."""
+
+    job_id: uuid.UUID
+    token: uuid.UUID
+    canceled: bool
+    """True: its cancel was requested, it ends `canceled`; False: its deadline passed, it ends `failed`."""
+    attempt_id: int | None
+    attempt: int | None
+    prediction_id: str | None
+    """The prediction its last attempt started and that may still run: to cancel at the provider."""
+
+
+async def take_unheld(db: Database, *, lease_seconds: float, batch: int) -> list[Unheld]:
+    """Take the running jobs nobody holds (their lease expired) that must end rather than run again:
+    their cancel was requested (a claim refuses them) or their deadline passed. Each is held for
+    `lease_seconds` with a token of the taker's, as a claim would hold it, so that no claim or other
+    sweep takes it while the taker cancels its prediction; should the taker die, it is taken again."""
+    token = uuid.uuid4()
+    async with db.transaction() as conn:
+        rows = await conn.execute(_TAKE_UNHELD_SQL, {"token": token, "lease": lease_seconds, "batch": batch})
+        return [
+            Unheld(row.id, token, row.cancel_requested, row.attempt_id, row.attempt, row.prediction_id) for row in rows
+        ]
+
+
+_END_UNHELD_SQL = text(
+    """
+    WITH ended AS (
+        UPDATE jobs SET finished_at = now(), updated_at = now(), lease_until = NULL,
+               status = CASE WHEN :canceled THEN 'canceled' ELSE 'failed' END,
+               error_class = CASE WHEN :canceled THEN 'JobCanceled' ELSE 'JobDeadlineExceeded' END,
+               error_message = CASE WHEN :canceled THEN 'canceled on request'
+                                    ELSE 'the job did not finish before its deadline' END
+        WHERE id = :id AND claim_token = :token AND status = 'running'
+        RETURNING id
+    ), closed AS (
+        UPDATE attempts SET finished_at = now(), outcome = 'abandoned', error_class = 'WorkerLost',
+               error_message = 'the worker running this attempt stopped or lost its lease',
+               prediction_status = coalesce(CAST(:prediction_status AS text), prediction_status)
+        WHERE id = :attempt_id AND finished_at IS NULL AND EXISTS (SELECT 1 FROM ended)
+    )
+    SELECT count(*) AS ended FROM ended
+    """
+)
+
+
+async def end_unheld(db: Database, job: Unheld, *, prediction_status: str | None) -> bool:
+    """End a job taken by `take_unheld`: `canceled` or `failed` by its deadline, its open attempt closed
+    as abandoned by its lost worker (`prediction_status`: what became of its prediction, if known).
+    False: the job was not ours any more (the take outlived its lease and another took it)."""
+    async with db.transaction() as conn:
+        ended = (
+            await conn.execute(
+                _END_UNHELD_SQL,
+                {
+                    "id": job.job_id,
+                    "token": job.token,
+                    "canceled": job.canceled,
+                    "attempt_id": job.attempt_id,
+                    "prediction_status": prediction_status,
+                },
+            )
+        ).scalar()
+        return bool(ended)
