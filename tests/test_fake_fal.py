@@ -117,7 +117,8 @@ async def image_at(url: str) -> Image.Image:
 
 async def test_a_request_moves_through_the_queue_and_its_images_are_real(fal: FalAtFake) -> None:
     """Given a submit, the client sees IN_QUEUE, IN_PROGRESS with logs, COMPLETED; the result is fal's shape."""
-    handle = await fal.submit(DEV, {"prompt": unique(), "image_size": "square", "num_images": 2, "seed": 7})
+    prompt = unique("[[queue=0.4]] [[latency=1.2]]")  # long enough phases to be seen on a busy machine
+    handle = await fal.submit(DEV, {"prompt": prompt, "image_size": "square", "num_images": 2, "seed": 7})
     assert handle.status_url.endswith(f"/fal-ai/flux/requests/{handle.request_id}/status")
     seen = [status async for status in handle.iter_events(with_logs=True, interval=0.02)]
     kinds = [type(status).__name__ for status in seen]
@@ -304,13 +305,13 @@ async def test_a_hung_submit_has_enqueued_before_it_answers(fake: LiveFake) -> N
 
 async def test_an_outage_refuses_every_queue_route_until_it_ends(fal: FalAtFake, fake: LiveFake) -> None:
     handle = await fal.submit(SCHNELL, {"prompt": unique()})
-    httpx.post(f"{fake.url}/_fake/outage", json={"seconds": 0.6, "status": 503}).raise_for_status()
+    httpx.post(f"{fake.url}/_fake/outage", json={"seconds": 1.0, "status": 503}).raise_for_status()
     with pytest.raises(fal_client.FalClientHTTPError) as down:
         await fal.submit(SCHNELL, {"prompt": unique()})
     assert down.value.status_code == 503
     with pytest.raises(fal_client.FalClientHTTPError):
         await handle.status()
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(1.1)
     assert isinstance(await handle.status(), fal_client.Status)
 
 

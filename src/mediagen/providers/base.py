@@ -22,6 +22,9 @@ class Prediction:
     """Replicate's `metrics` once it ended: `predict_time` (s), `image_count` when the model reports it."""
     webhook: str | None = None
     """The webhook it was created with, where the provider shows it (ours carry `job` and `attempt`)."""
+    retryable: bool | None = None
+    """For a failed prediction, whether another one may succeed, when the provider says so (fal: the runner
+    failed, not the input); None leaves it to the error text (`core.retry.prediction_failure_is_transient`)."""
 
     @property
     def done(self) -> bool:

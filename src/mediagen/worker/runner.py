@@ -379,6 +379,9 @@ def _prediction_failure(prediction: Prediction) -> MediagenError:
     fault); one canceled or aborted by someone else is worth a new prediction."""
     message = prediction.error or f"the prediction ended {prediction.status}"
     if prediction.status == "failed":
-        kind = TransientProviderError if prediction_failure_is_transient(message) else PermanentProviderError
+        transient = prediction.retryable
+        if transient is None:
+            transient = prediction_failure_is_transient(message)
+        kind = TransientProviderError if transient else PermanentProviderError
         return kind(message, error_class="PredictionFailed")
     return TransientProviderError(message, error_class="PredictionCanceled")
