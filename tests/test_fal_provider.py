@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -281,3 +281,13 @@ async def test_a_webhook_url_reaches_fal(fal: FalProvider, fake: LiveFake) -> No
         assert created.id.endswith(httpx.Response(200, content=received[0]).json()["request_id"])
     finally:
         server.close()
+
+
+async def test_a_call_past_the_jobs_deadline_sends_nothing(fal: FalProvider, fake: LiveFake) -> None:
+    prompt = unique()
+    with pytest.raises(TransientProviderError) as late:
+        await fal.create(SCHNELL, {"prompt": prompt}, deadline=datetime.now(UTC) - timedelta(seconds=1))
+    assert not isinstance(late.value, UnknownCreateOutcome) and prompt not in fake.stats()["by_prompt"]
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    created = await fal.create(SCHNELL, {"prompt": prompt}, deadline=soon)
+    assert (await fal.get(created.id, deadline=soon)).status in ("starting", "processing", "succeeded")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 import fal_client
@@ -51,6 +51,8 @@ T = TypeVar("T")
 _TRANSIENT_STATUS: Final = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _REFUSED_SUBMIT: Final = frozenset({408, 409, 429, 503})
 """Answers to a submit that fal-client would retry and that surely enqueued nothing."""
+MIN_START_TIMEOUT: Final = 1.5
+"""fal-client refuses a `start_timeout` of 1 s or less."""
 CANCELLED_TYPES: Final = frozenset({"request_cancelled", "cancelled", "canceled"})
 
 
@@ -185,30 +187,55 @@ class FalProvider:
         )
         self.client = _Client(key, self._http, timeout_seconds)
 
-    async def _call(self, call: Callable[[], Awaitable[T]], *, creating: bool = False) -> T:
+    def _bound(self, deadline: datetime | None) -> float:
+        """Seconds a call may take: `timeout_seconds`, less when the job's deadline comes sooner."""
+        if deadline is None:
+            return self.timeout_seconds
+        return max(0.0, min(self.timeout_seconds, (deadline - datetime.now(UTC)).total_seconds()))
+
+    async def _call(
+        self, call: Callable[[], Awaitable[T]], *, creating: bool = False, deadline: datetime | None = None
+    ) -> T:
+        """`call()` as a whole (the client's own retries included) within `_bound(deadline)`, errors ours."""
+        bound = self._bound(deadline)
+        if bound <= 0:  # nothing is sent: no outcome to doubt
+            raise TransientProviderError("the job's deadline has passed", error_class="ProviderTimeout")
         try:
-            return await asyncio.wait_for(call(), self.timeout_seconds)
+            return await asyncio.wait_for(call(), bound)
         except MediagenError:
             raise  # from _FalTransport, already ours
         except fal_client.FalClientHTTPError as error:
             raise _mapped(error, creating=creating) from error
         except TimeoutError as error:
             kind = UnknownCreateOutcome if creating else TransientProviderError
-            raise kind(f"fal did not answer within {self.timeout_seconds}s", error_class="FalTimeout") from error
+            raise kind(f"fal did not answer within {bound:.1f}s", error_class="FalTimeout") from error
         except httpx.TransportError as error:
             raise TransientProviderError(
                 f"fal did not answer: {type(error).__name__}", error_class=type(error).__name__
             ) from error
 
-    async def create(self, model: str, input: dict[str, Any], *, webhook: str | None = None) -> Prediction:
-        """Submit to fal's queue (fal POSTs the result to `webhook` when it completes, when given)."""
-        handle = await self._call(lambda: self.client.submit(model, input, webhook_url=webhook), creating=True)
+    async def create(
+        self, model: str, input: dict[str, Any], *, webhook: str | None = None, deadline: datetime | None = None
+    ) -> Prediction:
+        """Submit to fal's queue (fal POSTs the result to `webhook` when it completes, when given).
+
+        With a `deadline`, fal gives the request up if it has not started by then (`start_timeout`, fal's
+        `X-Fal-Request-Timeout`; only when more than MIN_START_TIMEOUT s are left, fal-client's least)."""
+        start_timeout = None
+        if deadline is not None:
+            left = (deadline - datetime.now(UTC)).total_seconds()
+            start_timeout = left if left > MIN_START_TIMEOUT else None
+        handle = await self._call(
+            lambda: self.client.submit(model, input, webhook_url=webhook, start_timeout=start_timeout),
+            creating=True,
+            deadline=deadline,
+        )
         return Prediction(id=prediction_id(model, handle.request_id), status="starting")
 
-    async def get(self, prediction_id: str) -> Prediction:
+    async def get(self, prediction_id: str, *, deadline: datetime | None = None) -> Prediction:
         app, request_id = split_prediction_id(prediction_id)
         handle = await self.client.get_handle(app, request_id)
-        status = await self._call(lambda: handle.status(with_logs=True))
+        status = await self._call(lambda: handle.status(with_logs=True), deadline=deadline)
         if isinstance(status, fal_client.Queued):
             return Prediction(id=prediction_id, status="starting", logs="")
         if isinstance(status, fal_client.InProgress):
@@ -217,7 +244,7 @@ class FalProvider:
         logs = _logs(status.logs)
         seconds = status.metrics.get("inference_time") if status.metrics else None
         try:
-            result = await self._call(handle.get)
+            result = await self._call(handle.get, deadline=deadline)
         except (TransientProviderError, PermanentProviderError) as error:
             if error.http_status is None or not 400 <= error.http_status < 600 or error.http_status in (401, 403, 429):
                 raise  # fal did not answer with the request's own outcome
@@ -270,7 +297,9 @@ class FalProvider:
             if error.http_status != 400:
                 raise
 
-    async def find_recent(self, model: str, input: dict[str, Any], since: datetime) -> list[Prediction]:
+    async def find_recent(
+        self, model: str, input: dict[str, Any], since: datetime, *, deadline: datetime | None = None
+    ) -> list[Prediction]:
         raise PermanentProviderError(
             "fal's queue API lists no requests: an unknown submit cannot be reconciled",
             error_class="FalNoRequestList",
