@@ -95,6 +95,22 @@ async def test_a_500_on_create_then_success_takes_two_attempts(
     assert not any(line["event"] == "job.prediction.adopted" for line in events)
 
 
+@pytest.mark.parametrize("answer", ["504", "drop"])
+async def test_a_create_that_made_its_prediction_but_answered_504_is_paid_for_once(
+    api: httpx.AsyncClient, fake_replicate: FakeReplicate, answer: str
+) -> None:
+    prompt = unique(f"a gateway gave up [[create_ambiguous:{answer}*1]]")
+    job_id = await submit(api, prompt, width=512, height=512)
+
+    status = await wait_for_job(api, job_id)
+
+    assert status["status"] == "succeeded" and status["attempts"] == 2
+    first, second = (await job_view(api, job_id))["attempt_history"]
+    assert (first["outcome"], first["prediction_id"]) == ("failed", None)
+    assert second["prediction_id"] is not None and second["outcome"] == "succeeded"
+    assert fake_replicate.predictions_for(prompt) == 1  # adopted, not made again
+
+
 async def test_a_429_is_no_failed_attempt_the_job_waits_its_retry_after(
     api: httpx.AsyncClient, fake_replicate: FakeReplicate
 ) -> None:

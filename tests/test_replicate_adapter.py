@@ -64,6 +64,20 @@ async def test_a_create_answered_by_a_server_error_may_have_made_a_prediction(
     assert not raised.value.create_rejected
 
 
+@pytest.mark.parametrize("answer", ["502", "504", "drop"])
+async def test_a_create_that_made_its_prediction_then_failed_to_answer_is_found_in_the_list(
+    provider: ReplicateProvider, answer: str
+) -> None:
+    data = an_input(f"[[create_ambiguous:{answer}*1]]")
+    since = datetime.now(UTC) - timedelta(seconds=1)
+
+    with pytest.raises(UnknownCreateOutcome):
+        await provider.create(MODEL, data)
+    found = await provider.find_recent(MODEL, data, since)
+
+    assert len(found) == 1 and found[0].status in ("starting", "processing", "succeeded")
+
+
 async def test_a_create_that_hangs_past_the_jobs_deadline_ends_as_an_unknown_outcome(
     provider: ReplicateProvider,
 ) -> None:
