@@ -437,9 +437,11 @@ async def test_pagination_and_api_token() -> None:
             ids.append((await tc.post("/v1/predictions", json=body, headers=good)).json()["id"])
         first = (await tc.get("/v1/predictions", headers=good)).json()
         assert [p["id"] for p in first["results"]] == ids[::-1][:100]
-        assert first["next"] == "http://testserver/v1/predictions?cursor=5" and first["previous"] is None
+        assert first["next"].startswith("http://testserver/v1/predictions?cursor=") and first["previous"] is None
         second = (await tc.get(first["next"], headers=good)).json()
         assert [p["id"] for p in second["results"]] == ids[4::-1] and second["next"] is None
+        assert (await tc.get(second["previous"], headers=good)).json() == first
+        assert (await tc.get("/v1/predictions?cursor=5", headers=good)).status_code == 400
         no_version = await tc.post("/v1/predictions", json={"input": {"prompt": "x"}}, headers=good)
         assert no_version.status_code == 422
 
@@ -563,6 +565,35 @@ async def test_webhooks_of_a_prediction_running_at_a_restart_are_still_sent(tmp_
                 await asyncio.sleep(0.05)
     finally:
         receiver.close()
+
+
+# --------------------------------------------------------------------------- the list's pages
+
+
+def test_the_unmodified_client_walks_the_list_page_by_page(server: LiveServer, client: Client) -> None:
+    """Given pages of 2, when the client follows `next` from the first page, then it sees every prediction
+    once, newest first, even though predictions are created while it walks; `previous` leads back."""
+    url = f"{server.base_url}/_fake/config"
+    ours = [client.predictions.create(model=MODEL, input={"prompt": unique("paged")}).id for _ in range(5)]
+    httpx.put(url, json={"list_page_size": 2})
+    try:
+        first = client.predictions.list()
+        assert [p.id for p in first.results] == ours[:2:-1] and first.previous is None
+        walked = [p.id for p in first.results]
+        pages = [first]
+        page = first
+        while page.next is not None:
+            client.predictions.create(model=MODEL, input={"prompt": unique("made while walking")})
+            page = client.predictions.list(page.next)
+            assert len(page.results) <= 2 and page.previous is not None
+            walked += [p.id for p in page.results]
+            pages.append(page)
+        back = client.predictions.list(pages[2].previous)
+        assert [p.id for p in back.results] == [p.id for p in pages[1].results]
+    finally:
+        httpx.put(url, json={"list_page_size": 100})
+    assert walked[:5] == ours[::-1]
+    assert len(walked) == len(set(walked)) == server.stats()["predictions"] - (len(pages) - 1)
 
 
 # --------------------------------------------------------------------------- ambiguous creates

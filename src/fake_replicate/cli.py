@@ -51,6 +51,7 @@ _HELP = {
     "output_mode": "url (http file URLs) or data (data: URLs)",
     "api_token": "the only token accepted (default: any token)",
     "base_url": "scheme://host:port used in returned URLs (default: the request's)",
+    "list_page_size": "predictions per page of GET /v1/predictions (default 100, as Replicate)",
 }
 
 

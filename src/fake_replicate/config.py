@@ -41,6 +41,7 @@ class FakeConfig:
     p_webhook_duplicate: float = 0.0
     webhook_retries: int = 4
     webhook_retry_seconds: float = 0.5
+    list_page_size: int = 100
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -94,6 +95,7 @@ _FIELD_KINDS: Final[Mapping[str, str]] = {
     "p_webhook_duplicate": "float",
     "webhook_retries": "int",
     "webhook_retry_seconds": "float",
+    "list_page_size": "int",
 }
 
 
@@ -105,6 +107,8 @@ def _validate_config(config: FakeConfig) -> None:
     for name in _NON_NEGATIVE:
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must be >= 0")
+    if config.list_page_size < 1:
+        raise ValueError("list_page_size must be >= 1")
     if config.output_mode not in ("url", "data"):
         raise ValueError("output_mode must be 'url' or 'data'")
     ambiguous_answers(config.create_ambiguous_answers)

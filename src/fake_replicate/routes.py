@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Final
+from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from starlette.requests import Request
@@ -26,6 +27,7 @@ from fake_replicate.inputs import (
 )
 from fake_replicate.models import openapi_schema, spec_for
 from fake_replicate.outage import unavailable
+from fake_replicate.pages import page_of
 from fake_replicate.prediction import Prediction
 from fake_replicate.responses import (
     drop_connection,
@@ -42,7 +44,9 @@ from fake_replicate.state import WEBHOOK_SECRET, FakeReplicate
 
 JSON = dict[str, Any]
 
-PAGE_SIZE: Final = 100
+
+def page_url(base: str, cursor: str | None) -> str | None:
+    return f"{base}/v1/predictions?{urlencode({'cursor': cursor})}" if cursor is not None else None
 
 
 class ReplicateRoutes:
@@ -210,17 +214,14 @@ class ReplicateRoutes:
         fault = fake.faults.get_fault(None)
         if fault is not None:
             return fault
-        end = len(fake.order)
-        cursor = request.query_params.get("cursor")
-        if cursor:
-            if not cursor.isdigit():
-                return error_response(400, "Invalid cursor.")
-            end = min(int(cursor), end)
-        start = max(0, end - PAGE_SIZE)
+        page = page_of(len(fake.order), fake.config.list_page_size, request.query_params.get("cursor"))
+        if page is None:
+            return error_response(400, "Invalid cursor.")
         base = fake.base_url(request)
-        results = [fake.prediction_json(fake.predictions[i], base) for i in reversed(fake.order[start:end])]
-        next_url = f"{base}/v1/predictions?cursor={start}" if start > 0 else None
-        return json_response({"next": next_url, "previous": None, "results": results})
+        newest_first = reversed(fake.order[page.start : page.end])
+        results = [fake.prediction_json(fake.predictions[i], base) for i in newest_first]
+        links = {"next": page_url(base, page.next), "previous": page_url(base, page.previous)}
+        return json_response({**links, "results": results})
 
     # ------------------------------------------------------------------ models, versions, webhooks
 
