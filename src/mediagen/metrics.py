@@ -47,6 +47,16 @@ replicate_tokens_late = Counter(
     "mediagen_replicate_tokens_late_total", "Budget slots given up because the caller woke too late", ["budget"]
 )
 replicate_throttled = Counter("mediagen_replicate_throttled_total", "429s received from Replicate", ["budget"])
+replicate_circuit_open = Gauge(
+    "mediagen_provider_circuit_open",
+    "1 while this process last saw the account's circuit open (an outage)",
+    ["provider"],
+)
+replicate_circuit_transitions = Counter(
+    "mediagen_provider_circuit_transitions_total",
+    "The account's circuit opened or closed (counted by the process that changed it)",
+    ["provider", "to"],
+)
 spend_usd = Counter(
     "mediagen_spend_usd_total", "USD spent on predictions (by the price table; unknown prices count nothing)", ["model"]
 )

@@ -8,6 +8,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from mediagen.broker import Dispatcher
 from mediagen.core.db import Database
+from mediagen.providers.circuit import Circuit
 from mediagen.providers.downloads import Downloader
 from mediagen.providers.ratelimit import RateLimiter
 from mediagen.providers.replicate import ReplicateProvider
@@ -66,7 +67,21 @@ def storage(settings: Settings) -> Storage:
     )
 
 
+def circuit(settings: Settings, redis: Redis) -> Circuit | None:
+    if settings.replicate_circuit_failures <= 0:
+        return None
+    return Circuit(
+        redis,
+        namespace=settings.redis_namespace,
+        failures=settings.replicate_circuit_failures,
+        open_seconds=settings.replicate_circuit_open_seconds,
+        # A probe that never reports (its worker died) is given up after the longest a call may take.
+        probe_seconds=settings.replicate_timeout_seconds + 5.0,
+    )
+
+
 def rate_limiter(settings: Settings, redis: Redis) -> RateLimiter:
+    """The account's budgets and its circuit, shared by every worker through Redis."""
     return RateLimiter(
         redis,
         namespace=settings.redis_namespace,
@@ -74,6 +89,7 @@ def rate_limiter(settings: Settings, redis: Redis) -> RateLimiter:
         requests_per_minute=settings.replicate_requests_per_minute,
         create_burst=settings.replicate_create_burst,
         request_burst=settings.replicate_request_burst,
+        circuit=circuit(settings, redis),
     )
 
 

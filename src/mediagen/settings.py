@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     """The account's budget of every other request (GET, list, cancel), shared likewise (0: no limit)."""
     replicate_create_burst: int = Field(10, ge=1)
     replicate_request_burst: int = Field(50, ge=1)
+    replicate_circuit_failures: int = Field(10, ge=0)
+    """Failed calls in a row (5xx, connection errors, timeouts), across every worker, that open the account's
+    circuit: no worker calls Replicate until a probe gets through (0: no circuit)."""
+    replicate_circuit_open_seconds: float = Field(10.0, gt=0)
+    """How long an open circuit stays shut before one probe may test whether Replicate is back."""
     replicate_webhooks: bool = False
     """Predictions are created with a webhook to `POST /webhooks/replicate` on the public base URL."""
     replicate_webhook_base_url: str = ""

@@ -3,7 +3,8 @@
     MediagenError
     ├── ProviderError                 the image provider (Replicate) said no, or could not be reached
     │   ├── TransientProviderError    worth another attempt: timeouts, connection errors, 429, 5xx
-    │   │   └── UnknownCreateOutcome  a create may have made a prediction: 5xx, 408, timeout, dropped
+    │   │   ├── UnknownCreateOutcome  a create may have made a prediction: 5xx, 408, timeout, dropped
+    │   │   └── ProviderOutage        the provider is down for every worker (its circuit is open): no request sent
     │   └── PermanentProviderError    retrying cannot help: 401, 402, 404, 422, a refused prediction
     ├── OutputError                   the prediction's images could not be fetched
     │   ├── OutputDownloadFailed      transient (a timeout, a 5xx): retry, resuming the same prediction
@@ -62,6 +63,11 @@ class TransientProviderError(ProviderError):
 class UnknownCreateOutcome(TransientProviderError):
     """The create request went out, and what came back (a 5xx, a 408, nothing: a timeout or a dropped
     connection) does not prove refusal: a prediction may exist, and the next attempt looks for it."""
+
+
+class ProviderOutage(TransientProviderError):
+    """The provider failed call after call, for every worker, and its circuit is open: no request was
+    sent. Not a failure of the job: wait `retry_after` and call again (mediagen.core.retry)."""
 
 
 class PermanentProviderError(ProviderError):

@@ -2,8 +2,10 @@
 
 One decision for every failed attempt, made here and nowhere else:
 
-* throttled (a 429: Replicate's rate limit, see `throttle_wait`) → not a failure at all: the attempt
-  waits for the Retry-After and makes the same call again, using up nothing;
+* throttled (a 429: Replicate's rate limit) or facing an outage (the provider's circuit is open, see
+  mediagen.providers.circuit) → not a failure at all (`throttle_wait`): the attempt waits for the
+  Retry-After, or until the circuit may let a call through, and makes the same call again, using up
+  nothing (the job's deadline still applies);
 * transient (timeouts, connection errors, 500/502/503/504, a failed output download, a store
   that is briefly down, a prediction that died of an infrastructure fault) → retry while attempts
   remain, after `backoff()`, or after the provider's Retry-After when that is longer;
@@ -20,7 +22,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mediagen.core.errors import MediagenError
+from mediagen.core.errors import MediagenError, ProviderOutage
 
 # A prediction that ends `failed` is the model's verdict and permanent, except for these faults of
 # Replicate's infrastructure, where a new prediction may well succeed.
@@ -59,8 +61,11 @@ class RetryPolicy:
         return Decision(retry=True, delay=round(delay, 3))
 
     def throttle_wait(self, error: BaseException) -> float | None:
-        """A 429 is Replicate's rate limit, not a fault of the job: the same call is made again after
-        this many seconds, in the same attempt (None: `error` is no 429, decide() applies)."""
+        """A 429 is Replicate's rate limit, and an open circuit its outage, not a fault of the job: the
+        same call is made again after this many seconds, in the same attempt (None: `error` is neither,
+        decide() applies)."""
+        if isinstance(error, ProviderOutage):
+            return min(error.retry_after or self.base_seconds, self.retry_after_cap_seconds)
         if getattr(error, "http_status", None) != 429:
             return None
         hint = getattr(error, "retry_after", None)

@@ -24,21 +24,36 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Literal
 
 from redis.asyncio import Redis
 
 from mediagen import gcra, metrics
+from mediagen.core.errors import ProviderOutage
 from mediagen.logging import log_event
+from mediagen.providers import circuit
+from mediagen.providers.circuit import Circuit
 
 Budget = Literal["create", "other"]
 
-# KEYS[1]: the budget's theoretical arrival time (mediagen.gcra); KEYS[2]: set while it is paused.
-# ARGV: interval ms, burst, pause ms. Reserve (pause 0): returns the ms to wait for the reserved slot.
-# Pause (> 0): no slot before now + pause, and KEYS[2] lives that long (slots reserved before it see it).
-_RESERVE = gcra.script("""
+# KEYS[1]: the budget's theoretical arrival time (mediagen.gcra); KEYS[2]: set while it is paused;
+# KEYS[3]: the account's circuit (mediagen.providers.circuit). ARGV: interval ms (0: no budget, the
+# circuit alone), burst, pause ms, probe ms (-1: no circuit), the caller's id (for the probe).
+# Reserve (pause 0): {ms to wait for the reserved slot, circuit state, failures, ms the circuit stays
+# open}; an open circuit reserves no slot. Pause (> 0): no slot before now + pause, and KEYS[2] lives
+# that long (slots reserved before it see it).
+_RESERVE = gcra.script(
+    circuit.FUNCTIONS
+    + """
 local now = gcra_clock()
 local interval, burst, pause = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local probe_ms = tonumber(ARGV[4])
+local state, open_ms, failures = 'closed', 0, 0
+if pause == 0 and probe_ms >= 0 then
+  state, open_ms, failures = circuit_admit(KEYS[3], now, probe_ms, ARGV[5])
+  if state == 'open' or interval == 0 then return {'0', state, failures, tostring(open_ms)} end
+end
 local tat = gcra_tat(KEYS[1], now)
 local wait = 0
 if pause > 0 then
@@ -49,8 +64,9 @@ else
   tat = tat + interval
 end
 gcra_store(KEYS[1], tat, now)
-return tostring(wait)
-""")
+return {tostring(wait), state, failures, '0'}
+"""
+)
 
 
 class RateLimiter:
@@ -63,8 +79,11 @@ class RateLimiter:
         requests_per_minute: int,
         create_burst: int = 10,
         request_burst: int = 50,
+        circuit: Circuit | None = None,
     ) -> None:
         self.redis = redis
+        self.circuit = circuit
+        """The account's circuit breaker, read in the same call as each reservation."""
         self.namespace = namespace
         self._rates: dict[Budget, tuple[int, int]] = {
             "create": (creates_per_minute, max(1, create_burst)),
@@ -78,14 +97,26 @@ class RateLimiter:
         return f"{self.namespace}:replicate-budget:{budget}"
 
     def _keys(self, budget: Budget) -> list[str]:
-        return [self.key(budget), f"{self.key(budget)}:paused"]
+        circuit_key = self.circuit.key if self.circuit is not None else f"{self.namespace}:replicate-circuit"
+        return [self.key(budget), f"{self.key(budget)}:paused", circuit_key]
+
+    async def _run(self, budget: Budget, interval: float, burst: int, *, pause: float = 0.0, caller: str = "") -> float:
+        """One call of the script: the seconds to wait for the reserved slot (pause 0). Reads the circuit
+        too, unless pausing, and raises ProviderOutage when it is open (no slot reserved then)."""
+        probe_ms = self.circuit.probe_ms if self.circuit is not None else -1
+        raw = await self._script(keys=self._keys(budget), args=[interval * 1000, burst, pause * 1000, probe_ms, caller])
+        wait, state, failures, open_ms = raw
+        if self.circuit is not None and not pause:
+            self.circuit.seen(_text(state), int(failures), float(open_ms))
+        return float(wait) / 1000
 
     def enabled(self, budget: Budget) -> bool:
         return self._rates[budget][0] > 0
 
     async def acquire(self, budget: Budget) -> float:
-        """Wait for a token of `budget`; the seconds waited. Redis unreachable: no wait (logged)."""
-        if self._rates[budget][0] <= 0:
+        """Wait for a token of `budget`; the seconds waited. Redis unreachable: no wait (logged).
+        Raises ProviderOutage while the account's circuit is open."""
+        if self._rates[budget][0] <= 0 and not self._circuit_suspect():
             return 0.0
         started = time.monotonic()
         await self.reserve(budget)
@@ -99,17 +130,27 @@ class RateLimiter:
 
     async def reserve(self, budget: Budget) -> float:
         """Wait for a token of `budget`; its slot (`time.monotonic()`). A caller that wakes `late()`
-        (a busy event loop) gives its slot up and reserves another."""
+        (a busy event loop) gives its slot up and reserves another. Raises ProviderOutage while the
+        account's circuit is open: no slot is taken then."""
         per_minute, burst = self._rates[budget]
         started = time.monotonic()
+        caller = uuid.uuid4().hex if self.circuit is not None else ""
         if per_minute <= 0:
+            if self._circuit_suspect():
+                # No budget to read the circuit with, and this process saw it falter: read it alone.
+                try:
+                    await self._run(budget, 0, 1, caller=caller)
+                except ProviderOutage:
+                    raise
+                except Exception as error:
+                    log_event("replicate.budget.unavailable", logging.WARNING, budget=budget, error=repr(error))
             return started
         interval = 60.0 / per_minute
         slot = started
         while True:
             asked_at = time.monotonic()
             try:
-                wait = float(await self._script(keys=self._keys(budget), args=[interval * 1000, burst, 0])) / 1000
+                wait = await self._run(budget, interval, burst, caller=caller)
                 # The slot is `wait` after Redis answered, which was no later than now. A pause this
                 # process learned of after the slot was reserved elsewhere still holds.
                 slot = max(asked_at + wait, self._paused_until[budget])
@@ -122,6 +163,8 @@ class RateLimiter:
                             self._paused_until[budget], time.monotonic() + paused_for / 1000
                         )
                         continue
+            except ProviderOutage:
+                raise
             except Exception as error:
                 # Better a 429 (which pauses us) than a worker stuck because Redis blinked.
                 log_event("replicate.budget.unavailable", logging.WARNING, budget=budget, error=repr(error))
@@ -148,4 +191,11 @@ class RateLimiter:
 
     async def _pause(self, budget: Budget, seconds: float, per_minute: int, burst: int) -> None:
         with contextlib.suppress(Exception):
-            await self._script(keys=self._keys(budget), args=[60_000 / per_minute, burst, seconds * 1000])
+            await self._run(budget, 60.0 / per_minute, burst, pause=seconds)
+
+    def _circuit_suspect(self) -> bool:
+        return self.circuit is not None and self.circuit.suspect
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

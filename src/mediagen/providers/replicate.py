@@ -20,6 +20,8 @@ What this adapter does that the client does not (see shared/replicate-api.md):
   pages that takes;
 * spend Replicate's rate limits from budgets shared by every worker (mediagen.providers.ratelimit): every
   request, the client's own retries included, waits for a token, and a 429 pauses its budget;
+* keep off Replicate while it is down for everyone (mediagen.providers.circuit): the token's reservation
+  reads the account's circuit, and raises ProviderOutage, sending nothing, while it is open;
 * one client, one connection pool per worker process, built on the worker's event loop, on a lean
   transport (mediagen.providers.transport) under the client's own httpx.
 """
@@ -106,6 +108,8 @@ def _budget(request: httpx.Request) -> Budget:
 
 class _LimitingTransport(httpx.AsyncBaseTransport):
     """Every request waits for a token of its budget; a 429 pauses that budget for its Retry-After.
+    With the account's circuit (mediagen.providers.circuit): the token's reservation raises
+    ProviderOutage while it is open, and each answer or failure is told to it.
 
     Under the client's RetryTransport, so the GETs it retries on 429 wait for tokens too.
     """
@@ -128,7 +132,17 @@ class _LimitingTransport(httpx.AsyncBaseTransport):
         elif self._limiter.late(budget, slot):
             # The create's token was taken before a busy loop delayed its sending: take a fresh one.
             await self._limiter.reserve(budget)
-        response = await self._inner.handle_async_request(request)
+        circuit = self._limiter.circuit
+        try:
+            response = await self._inner.handle_async_request(request)
+        except httpx.PoolTimeout:
+            raise  # our own pool was full: no sign of Replicate's health
+        except httpx.TransportError:
+            if circuit is not None:
+                await circuit.failed()
+            raise
+        if circuit is not None:
+            await (circuit.failed() if response.status_code >= 500 else circuit.succeeded())
         if response.status_code == 429:
             seconds = await _retry_after(response)
             self._limiter.pause(budget, self._default_pause if seconds is None else seconds)
@@ -246,13 +260,22 @@ class ReplicateProvider:
             kind = UnknownCreateOutcome if creating else TransientProviderError
             raise kind(f"Replicate did not answer: {type(error).__name__}", error_class=type(error).__name__) from error
         except TimeoutError as error:
-            raise _timed_out(hint, bound, creating=creating) from error
+            timed_out = _timed_out(hint, bound, creating=creating)
+            if timed_out.http_status != 429 and bound >= self.timeout_seconds:
+                # Replicate kept a whole call's time without an answer (not our budget's wait, nor the
+                # job's deadline coming): the transport saw no end to tell the circuit, so tell it here.
+                await self._circuit_failed()
+            raise timed_out from error
         except ValueError as error:  # a 2xx whose body is not JSON
             kind = UnknownCreateOutcome if creating else TransientProviderError
             raise kind(f"unexpected answer from Replicate: {error}", error_class="ProviderResponseInvalid") from error
         finally:
             metrics.replicate_latency.labels(operation).observe(time.perf_counter() - started)
             _retry_hint.reset(token)
+
+    async def _circuit_failed(self) -> None:
+        if self._limiter is not None and self._limiter.circuit is not None:
+            await self._limiter.circuit.failed()
 
     async def _read(self, call: Callable[[], Awaitable[Any]], *, creating: bool = False) -> Prediction:
         try:
