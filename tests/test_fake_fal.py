@@ -311,8 +311,25 @@ async def test_an_outage_refuses_every_queue_route_until_it_ends(fal: FalAtFake,
     assert down.value.status_code == 503
     with pytest.raises(fal_client.FalClientHTTPError):
         await handle.status()
+    assert httpx.get(f"{fake.url}/_fake/outage").json()["active"] is True
     await asyncio.sleep(1.1)
     assert isinstance(await handle.status(), fal_client.Status)
+    assert httpx.get(f"{fake.url}/_fake/outage").json() == {"active": False, "remaining": 0.0, "status": 503}
+
+
+async def test_an_outage_directive_refuses_its_submit_or_starts_after_it(fal: FalAtFake, fake: LiveFake) -> None:
+    prompt = unique("[[outage=0.5]]")
+    with pytest.raises(fal_client.FalClientHTTPError) as down:
+        await fal.submit(SCHNELL, {"prompt": prompt})
+    assert down.value.status_code == 503 and prompt not in fake.stats()["by_prompt"]
+    await asyncio.sleep(0.6)
+    assert (await fal.submit(SCHNELL, {"prompt": prompt})).request_id  # only its first submit starts one
+    later = await fal.submit(SCHNELL, {"prompt": unique("[[outage=1:after=0.5]]")})
+    assert isinstance(await later.status(), fal_client.Status)
+    await asyncio.sleep(0.6)
+    with pytest.raises(fal_client.FalClientHTTPError):
+        await later.status()
+    await asyncio.sleep(1.0)
 
 
 async def test_read_faults_a_503_from_fal_and_an_ingress_504(fal: FalAtFake) -> None:

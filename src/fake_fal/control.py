@@ -36,6 +36,8 @@ class Controlled(Protocol):
 
     def start_outage(self, seconds: float, status: int = 503) -> None: ...
 
+    def outage_json(self) -> dict[str, Any]: ...
+
 
 def control_routes(fake: Controlled) -> list[Route]:
     """The control routes of ``fake``."""
@@ -63,8 +65,13 @@ def control_routes(fake: Controlled) -> list[Route]:
             seconds, status = float(body.get("seconds", 60)), int(body.get("status", 503))
         except (ValueError, TypeError, AttributeError) as exc:
             return detail_response(400, f"expected {{'seconds': N, 'status': S}}: {exc}")
+        if seconds < 0 or not 400 <= status < 600:
+            return detail_response(400, "seconds must be >= 0 and status an HTTP error status")
         fake.start_outage(seconds, status)
-        return json_response({"seconds": seconds, "status": status})
+        return json_response(fake.outage_json())
+
+    async def get_outage(request: Request) -> Response:
+        return json_response(fake.outage_json())
 
     async def post_reset(request: Request) -> Response:
         fake.reset()
@@ -97,6 +104,7 @@ def control_routes(fake: Controlled) -> list[Route]:
         Route("/_fake/config", get_config, methods=["GET"]),
         Route("/_fake/config", put_config, methods=["PUT"]),
         Route("/_fake/outage", post_outage, methods=["POST"]),
+        Route("/_fake/outage", get_outage, methods=["GET"]),
         Route("/_fake/reset", post_reset, methods=["POST"]),
         Route("/_fake/stats", get_stats, methods=["GET"]),
         Route("/_fake/models", get_models, methods=["GET"]),

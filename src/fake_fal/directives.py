@@ -50,6 +50,10 @@ class Directives:
     hang_status: float = 0.0
     hang_status_count: int | None = None
     output_404: bool = False
+    outage: float | None = None
+    """``[[outage=S]]``: the first submit with this prompt starts an outage of S seconds ..."""
+    outage_after: float | None = None
+    """... refused at once, or with ``[[outage=S:after=D]]`` enqueued as usual, the outage D seconds later."""
 
 
 NO_DIRECTIVES: Final = Directives()
@@ -62,6 +66,7 @@ _FAIL_RE: Final = re.compile(r"fail(?:\*(\d+))?")
 _SECONDS_RE: Final = re.compile(rf"(latency|queue)={_NUM}")
 _HANG_RE: Final = re.compile(rf"hang_(submit|status)={_NUM}(?:\*(\d+))?")
 _NSFW_RE: Final = re.compile(r"nsfw:(\d+)")
+_OUTAGE_RE: Final = re.compile(rf"outage={_NUM}(?::after={_NUM})?")
 
 
 def _count(text: str | None) -> int | None:
@@ -89,6 +94,9 @@ def _apply(marker: str, found: dict[str, Any]) -> None:
         found[f"hang_{m[1]}"], found[f"hang_{m[1]}_count"] = float(m[2]), _count(m[3])
     elif m := _NSFW_RE.fullmatch(marker):
         found["nsfw"] = int(m[1])
+    elif m := _OUTAGE_RE.fullmatch(marker):
+        found["outage"] = float(m[1])
+        found["outage_after"] = float(m[2]) if m[2] is not None else None
 
 
 def parse_directives(prompt: str) -> Directives:

@@ -67,6 +67,8 @@ class FakeFal:
         self.faults: Counter[str] = Counter()
         self.outage_until = 0.0
         self.outage_status = 503
+        self.outage_prompts: set[str] = set()
+        """Prompts whose ``[[outage=...]]`` has started its outage (once each)."""
         self.signer = Signer()
         self.webhooks = WebhookSender(self.signer, lambda: self.config)
         self.store = RequestStore(data_dir)
@@ -132,6 +134,7 @@ class FakeFal:
         for name in ("requests", "by_app", "by_prompt", "submit_attempts", "counts", "faults"):
             getattr(self, name).clear()
         self.outage_until = 0.0
+        self.outage_prompts.clear()
         self.images.clear()
         self.store.clear()
 
@@ -273,6 +276,13 @@ class FakeFal:
             self.faults[f"submit_{fault.status}"] += 1
             after = fault.retry_after if fault.retry_after is not None else self.config.retry_after
             return fault_response(fault.status, after)
+        if directives.outage is not None and isinstance(prompt, str) and prompt not in self.outage_prompts:
+            self.outage_prompts.add(prompt)
+            if directives.outage_after is None:
+                self.start_outage(directives.outage)
+                self.faults["outage_503"] += 1
+                return fault_response(503, self.config.retry_after)
+            asyncio.get_running_loop().call_later(directives.outage_after, self.start_outage, directives.outage)
         req = self.new_request(request, endpoint_id, raw, directives)
         if fault is not None:  # the ambiguous submit: enqueued, and yet no answer the client can read
             self.faults[f"submit_{fault.status or 'drop'}_enqueued"] += 1
@@ -425,6 +435,10 @@ class FakeFal:
     def start_outage(self, seconds: float, status: int = 503) -> None:
         self.outage_until = time.monotonic() + seconds
         self.outage_status = status
+
+    def outage_json(self) -> JSON:
+        remaining = max(0.0, self.outage_until - time.monotonic())
+        return {"active": remaining > 0, "remaining": round(remaining, 3), "status": self.outage_status}
 
     # ------------------------------------------------------------------ routing
 
