@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-embedded.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test check fmt migrate bench chaos up worker api fake clean
+.PHONY: install run test check fmt migrate bench chaos hosts up worker api fake clean
 
 # One JSON log line from make itself: `python3 -c "$$JSON_LINE" EVENT [key=value | tail=FILE]...`.
 define JSON_LINE
@@ -55,6 +55,9 @@ bench: install ## the benchmark suite (under 5 minutes); writes docs/benchmarks.
 
 chaos: install ## 1,000 jobs through a faulty Replicate while a worker is SIGKILLed; writes docs/reliability.md
 	$(PY) bench/chaos.py
+
+hosts: install ## as root: 2 API and 3 worker hosts in network namespaces while hosts die, lose PostgreSQL or Redis, or run 30 s ahead; writes docs/reliability.md
+	$(PY) bench/hosts.py
 
 up: ## the whole stack in Docker (PostgreSQL, Redis, MinIO, API, worker, fake Replicate)
 	docker compose up --build
