@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from conftest import submit, unique, wait_for_job
 from mediagen.api.auth import KeyRing
-from mediagen.api.routes import router
+from mediagen.api.routes.media import router
 from mediagen.core.errors import StorageMisconfigured, StorageUnavailable
 from mediagen.settings import Settings
 from mediagen.storage import ObjectStream, Storage

@@ -8,50 +8,26 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from redis.asyncio import Redis
 
 from mediagen import __version__, services
 from mediagen.api import web
 from mediagen.api.auth import KeyRing
-from mediagen.api.events import router as events_router
 from mediagen.api.http import BodySizeLimit, install_error_handlers
 from mediagen.api.limits import Limits, RateLimitHeaders
-from mediagen.api.replicate_webhooks import router as replicate_webhooks_router
-from mediagen.api.routes import router
+from mediagen.api.routes import ROUTERS
+from mediagen.api.state import ApiState
 from mediagen.api.submissions import Submissions
-from mediagen.api.usage import router as usage_router
-from mediagen.broker import Dispatcher
 from mediagen.catalog.catalog import Catalog
-from mediagen.core.db import Database
-from mediagen.core.pricing import Price
 from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import RequestMetrics
 from mediagen.notify import Notifier
 from mediagen.providers.replicate import ReplicateProvider
 from mediagen.providers.webhooks import WebhookVerifier
 from mediagen.settings import Settings, get_settings
-from mediagen.storage import Storage
-
-
-@dataclass
-class ApiState:
-    settings: Settings
-    db: Database
-    redis: Redis
-    dispatcher: Dispatcher
-    storage: Storage
-    keyring: KeyRing
-    submissions: Submissions
-    notifier: Notifier
-    catalog: Catalog
-    prices: dict[str, Price | None]
-    webhook_verifier: WebhookVerifier
-    limits: Limits | None = None
 
 
 def _document_allowed_models(app: FastAPI, settings: Settings) -> None:
@@ -164,10 +140,8 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     )
     install_error_handlers(app)
     _document_allowed_models(app, settings)
-    app.include_router(router)
-    app.include_router(replicate_webhooks_router)
-    app.include_router(usage_router)
-    app.include_router(events_router)
+    for router in ROUTERS:
+        app.include_router(router)
     web.install(app)
     if settings.cors_origins:
         app.add_middleware(

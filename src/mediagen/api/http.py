@@ -1,5 +1,5 @@
-"""HTTP plumbing shared by the routes: fast JSON responses, JSON request bodies, the body-size limit,
-error answers.
+"""HTTP plumbing shared by the routes: JSON answers, JSON request bodies, the body-size limit, error
+answers.
 
 A route with a body (`JSONBodyRoute`) takes `application/json` only (anything else is a 415) and
 parses it once, strictly: malformed JSON and an object with a key twice are a 400 that says where,
@@ -18,6 +18,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,6 +45,16 @@ class FastJSON(JSONResponse):
         return orjson.dumps(content, default=str)
 
 
+class ModelResponse(Response):
+    """A declared response model as JSON, for a route that chooses its status code and headers itself
+    (FastAPI serializes a returned model only with the route's one status code)."""
+
+    media_type = "application/json"
+
+    def __init__(self, model: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None) -> None:
+        super().__init__(model.model_dump_json(), status_code, headers)
+
+
 def error(status: int, code: str, detail: Any = None, headers: dict[str, str] | None = None) -> FastJSON:
     return FastJSON({"error": code, "detail": detail}, status_code=status, headers=headers)
 
@@ -53,6 +64,15 @@ def invalid_field(field: str, message: str, *, summary: str | None = None, kind:
     `field: message`; `kind` is the field's `type`, when there is one to name."""
     problem = {"field": field, "message": message} | ({"type": kind} if kind is not None else {})
     return error(422, "validation_failed", {"message": summary or f"{field}: {message}", "fields": [problem]})
+
+
+class InvalidField(Exception):
+    """One bad field a route finds beyond what the schema checks (a model not allowed, a cursor not
+    ours): a 422 shaped as every other (see `invalid_field`)."""
+
+    def __init__(self, field: str, message: str, *, summary: str | None = None, kind: str | None = None) -> None:
+        super().__init__(summary or f"{field}: {message}")
+        self.field, self.message, self.summary, self.kind = field, message, summary, kind
 
 
 class MalformedJSON(HTTPException):
@@ -193,6 +213,11 @@ async def _invalid_parameters(request: Request, exc: Exception) -> Response:
     return error(422, "validation_failed", {"message": exc.message, "fields": exc.fields})
 
 
+async def _invalid_field(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidField)
+    return invalid_field(exc.field, exc.message, summary=exc.summary, kind=exc.kind)
+
+
 async def _schema_unknown(request: Request, exc: Exception) -> Response:
     return error(503, "service_unavailable", str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS})
 
@@ -244,6 +269,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFound, _not_found)
     app.add_exception_handler(JobConflict, _conflict)
     app.add_exception_handler(InvalidParameters, _invalid_parameters)
+    app.add_exception_handler(InvalidField, _invalid_field)
     app.add_exception_handler(ModelSchemaUnknown, _schema_unknown)
     app.add_exception_handler(Unauthorized, _unauthorized)
     app.add_exception_handler(RateLimited, _rate_limited)

@@ -1,13 +1,26 @@
-"""The API's request and response models (what /docs shows)."""
+"""The API's contract: its request and response models (what /docs shows), and the error answers.
+
+Every JSON answer is one of these models: the routes build them (mediagen.api.presentation) and
+FastAPI serializes what the route declares, so the OpenAPI document and the answers cannot drift.
+"""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 
 from mediagen.core.webhooks import EVENTS
 
@@ -15,6 +28,18 @@ MAX_PROMPT = 2000
 # Something to draw: at least one character that is not ASCII white space, and no NUL. Expressed as a
 # pattern (not by stripping) so that the OpenAPI document says exactly what is accepted.
 SOME_TEXT = r"^[^\x00]*[^\x00\t\n\r\x0b\x0c ][^\x00]*$"
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()
+
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(_iso, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+"""A time as the API has always written it: ISO 8601 with the offset as `+00:00` (pydantic's own is `Z`)."""
 
 
 WEBHOOK_URL = r"^https?://[A-Za-z0-9.:\[\]-]+(/[!-~]*)?$"
@@ -106,6 +131,8 @@ class GenerateAccepted(BaseModel):
 
 
 class JobStatusResponse(BaseModel):
+    """The job's status object: `GET /status/{id}`, each server-sent event's data, a webhook's body."""
+
     job_id: uuid.UUID
     status: str = Field(description="queued, running, retrying, succeeded, failed or canceled")
     attempts: int
@@ -114,10 +141,16 @@ class JobStatusResponse(BaseModel):
     progress: float | None = Field(description="0 to 1 while running (from the model's logs), 1 when succeeded")
 
 
+class WaitedJob(JobStatusResponse):
+    """`POST /generate` with `Prefer: wait=N`, the job finished in time: its status object and its URL."""
+
+    status_url: str
+
+
 class AttemptView(BaseModel):
     number: int
-    started_at: datetime
-    finished_at: datetime | None
+    started_at: Timestamp
+    finished_at: Timestamp | None
     outcome: str | None
     error_class: str | None
     error_message: str | None
@@ -146,11 +179,11 @@ class WebhookTry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     try_: int = Field(alias="try")
-    at: datetime
+    at: Timestamp
     status_code: int | None
     error: str | None
     ms: int
-    next_try_at: datetime | None
+    next_try_at: Timestamp | None
 
 
 class WebhookDeliveryView(BaseModel):
@@ -158,9 +191,9 @@ class WebhookDeliveryView(BaseModel):
     event: str
     state: str = Field(description="pending, delivered or failed (given up)")
     tries: int
-    created_at: datetime
-    finished_at: datetime | None
-    next_attempt_at: datetime | None
+    created_at: Timestamp
+    finished_at: Timestamp | None
+    next_attempt_at: Timestamp | None
     history: list[WebhookTry]
 
 
@@ -175,12 +208,12 @@ class JobView(BaseModel):
     max_attempts: int
     error_class: str | None
     error: str | None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    next_attempt_at: datetime | None
-    deadline_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    next_attempt_at: Timestamp | None
+    deadline_at: Timestamp
     progress: float | None = Field(description="0 to 1 while running (from the model's logs), 1 when succeeded")
     cost_usd: str | None = Field(
         description="What the job's predictions cost (USD, decimal string); null until one ended, or when unknown"
@@ -199,8 +232,8 @@ class JobSummary(BaseModel):
     progress: float | None
     result_urls: list[str]
     error: str | None
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: Timestamp
+    finished_at: Timestamp | None
 
 
 class JobPage(BaseModel):
@@ -236,6 +269,82 @@ class ModelList(BaseModel):
     models: list[ModelView]
 
 
+class UsageTotals(BaseModel):
+    predictions: int
+    jobs: int
+    images: int
+    predict_seconds: float
+    cost_usd: str = Field(description="USD, as a decimal string: the sum of the known costs")
+    unpriced_predictions: int = Field(
+        description="Predictions whose cost is unknown (no price for the model, or no metric to price): "
+        "not in `cost_usd`"
+    )
+
+
+class _Model(BaseModel):
+    model: str
+
+
+class _Key(BaseModel):
+    api_key: str = Field(description="The key's owner id (a digest of the key), or anonymous")
+
+
+class _Day(BaseModel):
+    day: date = Field(description="UTC")
+
+
+# The group's name first, then its totals (pydantic orders fields from the last base to the first).
+class ModelUsage(UsageTotals, _Model):
+    pass
+
+
+class KeyUsage(UsageTotals, _Key):
+    pass
+
+
+class DayUsage(UsageTotals, _Day):
+    pass
+
+
+class UsageReport(BaseModel):
+    since: Timestamp
+    total: UsageTotals
+    by_model: list[ModelUsage]
+    by_api_key: list[KeyUsage]
+    by_day: list[DayUsage]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(description='Each dependency: "ok" or "unavailable: <error>"')
+
+
+class WebhookRelayed(BaseModel):
+    """A verified webhook passed on to the worker waiting on the prediction."""
+
+    relayed: Literal[True]
+
+
+class WebhookIgnored(BaseModel):
+    """A verified webhook that changed nothing (Replicate reads only the status code)."""
+
+    ignored: str = Field(description="Why: a duplicate, nobody waits on the job, not a prediction, not relayed")
+
+
 class ErrorResponse(BaseModel):
     error: str
     detail: Any = None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "No API key, or an unknown one (when API keys are on)"},
+    404: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    429: {"model": ErrorResponse, "description": "A per-key limit; see Retry-After and RateLimit"},
+    503: {"model": ErrorResponse},
+}
+"""The error answers of every route behind an API key (`detail` says what went wrong)."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from sqlalchemy import select, text
@@ -195,6 +196,17 @@ def refusal(address: str, allowed: Sequence[ipaddress.IPv4Network | ipaddress.IP
     if not ip.is_global or ip.is_multicast:
         return f"{ip} is not a public address"
     return None
+
+
+def url_refusal(url: str, allowed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
+    """Why a webhook may not go to `url`, as far as the URL itself tells: a host that is an address
+    `refusal` refuses. (A host name is resolved, and each address checked, when a delivery is sent.)"""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return refusal(host, allowed)
 
 
 def networks(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

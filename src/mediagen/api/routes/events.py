@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
 
+from mediagen.api import presentation
 from mediagen.api.auth import visible_to
 from mediagen.api.limits import LimitedOwner
-from mediagen.api.routes import ERRORS, Api, status_body
+from mediagen.api.schemas import ERRORS, JobStatusResponse
+from mediagen.api.state import Api, ApiState
 from mediagen.api.waiting import FINISHED
 from mediagen.core import jobs
 from mediagen.core.errors import JobNotFound
@@ -32,9 +33,25 @@ RECHECK_SECONDS = 30.0
 """A stream re-reads the row this often even without an event (an event may be lost)."""
 
 
-def event_id(body: dict[str, Any]) -> str:
-    progress = body["progress"]
-    return f"{body['attempts']}.{body['status']}.{'-' if progress is None else round(progress * 100)}"
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["event", "id", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["status", "progress"]},
+        "id": {"type": "string", "description": "`<attempts>.<status>.<progress %>`: send it back as Last-Event-ID"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/JobStatusResponse"},
+        },
+    },
+}
+"""One event of the stream (OpenAPI 3.2's `itemSchema`, as FastAPI writes it for its own streams)."""
+
+
+def event_id(job: JobStatusResponse) -> str:
+    progress = job.progress
+    return f"{job.attempts}.{job.status}.{'-' if progress is None else round(progress * 100)}"
 
 
 @router.get(
@@ -43,7 +60,7 @@ def event_id(body: dict[str, Any]) -> str:
     responses={
         **ERRORS,
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": {"type": "string"}, "itemSchema": EVENT_SCHEMA}},
             "description": "`status` and `progress` events (data: the job's status object) until the job ends",
         },
     },
@@ -67,7 +84,9 @@ async def job_events(
     )
 
 
-async def _stream(state: Any, job_id: uuid.UUID, owner: str | None, last: str | None) -> AsyncIterator[ServerSentEvent]:
+async def _stream(
+    state: ApiState, job_id: uuid.UUID, owner: str | None, last: str | None
+) -> AsyncIterator[ServerSentEvent]:
     last_status = last.split(".")[1] if last and last.count(".") == 2 else None
     async with state.notifier.listen(job_id) as events:
         while True:
@@ -75,12 +94,12 @@ async def _stream(state: Any, job_id: uuid.UUID, owner: str | None, last: str | 
             view = await jobs.get_status(state.db, job_id, owner)
             if view is None:  # deleted meanwhile
                 return
-            body = status_body(state, view)
-            current = event_id(body)
+            job = presentation.job_status(state.settings, view)
+            current = event_id(job)
             if current != last:
-                kind = "progress" if body["status"] == last_status == "running" else "status"
-                yield ServerSentEvent(orjson.dumps(body).decode(), event=kind, id=current)
-                last, last_status = current, body["status"]
-            if body["status"] in FINISHED:
+                kind = "progress" if job.status == last_status == "running" else "status"
+                yield ServerSentEvent(job.model_dump_json(), event=kind, id=current)
+                last, last_status = current, job.status
+            if job.status in FINISHED:
                 return
             await events.next(RECHECK_SECONDS)

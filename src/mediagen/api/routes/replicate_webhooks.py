@@ -24,11 +24,13 @@ import uuid
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from replicate.prediction import Prediction as ClientPrediction
 from starlette.responses import Response
 
-from mediagen.api.http import FastJSON, error
+from mediagen.api.http import error
+from mediagen.api.schemas import ErrorResponse, WebhookIgnored, WebhookRelayed
+from mediagen.api.state import Api, ApiState
 from mediagen.logging import log_event
 from mediagen.providers.webhooks import WebhookRejected, WebhookSecretUnavailable
 
@@ -37,20 +39,21 @@ ANSWER_WITHIN = 0.3
 SEEN_TTL_SECONDS = 3600
 
 
-async def _state(request: Request) -> Any:
-    return request.app.state.api
-
-
 @router.post(
     "/webhooks/replicate",
     summary="Replicate reports on a prediction (signed; deduplicated; a hint to the worker waiting on it)",
-    responses={401: {"description": "Not signed by Replicate, or too old"}, 503: {"description": "No secret yet"}},
+    response_model=WebhookRelayed | WebhookIgnored,
+    responses={
+        401: {"model": ErrorResponse, "description": "Not signed by Replicate, or too old"},
+        422: {"model": ErrorResponse, "description": "`job` is not a job id"},
+        503: {"model": ErrorResponse, "description": "The signing secret is not known yet; see Retry-After"},
+    },
 )
 async def replicate_webhook(
     request: Request,
-    state: Annotated[Any, Depends(_state)],
+    state: Api,
     job: Annotated[uuid.UUID | None, Query(description="The job the prediction was created for")] = None,
-) -> Response:
+) -> WebhookRelayed | WebhookIgnored | Response:
     body = await request.body()
     try:
         await state.webhook_verifier.verify(request.headers, body)
@@ -64,7 +67,7 @@ async def replicate_webhook(
         prediction = orjson.loads(body)
         prediction_id, status = str(prediction["id"]), str(prediction["status"])
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        return FastJSON({"ignored": "not a prediction"})
+        return WebhookIgnored(ignored="not a prediction")
     try:
         outcome = await asyncio.wait_for(
             _relay(state, request.headers["webhook-id"], job, prediction_id, status, prediction), ANSWER_WITHIN
@@ -73,11 +76,11 @@ async def replicate_webhook(
         log_event("webhook.relay_failed", logging.WARNING, prediction_id=prediction_id, error=repr(failure))
         outcome = "not relayed"
     log_event("webhook.received", prediction_id=prediction_id, status=status, job_id=str(job), outcome=outcome)
-    return FastJSON({"relayed": True} if outcome == "relayed" else {"ignored": outcome})
+    return WebhookRelayed(relayed=True) if outcome == "relayed" else WebhookIgnored(ignored=outcome)
 
 
 async def _relay(
-    state: Any, webhook_id: str, job: uuid.UUID | None, prediction_id: str, status: str, prediction: Any
+    state: ApiState, webhook_id: str, job: uuid.UUID | None, prediction_id: str, status: str, prediction: Any
 ) -> str:
     key = f"{state.settings.redis_namespace}:replicate-webhook-seen:{webhook_id}"
     if not await state.redis.set(key, 1, nx=True, ex=SEEN_TTL_SECONDS):

@@ -1,0 +1,178 @@
+"""How jobs, models and usage look over HTTP: the declared response models (mediagen.api.schemas),
+built from the domain's rows and views.
+
+One place, so every answer that shows a job (a status, a detail, a page, an event) shows it the same
+way, and a route only picks what to show. What a client may see of a job's status (its error only
+once it ended, its progress only while it runs) is decided by mediagen.core.jobs, which the worker's
+webhook bodies share.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from mediagen.api.schemas import (
+    AttemptView,
+    GenerateAccepted,
+    JobPage,
+    JobStatusResponse,
+    JobSummary,
+    JobView,
+    ModelList,
+    ModelOutput,
+    ModelSize,
+    ModelView,
+    OutputView,
+    UsageReport,
+    WaitedJob,
+    WebhookDeliveryView,
+)
+from mediagen.catalog.catalog import Catalog
+from mediagen.core import jobs
+from mediagen.core.pricing import Price, price_for
+from mediagen.core.usage import Usage, job_cost
+from mediagen.settings import Settings
+
+
+def media_url(settings: Settings, key: str) -> str:
+    return f"{settings.public_base_url}/media/{key}"
+
+
+def status_url(job_id: uuid.UUID) -> str:
+    return f"/status/{job_id}"
+
+
+def job_status(settings: Settings, view: jobs.JobStatusView) -> JobStatusResponse:
+    return JobStatusResponse(**_status_fields(settings, view))
+
+
+def waited_job(settings: Settings, view: jobs.JobStatusView) -> WaitedJob:
+    return WaitedJob(**_status_fields(settings, view), status_url=status_url(view.id))
+
+
+def _status_fields(settings: Settings, view: jobs.JobStatusView) -> dict[str, Any]:
+    urls = [media_url(settings, key) for key in view.output_keys]
+    return jobs.status_object(view.id, view.status, view.attempts, view.error_message, view.progress, urls)
+
+
+def accepted(job_id: uuid.UUID, status: str) -> GenerateAccepted:
+    return GenerateAccepted(job_id=job_id, status=status, status_url=status_url(job_id))
+
+
+def job_view(settings: Settings, detail: jobs.JobDetail) -> JobView:
+    job = detail.job
+    return JobView(
+        job_id=job.id,
+        status=job.status,
+        prompt=job.prompt,
+        parameters=job.parameters,
+        input=job.input,
+        model=job.model,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        error_class=job.error_class,
+        error=job.error_message,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        next_attempt_at=job.next_attempt_at,
+        deadline_at=job.deadline_at,
+        progress=jobs.shown_progress(job.status, job.progress),
+        cost_usd=_usd(job_cost(detail.attempts)),
+        attempt_history=[
+            AttemptView(
+                number=a.number,
+                started_at=a.started_at,
+                finished_at=a.finished_at,
+                outcome=a.outcome,
+                error_class=a.error_class,
+                error_message=a.error_message,
+                http_status=a.http_status,
+                prediction_id=a.prediction_id,
+                resumed=a.resumed,
+                gone_prediction_id=a.gone_prediction_id,
+                retry_delay_seconds=a.retry_delay_seconds,
+                predict_time=a.predict_time,
+                image_count=a.image_count,
+                cost_usd=_usd(a.cost_usd),
+            )
+            for a in detail.attempts
+        ],
+        outputs=[
+            OutputView(
+                index=o.index,
+                url=media_url(settings, o.storage_key),
+                content_type=o.content_type,
+                size_bytes=o.size_bytes,
+                sha256=o.sha256,
+                width=o.width,
+                height=o.height,
+            )
+            for o in detail.outputs
+        ],
+        webhook_deliveries=[WebhookDeliveryView.model_validate(d) for d in detail.webhook_deliveries],
+    )
+
+
+def _usd(amount: Decimal | None) -> str | None:
+    return None if amount is None else str(amount)
+
+
+def job_page(
+    settings: Settings, rows: Sequence[Any], outputs: Mapping[uuid.UUID, list[str]], next_cursor: str | None
+) -> JobPage:
+    return JobPage(
+        items=[
+            JobSummary(
+                job_id=r.id,
+                status=r.status,
+                prompt=r.prompt,
+                model=r.model,
+                attempts=r.attempts,
+                progress=jobs.shown_progress(r.status, r.progress),
+                result_urls=[media_url(settings, key) for key in outputs.get(r.id, ())],
+                error=r.error_message,
+                created_at=r.created_at,
+                finished_at=r.finished_at,
+            )
+            for r in rows
+        ],
+        next_cursor=next_cursor,
+    )
+
+
+def model_list(settings: Settings, catalog: Catalog, prices: Mapping[str, Price | None]) -> ModelList:
+    """The allowed models whose input schema is known (one not read from Replicate yet is left out:
+    a submit would get a 503 too)."""
+    listed = []
+    for name in settings.allowed_models:
+        schema = catalog.get(name)
+        if schema is None:
+            continue
+        price = price_for(name, prices)
+        service_defaults = {}
+        if settings.default_output_format in schema.properties.get("output_format", {}).get("enum", []):
+            service_defaults["output_format"] = settings.default_output_format
+        listed.append(
+            ModelView(
+                model=name,
+                default=name == settings.default_model,
+                version=schema.version,
+                schema_source=schema.source,
+                input_schema=schema.input_schema,
+                defaults=schema.defaults(),
+                service_defaults=service_defaults,
+                sizes=[ModelSize.model_validate(size.as_json()) for size in schema.sizes],
+                output=ModelOutput(kind=schema.output_kind, multiple=schema.output_multiple),
+                price=price.as_json() if price else None,
+            )
+        )
+    return ModelList(models=listed)
+
+
+def usage_report(report: Usage) -> UsageReport:
+    return UsageReport.model_validate(report.as_json())
