@@ -20,6 +20,7 @@ os.environ["REPLICATE_POLL_INTERVAL"] = "0.05"  # read when replicate is importe
 
 import httpx
 import orjson
+import pydantic.v1
 import pytest
 import uvicorn
 from PIL import Image
@@ -30,7 +31,7 @@ from replicate.helpers import FileOutput
 from fake_replicate.cli import build_config, build_settings
 from fake_replicate.config import FakeConfig
 from fake_replicate.directives import AmbiguousCreate, CreateFault, GetFault, Outage, parse_directives
-from fake_replicate.inputs import model_version_id
+from fake_replicate.inputs import model_version_id, parse_cancel_after
 from fake_replicate.responses import ConnectionDropped
 from fake_replicate.server import create_app
 
@@ -722,3 +723,91 @@ def test_an_outage_directive_with_after_lets_its_prediction_be_made_first(server
     assert httpx.get(get, headers=AUTH).status_code == 503
     time.sleep(1.55)
     assert httpx.get(get, headers=AUTH).json()["status"] == "succeeded"
+
+
+# --------------------------------------------------------------------------- Cancel-After
+
+
+def create_raw(server: LiveServer, prompt: str, **headers: str) -> httpx.Response:
+    body = {"input": {"prompt": prompt, "width": 8, "height": 8}}
+    return httpx.post(f"{server.base_url}/v1/models/{MODEL}/predictions", json=body, headers={**AUTH, **headers})
+
+
+def read_raw(server: LiveServer, prediction_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = httpx.get(f"{server.base_url}/v1/predictions/{prediction_id}", headers=AUTH).json()
+    return found
+
+
+def test_a_prediction_not_started_by_its_cancel_after_ends_aborted(server: LiveServer, client: Client) -> None:
+    """Given Cancel-After 300ms and a prediction queued 5 s ([[starting=5]]), then at the deadline it is
+    `aborted`, never started, with no output: what Replicate sends, which replicate 1.0.7 cannot parse."""
+    created = create_raw(server, unique("[[starting=5]]"), **{"Cancel-After": "300ms"})
+    assert created.status_code == 201 and created.json()["status"] == "starting"
+    time.sleep(0.4)
+    aborted = read_raw(server, created.json()["id"])
+    assert aborted["status"] == "aborted" and aborted["started_at"] is None
+    assert aborted["completed_at"] is not None and aborted["output"] is None and aborted["error"] is None
+    assert aborted["logs"] == ""
+    listed = httpx.get(f"{server.base_url}/v1/predictions", headers=AUTH).json()["results"]
+    assert next(p for p in listed if p["id"] == aborted["id"])["status"] == "aborted"
+    with pytest.raises(pydantic.v1.ValidationError):
+        client.predictions.get(aborted["id"])
+    assert httpx.post(aborted["urls"]["cancel"], headers=AUTH).json()["status"] == "aborted"
+    assert server.stats()["statuses"]["aborted"] >= 1
+
+
+def test_a_prediction_running_at_its_cancel_after_is_canceled(server: LiveServer, client: Client) -> None:
+    created = create_raw(server, unique("[[latency=5]]"), **{"Cancel-After": "1s"})
+    time.sleep(0.6)
+    assert read_raw(server, created.json()["id"])["status"] == "processing"
+    time.sleep(0.5)
+    canceled = client.predictions.get(created.json()["id"])
+    assert canceled.status == "canceled" and canceled.started_at is not None and canceled.output is None
+    assert canceled.metrics is not None and 0.4 < canceled.metrics["predict_time"] < 1.0
+
+
+def test_a_prediction_done_before_its_cancel_after_succeeds(server: LiveServer, client: Client) -> None:
+    created = create_raw(server, unique(), **{"Cancel-After": "1m"})
+    assert poll(client, created.json()["id"]).status == "succeeded"
+
+
+def test_prefer_wait_returns_at_the_cancel_after(server: LiveServer) -> None:
+    started = time.monotonic()
+    answer = create_raw(server, unique("[[latency=5]]"), **{"Cancel-After": "0.5s", "Prefer": "wait=5"})
+    assert 0.4 < time.monotonic() - started < 2.5
+    assert answer.json()["status"] == "canceled"
+
+
+def test_a_bad_cancel_after_is_refused_and_makes_nothing(server: LiveServer) -> None:
+    prompt = unique()
+    refused = create_raw(server, prompt, **{"Cancel-After": "soon"})
+    assert refused.status_code == 400 and "Cancel-After" in refused.json()["detail"]
+    assert server.stats()["by_prompt"].get(prompt) is None
+
+
+def test_cancel_after_is_a_go_duration_or_seconds() -> None:
+    assert [parse_cancel_after(v) for v in ("1m", "1h30m", "1.5s", "500ms", "90", "5m0s")] == [
+        60.0,
+        5400.0,
+        1.5,
+        0.5,
+        90.0,
+        300.0,
+    ]
+    assert parse_cancel_after(None) is None
+    for bad in ("soon", "1 m", "-1s", "", "m", "1x"):
+        with pytest.raises(ValueError):
+            parse_cancel_after(bad)
+
+
+@pytest.mark.asyncio
+async def test_a_cancel_after_outlives_a_restart(tmp_path: Path) -> None:
+    path = f"/v1/models/{MODEL}/predictions"
+    body = {"input": {"prompt": "deadline [[latency=5]]"}}
+    first = create_app(FakeConfig(), data_dir=tmp_path)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://t") as tc:
+        made = (await tc.post(path, json=body, headers={**AUTH, "Cancel-After": "0.5s"})).json()
+    second = create_app(FakeConfig(), data_dir=tmp_path)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://t") as tc:
+        await asyncio.sleep(0.6)
+        assert (await tc.get(f"/v1/predictions/{made['id']}", headers=AUTH)).json()["status"] == "canceled"

@@ -58,6 +58,8 @@ class Directives:
     fail_count: int | None = None
     invalid: bool = False
     latency: float | None = None
+    starting: float | None = None
+    """``[[starting=S]]``: S seconds in ``starting`` (a queue, a cold boot) before the run's own latency."""
     hang_create: float = 0.0
     hang_count: int | None = None
     output: str | None = None
@@ -79,6 +81,7 @@ _OUTAGE_RE: Final = re.compile(rf"outage={_NUM}(?::after={_NUM})?")
 _GET_RE: Final = re.compile(r"get:(\d{3})(?:\*(\d+))?")
 _FAIL_RE: Final = re.compile(r"fail(?:\*(\d+))?")
 _LATENCY_RE: Final = re.compile(rf"latency={_NUM}")
+_STARTING_RE: Final = re.compile(rf"starting={_NUM}")
 _HANG_RE: Final = re.compile(rf"hang_create={_NUM}(?:\*(\d+))?")
 _OUTPUT_RE: Final = re.compile(r"output:(404|notimage|data|url)")
 _NSFW_RE: Final = re.compile(r"nsfw:(\d+)")
@@ -107,6 +110,8 @@ def _apply_marker(marker: str, fields_: dict[str, Any]) -> None:
         fields_["fail"], fields_["fail_count"] = True, _count(m[1])
     elif m := _LATENCY_RE.fullmatch(marker):
         fields_["latency"] = float(m[1])
+    elif m := _STARTING_RE.fullmatch(marker):
+        fields_["starting"] = float(m[1])
     elif m := _HANG_RE.fullmatch(marker):
         fields_["hang_create"], fields_["hang_count"] = float(m[1]), _count(m[2])
     elif m := _OUTPUT_RE.fullmatch(marker):

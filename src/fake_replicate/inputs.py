@@ -1,9 +1,10 @@
 """The checks of what a create asks for: its body's keys, the model's input, the model reference and
-the ``Prefer`` header, as Replicate checks them (shared/replicate-api.md §1.2, §1.3)."""
+the ``Prefer`` and ``Cancel-After`` headers, as Replicate checks them (shared/replicate-api.md §1.2, §1.3)."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Final
 
 from fake_replicate.directives import parse_directives
@@ -15,6 +16,9 @@ FieldError = tuple[str, str, str]
 
 BODY_KEYS: Final = frozenset({"version", "input", "webhook", "webhook_completed", "webhook_events_filter", "stream"})
 MAX_WAIT: Final = 60.0
+DURATION_UNITS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "ns": 1e-9}
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|\u00b5s|ns)")
+_BARE_SECONDS: Final = re.compile(r"\d+(?:\.\d+)?")
 
 
 def unknown_body_keys(body: JSON, *, with_version: bool) -> list[FieldError]:
@@ -53,6 +57,24 @@ def parse_prefer_wait(header: str | None) -> float | None:
             seconds = MAX_WAIT
         return min(max(seconds, 0.0), MAX_WAIT)
     return None
+
+
+def parse_cancel_after(header: str | None) -> float | None:
+    """Seconds after create when ``Cancel-After`` ends the prediction, or None without the header.
+
+    The value is a duration as Replicate's example writes it (``1m``): Go's duration syntax, a sequence of
+    decimal numbers each with a unit (``90s``, ``1m30s``, ``1.5h``, ``500ms``); a bare number is taken as
+    seconds. Anything else raises ValueError (the create answers 400).
+    """
+    if header is None:
+        return None
+    text = header.strip()
+    if _BARE_SECONDS.fullmatch(text):
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(f"Cancel-After must be a duration such as 30s, 5m or 1h30m, got {header!r}")
+    return sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
 
 
 def model_version_id(model: str) -> str:

@@ -2,8 +2,9 @@
 
 A prediction has no background task. It is ``starting`` for ``start_delay`` seconds, then
 ``processing``, then ends at ``latency`` seconds with its fated ``outcome`` (chosen at create), unless a
-cancel ends it earlier. So thousands of predictions in flight cost nothing, and one read back after a
-restart goes on from its creation time.
+cancel or its deadline (the create's ``Cancel-After``) ends it earlier: a deadline before the start makes
+it ``aborted``, one while it runs ``canceled``. So thousands of predictions in flight cost nothing, and
+one read back after a restart goes on from its creation time.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from fake_replicate.directives import Directives
 from fake_replicate.models import GENERIC, ModelSpec
 
 JSON = dict[str, Any]
-Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
+Status = Literal["starting", "processing", "succeeded", "failed", "canceled", "aborted"]
 
-TERMINAL: Final = frozenset({"succeeded", "failed", "canceled"})
+TERMINAL: Final = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Prediction:
         "canceled_after",
         "created_mono",
         "created_wall",
+        "deadline",
         "directives",
         "done_event",
         "error",
@@ -78,6 +80,8 @@ class Prediction:
         outcome: Status,
         error: str | None,
         created_wall: float | None = None,
+        start_delay: float | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.id = id
         self.model = model
@@ -91,7 +95,9 @@ class Prediction:
         # A prediction read back after a restart keeps its age: its status goes on from its timestamps.
         self.created_mono = time.monotonic() - (now_wall - self.created_wall)
         self.latency = latency
-        self.start_delay = min(0.1 * latency, 0.5)
+        self.start_delay = min(0.1 * latency, 0.5) if start_delay is None else start_delay
+        self.deadline = deadline
+        """Seconds after create when ``Cancel-After`` ends it, or None."""
         self.outcome: Status = outcome
         self.error = error
         self.canceled_after: float | None = None
@@ -101,21 +107,26 @@ class Prediction:
     def elapsed(self, now: float) -> float:
         return now - self.created_mono
 
-    def status(self, now: float) -> Status:
+    def ending(self) -> tuple[float, Status]:
+        """When (seconds after create) and how the prediction ends, as things stand."""
         if self.canceled_after is not None:
-            return "canceled"
+            return self.canceled_after, "canceled"
+        if self.deadline is not None and self.deadline < self.latency:
+            return self.deadline, "aborted" if self.deadline < self.start_delay else "canceled"
+        return self.latency, self.outcome
+
+    def status(self, now: float) -> Status:
+        end, final = self.ending()
         elapsed = self.elapsed(now)
-        if elapsed >= self.latency:
-            return self.outcome
+        if elapsed >= end:
+            return final
         if elapsed >= self.start_delay:
             return "processing"
         return "starting"
 
     def remaining(self, now: float) -> float:
         """Seconds until the prediction is terminal (0 if it is)."""
-        if self.canceled_after is not None:
-            return 0.0
-        return max(0.0, self.latency - self.elapsed(now))
+        return max(0.0, self.ending()[0] - self.elapsed(now))
 
     def cancel(self, now: float) -> bool:
         """Cancel unless terminal already; whether it was canceled now."""

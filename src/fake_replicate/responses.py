@@ -153,7 +153,7 @@ def _progress_line(step: int) -> str:
 
 def _logs(pred: Prediction, status: Status, elapsed: float) -> str:
     """Like the real model's: tqdm bars where it writes them (the flux fp8 path), NSFW counts where it drops."""
-    if status == "starting":
+    if status in ("starting", "aborted"):
         return ""
     params = pred.params
     seed = params.seed if params.seed is not None else int(pred.id[:6], 36) % 100000
@@ -206,13 +206,11 @@ def metrics(pred: Prediction, status: Status, end: float) -> JSON:
 def prediction_object(pred: Prediction, base: str, images: PngCache, now: float, *, hide_running: bool = False) -> JSON:
     """The Replicate prediction object at monotonic time ``now``; ``hide_running`` shows non-terminal as starting."""
     status = pred.status(now)
-    elapsed = pred.elapsed(now)
-    if pred.canceled_after is not None:
-        elapsed = pred.canceled_after
+    end, _ = pred.ending()
+    elapsed = min(pred.elapsed(now), end)
     if hide_running and status == "processing":
         status = "starting"
     terminal = status in TERMINAL
-    end = pred.canceled_after if pred.canceled_after is not None else pred.latency
     started = status != "starting" and end >= pred.start_delay
     return {
         "id": pred.id,

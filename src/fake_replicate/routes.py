@@ -21,6 +21,7 @@ from fake_replicate.directives import first_n_applies, parse_directives
 from fake_replicate.inputs import (
     is_missing,
     model_version_id,
+    parse_cancel_after,
     parse_prefer_wait,
     unknown_body_keys,
     validate_input,
@@ -107,12 +108,16 @@ class ReplicateRoutes:
         extra = unknown_body_keys(body, with_version=model is None)
         if extra:
             return invalid_input(extra)
+        try:
+            deadline = parse_cancel_after(request.headers.get("cancel-after"))
+        except ValueError as exc:
+            return error_response(400, str(exc))
         if fake.config.create_latency > 0:
             await asyncio.sleep(fake.config.create_latency)
         resolved = self.resolve_model(model, body)
         if isinstance(resolved, Response):
             return resolved
-        return await self.create_resolved(request, body, *resolved)
+        return await self.create_resolved(request, body, *resolved, deadline)
 
     def resolve_model(self, model: str | None, body: JSON) -> tuple[str, str] | Response:
         """(model, version) for a create, or an error response."""
@@ -133,7 +138,9 @@ class ReplicateRoutes:
             return named, version_id
         return versions.get(ref, "fake/model"), ref
 
-    async def create_resolved(self, request: Request, body: JSON, model: str, version: str) -> Response:
+    async def create_resolved(
+        self, request: Request, body: JSON, model: str, version: str, deadline: float | None
+    ) -> Response:
         fake = self.fake
         fault = fake.faults.global_create_fault()
         if fault is not None:
@@ -153,7 +160,7 @@ class ReplicateRoutes:
             fake.faults.counts["outage_503"] += 1
             return unavailable()
         index = fake.by_prompt.get(params.prompt, 0)
-        pred = fake.new_prediction(model, version, raw_input, params, directives, index)
+        pred = fake.new_prediction(model, version, raw_input, params, directives, index, deadline)
         if isinstance(body.get("webhook"), str):
             base = fake.base_url(request)
             fake.follow_webhook(pred, body["webhook"], body.get("webhook_events_filter"), base)

@@ -78,9 +78,17 @@ class FakeReplicate:
     # ------------------------------------------------------------------ creating
 
     def new_prediction(
-        self, model: str, version: str, raw_input: JSON, params: Params, directives: Directives, index: int
+        self,
+        model: str,
+        version: str,
+        raw_input: JSON,
+        params: Params,
+        directives: Directives,
+        index: int,
+        deadline: float | None = None,
     ) -> Prediction:
-        """Make the ``index``-th prediction of its prompt, its fate decided now, and store it."""
+        """Make the ``index``-th prediction of its prompt, its fate decided now, and store it; ``deadline``
+        is the create's ``Cancel-After`` in seconds."""
         outcome, error = self.faults.outcome(directives, index, params)
         mode = directives.output if directives.output in ("data", "url") else self.config.output_mode
         pred = Prediction(
@@ -94,7 +102,10 @@ class FakeReplicate:
             latency=self.faults.latency_for(directives),
             outcome=outcome,
             error=error,
+            deadline=deadline,
         )
+        if directives.starting is not None:  # queued or booting that long, then its usual run
+            pred.start_delay, pred.latency = directives.starting, directives.starting + pred.latency
         self.predictions[pred.id] = pred
         self.order.append(pred.id)
         self.by_prompt[params.prompt] = index + 1
@@ -119,6 +130,8 @@ class FakeReplicate:
             "latency": pred.latency,
             "outcome": pred.outcome,
             "error": pred.error,
+            "start_delay": pred.start_delay,
+            "cancel_after": pred.deadline,
         }
 
     def resume_webhooks(self) -> None:
@@ -146,6 +159,8 @@ class FakeReplicate:
             outcome=record["outcome"],
             error=record.get("error"),
             created_wall=float(record["created"]),
+            start_delay=float(record["start_delay"]) if record.get("start_delay") is not None else None,
+            deadline=float(record["cancel_after"]) if record.get("cancel_after") is not None else None,
         )
         if record.get("canceled_after") is not None:
             pred.canceled_after = float(record["canceled_after"])

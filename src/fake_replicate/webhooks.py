@@ -7,8 +7,8 @@ same JSON a GET returns, to that URL:
 
 * `start` at once (status `starting`);
 * `logs` each time the logs change while it runs, at most every 0.5 s (as Replicate throttles them);
-* `output` with the output, `completed` when it ends (succeeded, failed or canceled; a cancel sends
-  `completed` at once).
+* `output` with the output, `completed` when it ends (succeeded, failed, canceled or aborted; a cancel
+  sends `completed` at once).
 
 Each delivery has its own `webhook-id` (kept across its retries and duplicates), a `webhook-timestamp`
 and `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">` with the key of
@@ -90,7 +90,7 @@ class WebhookSender:
         while pred.remaining(time.monotonic()) > 0:
             await pred.wait(LOGS_EVERY if "logs" in events else 3600.0)
             body = render()
-            running = body["status"] not in ("succeeded", "failed", "canceled")
+            running = body["status"] not in ("succeeded", "failed", "canceled", "aborted")
             if "logs" in events and running and body.get("logs") and body["logs"] != last_logs:
                 last_logs = body["logs"]
                 self._send(url, "logs", body, faults)
