@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import fal_client
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
 from fake_fal.cli import build_settings
 from fake_fal.config import FakeFalConfig
 from fake_fal.directives import ReadFault, SubmitFault, parse_directives
-from fake_fal.server import create_app
+from fal_live import LiveFake, live_fake
 
 AUTH = {"Authorization": "Key test"}
 SCHNELL = "fal-ai/flux/schnell"
@@ -62,36 +58,10 @@ class FalAtFake(fal_client.AsyncClient):
         return ready()
 
 
-@dataclass
-class LiveFake:
-    url: str
-    app: Any
-
-    def stats(self) -> dict[str, Any]:
-        found: dict[str, Any] = httpx.get(f"{self.url}/_fake/stats").json()
-        return found
-
-    def configure(self, **values: Any) -> None:
-        httpx.put(f"{self.url}/_fake/config", json=values).raise_for_status()
-
-
 @pytest.fixture(scope="module")
 def fake() -> Iterator[LiveFake]:
-    app = create_app(FakeFalConfig(latency=0.3, seed=1))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="critical", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield LiveFake(f"http://127.0.0.1:{sock.getsockname()[1]}", app)
-    server.should_exit = True
-    thread.join(5)
-    sock.close()
+    with live_fake(FakeFalConfig(latency=0.3, seed=1)) as running:
+        yield running
 
 
 @pytest.fixture

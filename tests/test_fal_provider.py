@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from fake_fal.config import FakeFalConfig
-from fake_fal.server import create_app
+from fal_live import LiveFake, live_fake
 from mediagen.core.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
 from mediagen.providers.base import Prediction
 from mediagen.providers.fal import FalProvider, prediction_id, split_prediction_id
@@ -29,35 +25,10 @@ DEV = "fal-ai/flux/dev"
 SCHNELL = "fal-ai/flux/schnell"
 
 
-@dataclass
-class LiveFake:
-    url: str
-
-    def stats(self) -> dict[str, Any]:
-        found: dict[str, Any] = httpx.get(f"{self.url}/_fake/stats").json()
-        return found
-
-    def configure(self, **values: Any) -> None:
-        httpx.put(f"{self.url}/_fake/config", json=values).raise_for_status()
-
-
 @pytest.fixture(scope="module")
 def fake() -> Iterator[LiveFake]:
-    app = create_app(FakeFalConfig(latency=0.3, seed=3))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="critical", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield LiveFake(f"http://127.0.0.1:{sock.getsockname()[1]}")
-    server.should_exit = True
-    thread.join(5)
-    sock.close()
+    with live_fake(FakeFalConfig(latency=0.3, seed=3)) as running:
+        yield running
 
 
 @pytest.fixture

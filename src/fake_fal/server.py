@@ -428,6 +428,7 @@ class FakeFal:
         return Response(self.file_bytes(req, index), media_type=CONTENT_TYPES[req.plan.format])
 
     async def jwks(self, request: Request) -> Response:
+        self.counts["jwks"] += 1
         return json_response(self.signer.jwks(), headers={"cache-control": "public, max-age=86400"})
 
     # ------------------------------------------------------------------ control
