@@ -249,6 +249,50 @@ async def test_a_job_canceled_before_any_prediction_has_none_to_cancel(domain_db
     assert (taken.job_id, taken.prediction_id) == (claim.job_id, None)
 
 
+async def retrying_with_its_prediction(db: Database, prediction: str, status: str | None = None) -> jobs.Claim:
+    """Given a job retrying after an attempt whose prediction `prediction` ended with `status` (None: it
+    may still run, e.g. its polls failed, and the next attempt is to resume it)."""
+    claim = await running(db, prediction=prediction)
+    failure = jobs.Failure("Replicate503", "busy", prediction_status=status)
+    assert await jobs.fail_attempt(db, claim, failure, retry_delay=60)
+    return claim
+
+
+async def test_a_retrying_job_whose_prediction_may_still_run_is_canceled_by_a_worker_not_at_once(
+    domain_db: Database,
+) -> None:
+    claim = await retrying_with_its_prediction(domain_db, "p-still-running")
+
+    async with domain_db.transaction() as conn:
+        assert await jobs.request_cancel(conn, claim.job_id) == "retrying"
+
+    row = await job_row(domain_db, claim.job_id)
+    assert (row.status, row.cancel_requested) == ("retrying", True)
+    await age(domain_db, claim.job_id, next_attempt_at=10, dispatched_at=10, deadline_at=1)
+    assert await jobs.claim(domain_db, claim.job_id, lease_seconds=30) is None
+    assert claim.job_id not in [s.job_id for s in await jobs.take_stale(domain_db, stale_seconds=5, batch=500)]
+    assert claim.job_id not in [o.job_id for o in await jobs.fail_overdue(domain_db, batch=500)], "canceled wins"
+    (taken,) = await jobs.take_unheld(domain_db, lease_seconds=30, batch=50)
+    assert (taken.status, taken.canceled, taken.prediction_id) == ("retrying", True, "p-still-running")
+
+    assert await jobs.end_unheld(domain_db, taken, prediction_status="canceled")
+
+    row = await job_row(domain_db, claim.job_id)
+    assert (row.status, row.error_class) == ("canceled", "JobCanceled")
+    (attempt,) = await attempt_rows(domain_db, claim.job_id)
+    assert (attempt.outcome, attempt.error_class, attempt.prediction_status) == ("failed", "Replicate503", "canceled")
+
+
+async def test_a_retrying_job_whose_prediction_ended_is_canceled_at_once(domain_db: Database) -> None:
+    claim = await retrying_with_its_prediction(domain_db, "p-over", status="failed")
+
+    async with domain_db.transaction() as conn:
+        assert await jobs.request_cancel(conn, claim.job_id) == "canceled"
+
+    assert (await job_row(domain_db, claim.job_id)).status == "canceled"
+    assert await jobs.take_unheld(domain_db, lease_seconds=30, batch=50) == []
+
+
 # --- leases -----------------------------------------------------------------------------------
 
 
@@ -483,6 +527,20 @@ async def test_a_canceled_job_without_a_prediction_ends_without_a_call_to_the_pr
     assert await sweep_ends(domain_db, provider) == 1
 
     assert provider.tried == []
+    assert (await job_row(domain_db, claim.job_id)).status == "canceled"
+
+
+async def test_the_sweep_cancels_the_prediction_of_a_canceled_retrying_job_then_ends_it(
+    domain_db: Database,
+) -> None:
+    claim = await retrying_with_its_prediction(domain_db, "p-retry-canceled")
+    async with domain_db.transaction() as conn:
+        await jobs.request_cancel(conn, claim.job_id)
+    provider = CancelingProvider()
+
+    assert await sweep_ends(domain_db, provider) == 1
+
+    assert provider.canceled == ["p-retry-canceled"]
     assert (await job_row(domain_db, claim.job_id)).status == "canceled"
 
 

@@ -10,11 +10,12 @@ job). Each pass:
 * fails jobs that are still waiting when their deadline has passed, and cancels at the provider the
   prediction an earlier attempt left running for the next one to resume;
 * ends the `running` jobs whose worker is gone (their lease expired) and that must not run again: a
-  canceled one ends `canceled`, one past its deadline `failed`. Their prediction is canceled at the
-  provider first. The sweep runs in the worker because only the worker has the provider: the API
-  never calls Replicate on a client's request path. A cancel the provider could not take (unreachable,
-  throttled) leaves the job held by the sweep for one lease, after which a sweep tries again; a
-  refusal (4xx, such as a prediction it no longer knows) has nothing left to cancel, and the job ends;
+  canceled one ends `canceled`, one past its deadline `failed`; and the `retrying` ones canceled while
+  their last attempt's prediction may still run. Their prediction is canceled at the provider first.
+  The sweep runs in the worker because only the worker has the provider: the API never calls
+  Replicate on a client's request path. A cancel the provider could not take (unreachable, throttled)
+  leaves the job held by the sweep for one lease, after which a sweep tries again; a refusal (4xx,
+  such as a prediction it no longer knows) leaves nothing to cancel, and the job ends;
 * re-sends jobs whose message was lost: `queued` (or `retrying` and due) for more than
   `stale_dispatch_seconds` with no message for them left in Redis (a flushed or restarted Redis, an
   enqueue that failed after the job was committed). Messages carry the job id as their Redis id, so
@@ -85,7 +86,7 @@ async def _end(
     if not await jobs.end_unheld(db, job, prediction_status=prediction_status):
         return False
     status, error_class = ("canceled", "JobCanceled") if job.canceled else ("failed", "JobDeadlineExceeded")
-    if job.attempt is not None:
+    if job.status == "running" and job.attempt is not None:
         metrics.attempts.labels("abandoned", "WorkerLost").inc()
         log_event(
             "job.attempt.failed",

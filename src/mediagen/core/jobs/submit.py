@@ -89,13 +89,26 @@ async def find_by_idempotency_key(
     return (row.id, row.request_hash, row.status) if row is not None else None
 
 
+# A running job, or a retrying one whose last attempt left a prediction that may still run, is not ended
+# here: a worker must cancel that prediction at the provider first (mediagen.core.jobs.sweeps).
+_STAYS = """
+    (status = 'running' OR (status = 'retrying' AND (SELECT yes FROM live)))
+"""
+
 _CANCEL_SQL = text(
-    """
+    f"""
+    WITH live AS (
+        SELECT EXISTS (
+            SELECT 1 FROM jobs j JOIN attempts a ON a.job_id = j.id AND a.number = j.attempts
+            WHERE j.id = :id AND a.prediction_id IS NOT NULL
+              AND coalesce(a.prediction_status, '') NOT IN ('succeeded', 'failed', 'canceled', 'aborted')
+        ) AS yes
+    )
     UPDATE jobs SET cancel_requested = true, updated_at = now(),
-           status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
-           finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
-           error_class = CASE WHEN status = 'running' THEN error_class ELSE 'JobCanceled' END,
-           error_message = CASE WHEN status = 'running' THEN error_message ELSE 'canceled on request' END
+           status = CASE WHEN {_STAYS} THEN status ELSE 'canceled' END,
+           finished_at = CASE WHEN {_STAYS} THEN finished_at ELSE now() END,
+           error_class = CASE WHEN {_STAYS} THEN error_class ELSE 'JobCanceled' END,
+           error_message = CASE WHEN {_STAYS} THEN error_message ELSE 'canceled on request' END
     WHERE id = :id AND status IN ('queued', 'retrying', 'running')
       AND (CAST(:owner AS text) IS NULL OR owner = :owner)
     RETURNING status
@@ -107,8 +120,11 @@ _STATUS_SQL = text("SELECT status FROM jobs WHERE id = :id AND (CAST(:owner AS t
 
 
 async def request_cancel(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None = None) -> str:
-    """Cancel a job: waiting ones end `canceled` now; a running one is asked to stop (its worker
-    cancels the prediction at Replicate). Returns the job's status after the request."""
+    """Cancel a job: a waiting one ends `canceled` now; a running one is asked to stop (its worker, or
+    the sweep if its worker is gone, cancels the prediction at the provider and ends it). So is a
+    retrying one whose last attempt left a prediction that may still run: the API never calls the
+    provider itself, and a worker's sweep cancels that prediction and ends the job. Returns the job's
+    status after the request (`canceled` when it ended now)."""
     row = (await conn.execute(_CANCEL_SQL, {"id": job_id, "owner": owner})).first()
     if row is not None:
         return str(row.status)

@@ -1,5 +1,5 @@
 """What the recovery sweep changes in the jobs table: jobs past their deadline, jobs to send again, and
-running jobs whose worker is gone that must end (canceled, or past their deadline).
+jobs nobody holds that must end with a call to the provider (canceled, or past their deadline).
 
 Each verb takes a small batch with `FOR UPDATE SKIP LOCKED`, so sweeps in many worker processes at once
 never take the same job, and is its own transaction: it takes the `Database`. The broker's and the
@@ -37,7 +37,7 @@ _EXPIRE_SQL = text(
                error_class = 'JobDeadlineExceeded',
                error_message = 'the job did not finish before its deadline'
         WHERE id IN (SELECT id FROM jobs
-                     WHERE status IN ('queued', 'retrying') AND deadline_at < now()
+                     WHERE status IN ('queued', 'retrying') AND deadline_at < now() AND NOT cancel_requested
                      LIMIT :batch FOR UPDATE SKIP LOCKED)
         RETURNING id
     )
@@ -71,7 +71,8 @@ _STALE_SQL = text(
         WHERE status IN ('queued', 'retrying', 'running')
           AND dispatched_at < now() - make_interval(secs => :stale)
           AND (status = 'queued'
-               OR (status = 'retrying' AND next_attempt_at < now() - make_interval(secs => :stale))
+               OR (status = 'retrying' AND next_attempt_at < now() - make_interval(secs => :stale)
+                   AND NOT cancel_requested)
                OR (status = 'running' AND lease_until < now() AND NOT cancel_requested AND deadline_at >= now()))
         ORDER BY dispatched_at
         LIMIT :batch FOR UPDATE SKIP LOCKED)
@@ -104,12 +105,14 @@ _TAKE_UNHELD_SQL = text(
         UPDATE jobs SET claim_token = :token, lease_until = now() + make_interval(secs => :lease),
                updated_at = now()
         WHERE id IN (SELECT id FROM jobs
-                     WHERE status = 'running' AND lease_until < now()
-                       AND (cancel_requested OR deadline_at < now())
+                     WHERE (status = 'running' AND lease_until < now()
+                            AND (cancel_requested OR deadline_at < now()))
+                        OR (status = 'retrying' AND cancel_requested
+                            AND (lease_until IS NULL OR lease_until < now()))
                      ORDER BY lease_until LIMIT :batch FOR UPDATE SKIP LOCKED)
-        RETURNING id, cancel_requested
+        RETURNING id, status, cancel_requested
     )
-    SELECT t.id, t.cancel_requested, a.id AS attempt_id, a.number AS attempt,
+    SELECT t.id, t.status, t.cancel_requested, a.id AS attempt_id, a.number AS attempt,
            {_LIVE_PREDICTION} AS prediction_id
     FROM t {_LAST_ATTEMPT}
     """
@@ -118,10 +121,13 @@ _TAKE_UNHELD_SQL = text(
 
 @dataclass(frozen=True)
 class Unheld:
-    """A running job whose worker is gone and that must end, now held by the sweep that took it."""
+    """A job nobody holds that must end, now held by the sweep that took it: a running one whose worker
+    is gone, or a retrying one canceled with a prediction that may still run."""
 
     job_id: uuid.UUID
     token: uuid.UUID
+    status: str
+    """`running`: its last attempt is open, its worker lost; `retrying`: its last attempt has ended."""
     canceled: bool
     """True: its cancel was requested, it ends `canceled`; False: its deadline passed, it ends `failed`."""
     attempt_id: int | None
@@ -131,15 +137,17 @@ class Unheld:
 
 
 async def take_unheld(db: Database, *, lease_seconds: float, batch: int) -> list[Unheld]:
-    """Take the running jobs nobody holds (their lease expired) that must end rather than run again:
-    their cancel was requested (a claim refuses them) or their deadline passed. Each is held for
+    """Take the jobs nobody holds that must end rather than run again: running ones whose lease expired
+    and whose cancel was requested (a claim refuses them) or whose deadline passed, and retrying ones
+    whose cancel was requested (see `request_cancel`). Each is held for
     `lease_seconds` with a token of the taker's, as a claim would hold it, so that no claim or other
     sweep takes it while the taker cancels its prediction; should the taker die, it is taken again."""
     token = uuid.uuid4()
     async with db.transaction() as conn:
         rows = await conn.execute(_TAKE_UNHELD_SQL, {"token": token, "lease": lease_seconds, "batch": batch})
         return [
-            Unheld(row.id, token, row.cancel_requested, row.attempt_id, row.attempt, row.prediction_id) for row in rows
+            Unheld(row.id, token, row.status, row.cancel_requested, row.attempt_id, row.attempt, row.prediction_id)
+            for row in rows
         ]
 
 
@@ -151,13 +159,18 @@ _END_UNHELD_SQL = text(
                error_class = CASE WHEN :canceled THEN 'JobCanceled' ELSE 'JobDeadlineExceeded' END,
                error_message = CASE WHEN :canceled THEN 'canceled on request'
                                     ELSE 'the job did not finish before its deadline' END
-        WHERE id = :id AND claim_token = :token AND status = 'running'
+        WHERE id = :id AND claim_token = :token AND status IN ('running', 'retrying')
         RETURNING id
     ), closed AS (
-        UPDATE attempts SET finished_at = now(), outcome = 'abandoned', error_class = 'WorkerLost',
-               error_message = 'the worker running this attempt stopped or lost its lease',
+        -- An open attempt (its worker lost) is closed; one that had ended only learns of its prediction.
+        UPDATE attempts SET finished_at = coalesce(finished_at, now()),
+               outcome = CASE WHEN finished_at IS NULL THEN 'abandoned' ELSE outcome END,
+               error_class = CASE WHEN finished_at IS NULL THEN 'WorkerLost' ELSE error_class END,
+               error_message = CASE WHEN finished_at IS NULL
+                                    THEN 'the worker running this attempt stopped or lost its lease'
+                                    ELSE error_message END,
                prediction_status = coalesce(CAST(:prediction_status AS text), prediction_status)
-        WHERE id = :attempt_id AND finished_at IS NULL AND EXISTS (SELECT 1 FROM ended)
+        WHERE id = :attempt_id AND EXISTS (SELECT 1 FROM ended)
     )
     SELECT count(*) AS ended FROM ended
     """
