@@ -262,3 +262,13 @@ async def test_a_call_past_the_jobs_deadline_sends_nothing(fal: FalProvider, fak
     soon = datetime.now(UTC) + timedelta(seconds=30)
     created = await fal.create(SCHNELL, {"prompt": prompt}, deadline=soon)
     assert (await fal.get(created.id, deadline=soon)).status in ("starting", "processing", "succeeded")
+
+
+async def test_a_failed_read_of_a_finished_result_is_no_failed_prediction(fal: FalProvider) -> None:
+    """A 503 on reading a succeeded request's result is the read's fault: the next look finds the images."""
+    created = await fal.create(SCHNELL, {"prompt": unique("[[result:503*1]] [[latency=0.1]]")})
+    await asyncio.sleep(0.2)
+    with pytest.raises(TransientProviderError) as failed:
+        await fal.get(created.id)
+    assert failed.value.http_status == 503
+    assert (await fal.get(created.id)).status == "succeeded"

@@ -162,6 +162,23 @@ def _mapped(error: fal_client.FalClientHTTPError, *, creating: bool) -> Mediagen
     return mapped
 
 
+def _is_outcome(error: MediagenError, *, failed: bool) -> bool:
+    """Whether a failed read of a COMPLETED request's result is the request's own outcome.
+
+    When its status says it failed (`error` set), the result's error answer is that failure. Otherwise
+    (success, or an app that does not report errors in its status) only a 4xx from fal itself is: a
+    5xx, a 429 or a refused key is the read's problem, and a 404 means the request is gone."""
+    status = error.http_status
+    if status is None or status in (401, 403, 429):
+        return False
+    if failed:
+        return status != 404
+    answered_by_fal = isinstance(error.__cause__, fal_client.FalClientHTTPError) and (
+        "x-fal-request-id" in error.__cause__.response.headers
+    )
+    return answered_by_fal and 400 <= status < 500 and status != 404
+
+
 def _logs(entries: list[dict[str, Any]] | None) -> str:
     return "\n".join(str(entry.get("message", "")) for entry in entries or []) + ("\n" if entries else "")
 
@@ -246,8 +263,8 @@ class FalProvider:
         try:
             result = await self._call(handle.get, deadline=deadline)
         except (TransientProviderError, PermanentProviderError) as error:
-            if error.http_status is None or not 400 <= error.http_status < 600 or error.http_status in (401, 403, 429):
-                raise  # fal did not answer with the request's own outcome
+            if not _is_outcome(error, failed=status.error is not None):
+                raise  # the read failed, not the request: the next look tries again
             return self._ended_badly(prediction_id, status, error, logs, seconds)
         return self._succeeded(prediction_id, result, logs, seconds)
 
