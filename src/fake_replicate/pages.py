@@ -1,7 +1,8 @@
 """The list endpoint's pages, as Replicate's: newest first, ``list_page_size`` (100) a page, opaque cursors.
 
-Replicate pages with Django REST framework's cursor pagination: ``next`` and ``previous`` are absolute
-URLs whose ``cursor`` is the base64 of a small query string holding a position and a direction. A cursor
+Replicate pages with cursors: ``next`` and ``previous`` are absolute URLs whose ``cursor`` is the base64
+of a small query string holding a position (its API reference shows ``p=<created_at>``) and, going back,
+a direction. A cursor
 is a position, not an offset, so predictions created while a client walks the pages do not shift them:
 nothing is seen twice or skipped. Here the position is a prediction's index in creation order:
 
