@@ -187,6 +187,28 @@ async def test_the_queue_position_counts_the_requests_ahead(fal: FalAtFake) -> N
         await handle.cancel()
 
 
+async def test_with_busy_runners_requests_wait_in_the_queue_or_time_out(fal: FalAtFake, fake: LiveFake) -> None:
+    """Given one runner per app, the second request waits for the first; one that may not wait that long
+    (fal-client's `start_timeout`) completes with fal's 504 `request_timeout`."""
+    app = f"fal-ai/busy-{uuid.uuid4().hex[:6]}"
+    fake.configure(concurrency=1)
+    try:
+        first = await fal.submit(app, {"prompt": unique("[[queue=0]] [[latency=1.5]]")})
+        second = await fal.submit(app, {"prompt": unique("[[queue=0]] [[latency=1.5]]")})
+        hurried = await fal.submit(app, {"prompt": unique("[[queue=0]] [[latency=1.5]]")}, start_timeout=2)
+    finally:
+        fake.configure(concurrency=0)
+    assert isinstance(await first.status(), fal_client.InProgress)
+    waiting = await second.status()
+    assert isinstance(waiting, fal_client.Queued) and waiting.position == 0  # next in line
+    with pytest.raises(fal_client.FalClientHTTPError) as gave_up:
+        await hurried.get(interval=0.05)
+    assert gave_up.value.status_code == 504 and gave_up.value.error_type == "request_timeout"
+    started = time.monotonic()
+    assert (await second.get(interval=0.05))["images"]
+    assert time.monotonic() - started > 0.5
+
+
 async def test_cancel_a_queued_request_and_not_a_completed_one(fal: FalAtFake, fake: LiveFake) -> None:
     handle = await fal.submit(SCHNELL, {"prompt": unique("[[latency=30]]")})
     await handle.cancel()

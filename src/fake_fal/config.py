@@ -19,6 +19,8 @@ class FakeFalConfig:
     """The latency varies by +- this fraction."""
     queue_seconds: float | None = None
     """Seconds a request stays IN_QUEUE (default: min(0.1 * latency, 0.5))."""
+    concurrency: int = 0
+    """Requests of one app IN_PROGRESS at once (fal's runners); the others wait IN_QUEUE. 0: no limit."""
     submit_latency: float = 0.0
     """Seconds slept before each submit is handled."""
     p_submit_500: float = 0.0
@@ -123,6 +125,7 @@ _HELP: Final[Mapping[str, str]] = {
     "latency": "seconds from submit to COMPLETED (default 1.0)",
     "latency_jitter": "latency varies by +- this fraction (default 0)",
     "queue_seconds": "seconds IN_QUEUE (default min(0.1 * latency, 0.5))",
+    "concurrency": "requests of one app in progress at once, the rest wait in the queue (default 0: no limit)",
     "submit_latency": "seconds slept before handling each submit",
     "p_submit_500": "probability that a submit answers 500 (nothing enqueued)",
     "p_submit_429": "probability that a submit answers 429 with Retry-After (nothing enqueued)",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import heapq
 import random
 import time
 import uuid
@@ -68,6 +69,8 @@ class FakeFal:
         self.outage_until = 0.0
         self.outage_status = 503
         self.outage_prompts: set[str] = set()
+        self.runners: dict[str, list[float]] = {}
+        """Per app, when each of its `concurrency` runners is free again (a heap of monotonic times)."""
         """Prompts whose ``[[outage=...]]`` has started its outage (once each)."""
         self.signer = Signer()
         self.webhooks = WebhookSender(self.signer, lambda: self.config)
@@ -135,6 +138,7 @@ class FakeFal:
             getattr(self, name).clear()
         self.outage_until = 0.0
         self.outage_prompts.clear()
+        self.runners.clear()
         self.images.clear()
         self.store.clear()
 
@@ -317,6 +321,9 @@ class FakeFal:
             queue_seconds = (
                 self.config.queue_seconds if self.config.queue_seconds is not None else min(0.1 * latency, 0.5)
             )
+        queue_seconds, latency, started = self.schedule(endpoint_id, queue_seconds, latency, _start_timeout(request))
+        if not started:
+            code, body = 504, {"detail": "Request timed out before it started", "error_type": "request_timeout"}
         req = QueuedRequest(
             id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
             endpoint=endpoint_id,
@@ -339,6 +346,32 @@ class FakeFal:
             record.update(webhook=webhook, base=base)
         self.store.submitted(record)
         return req
+
+    def schedule(
+        self, endpoint_id: str, queue_seconds: float, latency: float, start_timeout: float | None
+    ) -> tuple[float, float, bool]:
+        """(seconds IN_QUEUE, latency, whether it starts) of a new request, given its app's busy runners.
+
+        Without a `concurrency` limit it starts after its queue time. With one it waits, besides, for the
+        first of its app's runners to be free; fal gives it up (504 `request_timeout`) when it would not
+        start within the submit's `X-Fal-Request-Timeout`, and then it takes no runner."""
+        run = max(latency - queue_seconds, 0.0)
+        now = time.monotonic()
+        start = now + queue_seconds
+        busy = None
+        if self.config.concurrency > 0:
+            busy = self.runners.setdefault("/".join(endpoint_id.split("/")[:2]), [])
+            if len(busy) >= self.config.concurrency:
+                start = max(start, busy[0])
+        wait = start - now
+        if start_timeout is not None and wait > start_timeout:
+            return start_timeout, start_timeout, False
+        if busy is not None:
+            if len(busy) >= self.config.concurrency:
+                heapq.heapreplace(busy, start + run)
+            else:
+                heapq.heappush(busy, start + run)
+        return wait, wait + run, True
 
     def latency(self) -> float:
         latency, jitter = self.config.latency, self.config.latency_jitter
@@ -455,6 +488,14 @@ class FakeFal:
             Route("/{owner}/{alias}", self.submit, methods=["POST"]),
             Route("/{owner}/{alias}/{path:path}", self.submit, methods=["POST"]),
         ]
+
+
+def _start_timeout(request: Request) -> float | None:
+    """fal-client's `start_timeout`: seconds the request may wait before it starts."""
+    try:
+        return float(request.headers["x-fal-request-timeout"])
+    except (KeyError, ValueError):
+        return None
 
 
 def create_app(config: FakeFalConfig | None = None, *, data_dir: Path | None = None) -> Starlette:
