@@ -12,7 +12,7 @@ from mediagen.providers.circuit import Circuit
 from mediagen.providers.downloads import Downloader
 from mediagen.providers.ratelimit import RateLimiter
 from mediagen.providers.replicate import ReplicateProvider
-from mediagen.providers.webhooks import WebhookVerifier
+from mediagen.providers.replicate_signatures import WebhookVerifier
 from mediagen.settings import Settings
 from mediagen.storage import Storage
 from mediagen.storage.local import LocalStorage

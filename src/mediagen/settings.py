@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     """Without API keys, apply the limits above to the one anonymous caller too (off: benchmarks
     submit thousands of jobs a second from one client)."""
 
-    # --- client webhooks (mediagen.core.webhooks, mediagen.worker.webhooks) -----------------------------
+    # --- client webhooks (mediagen.core.deliveries, mediagen.worker.delivery_sender) -----------------------------
     webhook_secret: SecretStr | None = None
     """`whsec_<base64>`: the Standard Webhooks signing secret. Unset: `webhook_url` is refused."""
     webhook_allowed_networks: Annotated[list[str], NoDecode] = []

@@ -26,7 +26,7 @@ from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import RequestMetrics
 from mediagen.notify import Notifier
 from mediagen.providers.replicate import ReplicateProvider
-from mediagen.providers.webhooks import WebhookVerifier
+from mediagen.providers.replicate_signatures import WebhookVerifier
 from mediagen.settings import Settings, get_settings
 
 

@@ -3,8 +3,8 @@ built from the domain's rows and views.
 
 One place, so every answer that shows a job (a status, a detail, a page, an event) shows it the same
 way, and a route only picks what to show. What a client may see of a job's status (its error only
-once it ended, its progress only while it runs) is decided by mediagen.core.jobs, which the worker's
-webhook bodies share.
+once it ended, its progress only while it runs) is decided in mediagen.core.jobs.status, by the rules
+the webhook bodies sent to clients follow too (mediagen.core.deliveries).
 """
 
 from __future__ import annotations
@@ -54,8 +54,14 @@ def waited_job(settings: Settings, view: jobs.JobStatusView) -> WaitedJob:
 
 
 def _status_fields(settings: Settings, view: jobs.JobStatusView) -> dict[str, Any]:
-    urls = [media_url(settings, key) for key in view.output_keys]
-    return jobs.status_object(view.id, view.status, view.attempts, view.error_message, view.progress, urls)
+    return {
+        "job_id": view.id,
+        "status": view.status,
+        "attempts": view.attempts,
+        "error": jobs.shown_error(view.status, view.error_message),
+        "result_urls": [media_url(settings, key) for key in view.output_keys],
+        "progress": jobs.shown_progress(view.status, view.progress),
+    }
 
 
 def accepted(job_id: uuid.UUID, status: str) -> GenerateAccepted:

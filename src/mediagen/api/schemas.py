@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from mediagen.core.webhooks import EVENTS
+from mediagen.core.deliveries import EVENTS
 
 MAX_PROMPT = 2000
 # Something to draw: at least one character that is not ASCII white space, and no NUL. Expressed as a

@@ -18,7 +18,7 @@ from mediagen.catalog.catalog import Catalog
 from mediagen.core.db import Database
 from mediagen.core.pricing import Price
 from mediagen.notify import Notifier
-from mediagen.providers.webhooks import WebhookVerifier
+from mediagen.providers.replicate_signatures import WebhookVerifier
 from mediagen.settings import Settings
 from mediagen.storage import Storage
 

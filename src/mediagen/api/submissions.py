@@ -13,7 +13,7 @@ import logging
 import uuid
 
 from mediagen.broker import Dispatcher
-from mediagen.core import jobs, webhooks
+from mediagen.core import deliveries, jobs
 from mediagen.core.db import Database
 from mediagen.logging import log_event
 
@@ -54,12 +54,12 @@ class Submissions:
         async with self.db.transaction() as conn:
             inserted = await jobs.create_jobs(conn, [job for job, _ in batch])
             hooked = [
-                webhooks.Subscription(job.id, job.webhook_url, job.webhook_events)
+                deliveries.Subscription(job.id, job.webhook_url, job.webhook_events)
                 for job, _ in batch
                 if job.webhook_url is not None and job.id in inserted
             ]
             if hooked:
-                await webhooks.subscribe(conn, hooked)
+                await deliveries.subscribe(conn, hooked)
         if inserted:
             try:
                 await self.dispatcher.send(sorted(inserted, key=str))

@@ -188,7 +188,7 @@ class DeliveryState(StrEnum):
 
 class WebhookDelivery(Base):
     """One event of one job to its webhook: written by a trigger on `jobs` in the transaction that
-    changed the job (so no event is lost), sent and retried by the workers (mediagen.worker.webhooks)."""
+    changed the job (so no event is lost), sent and retried by the workers (mediagen.worker.delivery_sender)."""
 
     __tablename__ = "webhook_deliveries"
 

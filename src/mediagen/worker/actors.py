@@ -30,11 +30,11 @@ from mediagen.metrics import serve_worker_metrics
 from mediagen.notify import Notifier
 from mediagen.settings import Settings, get_settings
 from mediagen.worker.context import WorkerContext
+from mediagen.worker.delivery_sender import WebhookSender
 from mediagen.worker.leases import LeaseKeeper
 from mediagen.worker.polling import PollSchedule
 from mediagen.worker.recovery import Sweeper
 from mediagen.worker.runner import run_job
-from mediagen.worker.webhooks import WebhookSender
 
 _context: WorkerContext | None = None
 

@@ -28,7 +28,7 @@ from mediagen.api.schemas import (
 )
 from mediagen.api.state import Api, ApiState
 from mediagen.api.waiting import prefer_wait, wait_for_end
-from mediagen.core import jobs, webhooks
+from mediagen.core import deliveries, jobs
 from mediagen.core.errors import JobNotFound, ModelSchemaUnknown
 from mediagen.core.models import JobStatus
 from mediagen.logging import log_event
@@ -97,7 +97,7 @@ async def generate(
         refused = (
             "webhooks are off on this server (MEDIAGEN_WEBHOOK_SECRET is not set)"
             if settings.webhook_secret is None
-            else webhooks.url_refusal(body.webhook_url, webhooks.networks(settings.webhook_allowed_networks))
+            else deliveries.url_refusal(body.webhook_url, deliveries.networks(settings.webhook_allowed_networks))
         )
         if refused is not None:
             raise InvalidField("webhook_url", refused, kind="webhook_url")
@@ -113,7 +113,7 @@ async def generate(
         idempotency_key=idempotency_key,
         request_hash=request_hash(body) if idempotency_key is not None else None,
         webhook_url=body.webhook_url,
-        webhook_events=tuple(body.webhook_events or webhooks.DEFAULT_EVENTS),
+        webhook_events=tuple(body.webhook_events or deliveries.DEFAULT_EVENTS),
     )
     if state.limits is not None:
         request.state.ratelimit = await state.limits.admit(owner, job.id)

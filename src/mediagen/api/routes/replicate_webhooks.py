@@ -4,7 +4,7 @@ The webhook is a hint, never the truth: nothing here writes to the database. The
 wakes (mediagen.notify, whichever API replica took the webhook and whichever worker holds the job) and
 GETs the prediction itself. So the route:
 
-1. verifies the signature on the raw body (mediagen.providers.webhooks): anything else is a 401;
+1. verifies the signature on the raw body (mediagen.providers.replicate_signatures): anything else is a 401;
 2. keeps each `webhook-id` once (Redis `SET NX` with a TTL): a duplicate or retried delivery is a 200
    that does nothing;
 3. publishes `{"type": "prediction", "prediction_id", "status", "progress"}` on the channel of the job
@@ -32,7 +32,7 @@ from mediagen.api.http import error
 from mediagen.api.schemas import ErrorResponse, WebhookIgnored, WebhookRelayed
 from mediagen.api.state import Api, ApiState
 from mediagen.logging import log_event
-from mediagen.providers.webhooks import WebhookRejected, WebhookSecretUnavailable
+from mediagen.providers.replicate_signatures import WebhookRejected, WebhookSecretUnavailable
 
 router = APIRouter()
 ANSWER_WITHIN = 0.3

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Row, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mediagen.core import webhooks
+from mediagen.core import deliveries
 from mediagen.core.models import Attempt, Job, Output
 
 
@@ -41,8 +41,8 @@ async def get_detail(conn: AsyncConnection, job_id: uuid.UUID, owner: str | None
         await conn.execute(select(Attempt.__table__).where(Attempt.job_id == job_id).order_by(Attempt.number))
     ).all()
     outputs = (await conn.execute(select(Output.__table__).where(Output.job_id == job_id).order_by(Output.index))).all()
-    deliveries = await webhooks.for_job(conn, job_id)
-    return JobDetail(job, list(attempts), list(outputs), deliveries)
+    hooks = await deliveries.for_job(conn, job_id)
+    return JobDetail(job, list(attempts), list(outputs), hooks)
 
 
 async def list_jobs(

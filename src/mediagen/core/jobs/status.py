@@ -1,10 +1,11 @@
-"""A job's status as clients poll it: the hot read and its presentation."""
+"""A job's status as clients see it: the hot read (`GET /status/{id}` polls it), and what of it a client
+may see (its error once it ended, its progress while it runs). The API's answers, its server-sent
+events and the webhook bodies sent to clients all show a status by these rules."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from mediagen.core.db import Database
 
@@ -25,18 +26,10 @@ def shown_progress(status: str, progress: float | None) -> float | None:
     return 1.0 if status == "succeeded" else (progress if status == "running" else None)
 
 
-def status_object(
-    job_id: uuid.UUID, status: str, attempts: int, error: str | None, progress: float | None, urls: list[str]
-) -> dict[str, Any]:
-    """The job's status object, as `GET /status/{id}` answers it."""
-    return {
-        "job_id": str(job_id),
-        "status": status,
-        "attempts": attempts,
-        "error": error if status in ("failed", "canceled") else None,
-        "result_urls": urls,
-        "progress": shown_progress(status, progress),
-    }
+def shown_error(status: str, error: str | None) -> str | None:
+    """The error as clients see it: only once the job failed or was canceled (a retrying job's last
+    error is in its attempts)."""
+    return error if status in ("failed", "canceled") else None
 
 
 STATUS_SQL = """

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from conftest import Process, kill_group, start_api, start_worker, stop, unique, wait_http
-from mediagen.core.webhooks import networks, refusal
-from mediagen.worker.webhooks import Refused, WebhookSender
+from mediagen.core.deliveries import Due, networks, refusal
+from mediagen.worker.delivery_sender import Refused, WebhookSender, body
 
 SECRET = "whsec_" + base64.b64encode(b"mediagen-test-webhook-secret-32b").decode()
 
@@ -133,6 +135,10 @@ def test_a_receiver_gets_signed_deliveries_of_the_events_it_asked_for(
     done = next(d for d in mine if d["event"] == "succeeded")
     assert done["result_urls"] and done["result_urls"][0].endswith(".png")
     assert done["progress"] == 1.0
+    status = httpx.get(f"{hooked[0]}/status/{job_id}").json()
+    assert {k: v for k, v in done.items() if k not in ("path", "id", "code", "event")} == status, (
+        "the body is the status object GET /status answers"
+    )
     assert receiver.forged == 0
     assert [d["code"] for d in mine].count(500) == 1
     first = mine[0]
@@ -206,6 +212,22 @@ def test_without_a_signing_secret_webhooks_are_refused(api_url: str) -> None:
     answer = httpx.post(f"{api_url}/generate", json={"prompt": "x", "webhook_url": "https://example.com/hook"})
     assert answer.status_code == 422
     assert "MEDIAGEN_WEBHOOK_SECRET" in answer.json()["detail"]["message"]
+
+
+def test_a_delivery_carries_the_job_as_it_was_at_its_event() -> None:
+    """The body is the status object (error only once ended, progress only while running) and the event,
+    byte for byte as receivers have always seen it."""
+    job_id = uuid.UUID("00000000-0000-4000-8000-000000000001")
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    retrying = Due(1, job_id, "retrying", "http://x", 1, when, "retrying", 2, "HTTP 503", 0.5, [])
+    failed = Due(2, job_id, "failed", "http://x", 1, when, "failed", 3, "HTTP 503", None, [])
+
+    assert body(retrying, []) == (
+        '{"job_id":"00000000-0000-4000-8000-000000000001","status":"retrying","attempts":2,"error":null,'
+        '"result_urls":[],"progress":null,"event":"retrying"}'
+    )
+    assert json.loads(body(failed, []))["error"] == "HTTP 503"
+    assert json.loads(body(failed, ["/media/a/0.png"]))["result_urls"] == ["/media/a/0.png"]
 
 
 def test_only_public_addresses_are_reachable_unless_allowed() -> None:

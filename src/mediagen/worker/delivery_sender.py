@@ -1,7 +1,7 @@
 """Sends clients' webhooks: signed (Standard Webhooks), at least once, retried for about a day.
 
 Every worker process runs a `WebhookSender`: every `webhook_poll_seconds` it takes the due deliveries
-(mediagen.core.webhooks), POSTs each, and records the try. A delivery that fails is due again after
+(mediagen.core.deliveries), POSTs each, and records the try. A delivery that fails is due again after
 `min(cap, base * 2^(tries-1))` seconds, half of it jittered, until `webhook_give_up_seconds` after its
 event; one refused for where it points (below) is given up at once.
 
@@ -23,14 +23,31 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import orjson
 from standardwebhooks.webhooks import Webhook
 
-from mediagen.core import jobs, webhooks
+from mediagen.core import deliveries, jobs
 from mediagen.core.db import Database
 from mediagen.core.retry import RetryPolicy
 from mediagen.logging import log_event
 
 MAX_ANSWER_BYTES = 64 * 1024
+
+
+def body(due: deliveries.Due, urls: list[str]) -> str:
+    """What a delivery POSTs: the job's status object as `GET /status/{id}` answers it (as the job was at
+    the event, by the rules of mediagen.core.jobs.status), and the event."""
+    return orjson.dumps(
+        {
+            "job_id": str(due.job_id),
+            "status": due.job_status,
+            "attempts": due.job_attempts,
+            "error": jobs.shown_error(due.job_status, due.job_error),
+            "result_urls": urls,
+            "progress": jobs.shown_progress(due.job_status, due.job_progress),
+            "event": due.event,
+        }
+    ).decode()
 
 
 class Refused(Exception):
@@ -55,7 +72,7 @@ class WebhookSender:
         self.db = db
         self.signer = Webhook(secret)
         self.public_base_url = public_base_url
-        self.allowed = webhooks.networks(allowed_networks)
+        self.allowed = deliveries.networks(allowed_networks)
         self.timeout = timeout_seconds
         # The same capped, jittered backoff as job attempts: one policy (mediagen.core.retry).
         self.backoff = RetryPolicy(base_seconds=retry_base_seconds, cap_seconds=retry_cap_seconds).backoff
@@ -93,12 +110,12 @@ class WebhookSender:
     async def send_due(self) -> int:
         """Send every delivery due now (one batch); how many were tried."""
         # Held for twice a try's own time limit: a delivery whose worker died is due again after that.
-        due = await webhooks.claim_due(self.db, batch=self.batch, lease_seconds=2 * self.timeout + 1)
+        due = await deliveries.claim_due(self.db, batch=self.batch, lease_seconds=2 * self.timeout + 1)
         if due:
             await asyncio.gather(*(self._deliver(delivery) for delivery in due))
         return len(due)
 
-    async def _deliver(self, due: webhooks.Due) -> None:
+    async def _deliver(self, due: deliveries.Due) -> None:
         started = time.monotonic()
         status_code: int | None = None
         error: str | None = None
@@ -114,7 +131,7 @@ class WebhookSender:
             error = f"{type(failure).__name__}: {failure}".rstrip(": ")
         delivered = error is None
         retry_in = self._next_try(due) if not delivered and retry else None
-        await webhooks.record_try(
+        await deliveries.record_try(
             self.db,
             due.id,
             delivered=delivered,
@@ -125,7 +142,7 @@ class WebhookSender:
         )
         fields: dict[str, Any] = {
             "job_id": str(due.job_id),
-            "webhook_id": webhooks.message_id(due.id),
+            "webhook_id": deliveries.message_id(due.id),
             "event": due.event,
         }
         if delivered:
@@ -141,16 +158,15 @@ class WebhookSender:
                 **fields,
             )
 
-    def _next_try(self, due: webhooks.Due) -> float | None:
+    def _next_try(self, due: deliveries.Due) -> float | None:
         delay = self.backoff(due.tries)
         age = (datetime.now(UTC) - due.created_at).total_seconds()
         return None if age + delay > self.give_up else delay
 
-    async def _post(self, due: webhooks.Due) -> int:
+    async def _post(self, due: deliveries.Due) -> int:
         urls = [f"{self.public_base_url}/media/{key}" for key in due.output_keys]
-        body = jobs.status_object(due.job_id, due.job_status, due.job_attempts, due.job_error, due.job_progress, urls)
-        payload = webhooks.encode({**body, "event": due.event})
-        msg_id = webhooks.message_id(due.id)
+        payload = body(due, urls)
+        msg_id = deliveries.message_id(due.id)
         now = datetime.now(UTC)
         parts = urlsplit(due.url)
         host = parts.hostname or ""
@@ -187,7 +203,7 @@ class WebhookSender:
             raise OSError(f"cannot resolve {host}: {error}") from None
         addresses = [str(info[4][0]) for info in found]
         for address in addresses:
-            reason = webhooks.refusal(address, self.allowed)
+            reason = deliveries.refusal(address, self.allowed)
             if reason is not None:
                 raise Refused(f"{host} resolves to {reason}")
         if not addresses:

@@ -1,4 +1,5 @@
-"""Webhooks to clients: which events a job sends where, and the durable record of every delivery.
+"""Webhooks to clients: which events a job sends where, the durable record of every delivery and try,
+and where a webhook may go (no inner address: SSRF).
 
 A job's events become `webhook_deliveries` rows inside the transaction that changed the job (a
 trigger on `jobs`, see the migration), so none is lost between a commit and a send. Workers take
@@ -17,7 +18,6 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -166,10 +166,6 @@ async def for_job(conn: AsyncConnection, job_id: uuid.UUID) -> list[dict[str, An
 def message_id(delivery_id: int) -> str:
     """The `webhook-id`: one per delivery, the same on every retry (receivers deduplicate on it)."""
     return f"msg_{delivery_id}"
-
-
-def encode(body: dict[str, Any]) -> str:
-    return orjson.dumps(body).decode()
 
 
 # --- where a webhook may go ---------------------------------------------------------------------------
