@@ -15,9 +15,9 @@ from Crypto.Signature import eddsa
 
 from fake_fal.config import FakeFalConfig
 from fal_live import LiveFake, live_fake
+from mediagen.providers.base import WebhookRejected, WebhookSecretUnavailable
 from mediagen.providers.fal import FalProvider
 from mediagen.providers.fal_webhooks import FalWebhookVerifier, message
-from mediagen.providers.webhooks import WebhookRejected, WebhookSecretUnavailable
 
 Delivery = tuple[dict[str, str], bytes]
 

@@ -1,10 +1,13 @@
-"""What the worker needs from an image provider, whoever it is."""
+"""What the worker needs from an image provider, whoever it is; and what a provider's webhook verifier
+raises, so that a route answers every provider's webhooks alike."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
+
+from mediagen.core.errors import MediagenError
 
 TERMINAL_PREDICTION = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
@@ -54,3 +57,13 @@ class Provider(Protocol):
         provider's clock (every one of them, however many others were made since), newest first."""
 
     async def aclose(self) -> None: ...
+
+
+class WebhookRejected(MediagenError):
+    """Not signed by the provider with our secret, or signed too long ago (HTTP 401)."""
+
+
+class WebhookSecretUnavailable(MediagenError):
+    """The provider's signing secret (or keys) could not be fetched (HTTP 503: the provider retries)."""
+
+    transient = True

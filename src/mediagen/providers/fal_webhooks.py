@@ -10,7 +10,7 @@ request id once to drop the duplicates fal's retries make. The JWKS is fetched o
 (at most a minute apart), for a key fal has just rotated in. The fake fal serves its own JWKS at
 ``/.well-known/jwks.json``.
 
-Errors are the ones Replicate's webhooks raise (`mediagen.providers.webhooks`): `WebhookRejected` (401)
+Errors are the ones Replicate's webhooks raise (`mediagen.providers.base`): `WebhookRejected` (401)
 and `WebhookSecretUnavailable` (503, fal retries), so a route answers both providers alike.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Final
 import httpx
 from Crypto.Signature import eddsa
 
-from mediagen.providers.webhooks import WebhookRejected, WebhookSecretUnavailable
+from mediagen.providers.base import WebhookRejected, WebhookSecretUnavailable
 
 FAL_JWKS_URL: Final = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 HEADERS: Final = ("x-fal-webhook-request-id", "x-fal-webhook-user-id", "x-fal-webhook-timestamp")

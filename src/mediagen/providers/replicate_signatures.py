@@ -17,17 +17,7 @@ from collections.abc import Mapping
 import replicate
 from replicate.webhook import Webhooks, WebhookSigningSecret, WebhookValidationError
 
-from mediagen.core.errors import MediagenError
-
-
-class WebhookRejected(MediagenError):
-    """Not signed by Replicate with our secret, or signed too long ago (HTTP 401)."""
-
-
-class WebhookSecretUnavailable(MediagenError):
-    """The signing secret could not be fetched from Replicate (HTTP 503: Replicate retries)."""
-
-    transient = True
+from mediagen.providers.base import WebhookRejected, WebhookSecretUnavailable
 
 
 class WebhookVerifier:

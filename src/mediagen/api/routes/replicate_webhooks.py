@@ -32,7 +32,7 @@ from mediagen.api.http import error
 from mediagen.api.schemas import ErrorResponse, WebhookIgnored, WebhookRelayed
 from mediagen.api.state import Api, ApiState
 from mediagen.logging import log_event
-from mediagen.providers.replicate_signatures import WebhookRejected, WebhookSecretUnavailable
+from mediagen.providers.base import WebhookRejected, WebhookSecretUnavailable
 
 router = APIRouter()
 ANSWER_WITHIN = 0.3
