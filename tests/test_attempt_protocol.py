@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from sqlalchemy import text
 
 from mediagen.core import jobs
 from mediagen.core.db import Database
-from mediagen.core.errors import PermanentProviderError, UnknownCreateOutcome
+from mediagen.core.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
 from mediagen.core.retry import RetryPolicy
 from mediagen.providers.base import Prediction
 from mediagen.storage.local import LocalStorage
@@ -173,7 +174,7 @@ class World:
     notifier: RecordingNotifier
     media: Path
 
-    async def job(self, seed: int = 42) -> uuid.UUID:
+    async def job(self, seed: int = 42, deadline_seconds: float = 60) -> uuid.UUID:
         """Given a job, queued: its input carries a recorded seed, which makes it unique."""
         job_id = uuid.uuid4()
         new = jobs.NewJob(
@@ -182,7 +183,7 @@ class World:
             parameters={},
             model=MODEL,
             max_attempts=3,
-            deadline_seconds=60,
+            deadline_seconds=deadline_seconds,
             input={"prompt": f"a lighthouse {job_id.hex[:6]}", "seed": seed},
         )
         async with self.ctx.db.transaction() as conn:
@@ -484,6 +485,85 @@ async def test_a_cancel_while_waiting_cancels_the_prediction_and_the_job(world: 
     assert (attempt.outcome, attempt.prediction_status) == ("canceled", "canceled")
     assert world.notifier.statuses()[-1] == "canceled"
     assert world.stored_files() == []
+
+
+async def test_a_cancel_during_a_429_wait_cancels_the_prediction_being_resumed(world: World) -> None:
+    job_id = await world.job()
+    earlier = world.provider.nth(0)
+    await a_worker_died_holding(world, job_id, earlier)
+    world.provider.answers[earlier] = [TransientProviderError("throttled", http_status=429, retry_after=30)]
+    running = asyncio.create_task(world.run(job_id))
+    await asyncio.wait_for(world.provider.got.wait(), 5)
+
+    async with world.ctx.db.transaction() as conn:
+        await jobs.request_cancel(conn, job_id)
+    await world.ctx.leases.watch_cancels()
+    await asyncio.wait_for(running, 2)  # not 30 s: the wait ends with the cancel
+
+    assert world.provider.canceled == [earlier]
+    assert (await job_row(world.ctx.db, job_id)).status == "canceled"
+
+
+async def test_a_cancel_ends_a_look_at_the_prediction_that_hangs(world: World) -> None:
+    job_id = await world.job()
+    made = world.provider.nth(1)
+    world.provider.answers[made] = [processing(made)]
+    never = asyncio.Event()
+    running = asyncio.create_task(world.run(job_id))
+    await asyncio.wait_for(world.provider.got.wait(), 5)
+    world.provider.on_get = never.wait  # the next look hangs (the client sleeping out a Retry-After)
+    await asyncio.sleep(0.1)
+
+    async with world.ctx.db.transaction() as conn:
+        await jobs.request_cancel(conn, job_id)
+    await world.ctx.leases.watch_cancels()
+    await asyncio.wait_for(running, 2)
+
+    assert world.provider.canceled == [made]
+    assert (await job_row(world.ctx.db, job_id)).status == "canceled"
+
+
+async def test_a_job_past_its_deadline_before_resuming_cancels_its_prediction(world: World) -> None:
+    job_id = await world.job()
+    earlier = world.provider.nth(0)
+    await a_worker_died_holding(world, job_id, earlier)
+    async with world.ctx.db.transaction() as conn:
+        past = text("UPDATE jobs SET deadline_at = now() - interval '1 second' WHERE id = :id")
+        await conn.execute(past, {"id": job_id})
+
+    await world.run(job_id)
+
+    assert world.provider.calls == [("cancel", earlier)]
+    job = await job_row(world.ctx.db, job_id)
+    assert (job.status, job.error_class) == ("failed", "JobDeadlineExceeded")
+
+
+async def test_a_429_wait_past_the_deadline_ends_at_the_deadline_and_cancels_the_prediction(world: World) -> None:
+    job_id = await world.job(deadline_seconds=1)
+    made = world.provider.nth(1)
+    world.provider.answers[made] = [TransientProviderError("throttled", http_status=429, retry_after=30)]
+    started = time.monotonic()
+
+    await world.run(job_id)
+
+    assert time.monotonic() - started < 3
+    assert world.provider.canceled == [made]
+    job = await job_row(world.ctx.db, job_id)
+    assert (job.status, job.error_class) == ("failed", "JobDeadlineExceeded")
+
+
+async def test_an_aborted_prediction_ends_the_job_at_its_deadline_unbilled(world: World) -> None:
+    job_id = await world.job()
+    made = world.provider.nth(1)
+    world.provider.answers[made] = [Prediction(made, "aborted")]
+
+    await world.run(job_id)
+
+    assert world.provider.made == [made] and world.provider.canceled == []
+    job = await job_row(world.ctx.db, job_id)
+    assert (job.status, job.error_class) == ("failed", "JobDeadlineExceeded")
+    [attempt] = await attempt_rows(world.ctx.db, job_id)
+    assert (attempt.prediction_status, attempt.cost_usd) == ("aborted", 0)
 
 
 # --- a lost lease ---------------------------------------------------------------------------------

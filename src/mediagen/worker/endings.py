@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from mediagen import metrics
@@ -152,6 +153,8 @@ def spend_of(
     do not count them (Replicate bills per output image)."""
     if prediction is None or not prediction.done:
         return jobs.NO_SPEND
+    if prediction.status == "aborted":
+        return jobs.Spend(None, 0, Decimal(0))  # never started: Replicate bills nothing for it
     reported = prediction.metrics or {}
     seconds = reported.get("predict_time")
     count = reported.get("image_count")

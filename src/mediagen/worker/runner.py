@@ -14,6 +14,12 @@ The attempt protocol (no lost job, no double billing):
 4. Download each image at once, check it, store it atomically; then close the attempt and the job in
    one transaction, guarded by our claim token.
 5. On error, mediagen.core.retry decides: retry (job `retrying`, a delayed message) or fail.
+
+Bounded throughout: every call to the provider ends by the job's deadline (the adapter bounds it as a
+whole), each prediction is created to end by then at the provider too (Replicate's `Cancel-After`), and
+a read, a poll's sleep or a wait on a 429 or an outage ends the moment the job is canceled, taken over
+or past its deadline. Whatever ends the job then, the prediction it knows of (resumed, adopted or
+created) is canceled at the provider unless the job will resume it (mediagen.worker.endings).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -72,6 +79,14 @@ def model_input(claim: jobs.Claim) -> dict[str, Any]:
     return data
 
 
+@dataclass
+class _Flight:
+    """The prediction this attempt answers for, as last seen: the one it resumes (before its first
+    look), adopts or creates. Whatever ends the attempt decides what becomes of it."""
+
+    prediction: Prediction | None = None
+
+
 def _exiting(ctx: WorkerContext) -> bool:
     """Is this process on its way out (a graceful stop, or an exit the worker hooks never saw)?"""
     return ctx.stopping or not threading.main_thread().is_alive()
@@ -114,7 +129,10 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
 
 async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
     started = time.monotonic()
-    prediction: Prediction | None = None
+    flight = _Flight()
+    if claim.resume_prediction_id is not None:
+        # Not looked at yet, but ours: a job that ends before the look still cancels it.
+        flight.prediction = Prediction(claim.resume_prediction_id, "starting")
     try:
         if claim.attempt > claim.max_attempts:
             raise PermanentProviderError(
@@ -122,13 +140,15 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
             )
         _check_deadline(claim)
         if ctx.webhook_url is None:
-            prediction, created = await _start_or_resume(ctx, claim, hold)
-            prediction = await _poll(ctx, claim, hold, prediction, fresh=created)
+            created = await _start_or_resume(ctx, claim, hold, flight)
+            await _poll(ctx, claim, hold, flight, fresh=created)
         else:
             # Listening before the create: a webhook that beats the create's answer is not missed.
             async with ctx.notifier.listen(claim.job_id) as events:
-                prediction, _ = await _start_or_resume(ctx, claim, hold)
-                prediction = await _await_webhook(ctx, claim, hold, prediction, events)
+                await _start_or_resume(ctx, claim, hold, flight)
+                await _await_webhook(ctx, claim, hold, flight, events)
+        prediction = flight.prediction
+        assert prediction is not None
         if prediction.status != "succeeded":
             raise _prediction_failure(prediction)
         outputs = await store_outputs(ctx.downloader, ctx.storage, claim.job_id, prediction.output)
@@ -160,7 +180,7 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
     except LeaseLost:
         endings.log_lost(claim)
     except JobCanceled:
-        await endings.cancel(ctx, claim, prediction)
+        await endings.cancel(ctx, claim, flight.prediction)
     except WorkerStopping as stopping:
         await endings.release(ctx, claim, stopping.message)
     except asyncio.CancelledError:
@@ -171,7 +191,7 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
             # Errors of a dying process (e.g. no more threads for file writes) are not the job's.
             await endings.release(ctx, claim, f"the worker stopped: {error}")
         else:
-            await endings.fail(ctx, claim, prediction, error)
+            await endings.fail(ctx, claim, flight.prediction, _past_deadline(claim, error))
 
 
 async def _recorded(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, write: Callable[[], Awaitable[T]]) -> T:
@@ -197,25 +217,41 @@ async def _recorded(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, write: Ca
             await hold.sleep(1.0)
 
 
+def _left(claim: jobs.Claim) -> float:
+    """Seconds until the job's deadline."""
+    return (claim.deadline_at - datetime.now(UTC)).total_seconds()
+
+
 def _check_deadline(claim: jobs.Claim) -> None:
-    if datetime.now(UTC) >= claim.deadline_at:
+    if _left(claim) <= 0:
         raise JobDeadlineExceeded("the job did not finish before its deadline")
 
 
-async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> tuple[Prediction, bool]:
-    """The attempt's prediction, and whether it was created just now (not resumed or adopted)."""
+def _past_deadline(claim: jobs.Claim, error: Exception) -> Exception:
+    """An error met once the deadline has passed (a call cut off by it, a prediction Replicate ended
+    by it) ends the job as past its deadline, whatever else it would have been worth."""
+    if isinstance(error, JobDeadlineExceeded) or _left(claim) > 0:
+        return error
+    cause = error.message if isinstance(error, MediagenError) else str(error) or type(error).__name__
+    return JobDeadlineExceeded(f"the job did not finish before its deadline ({cause})")
+
+
+async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: _Flight) -> bool:
+    """The attempt's prediction into `flight`; True when it was created just now (not resumed or adopted)."""
     if claim.resume_prediction_id is not None:
-        resumed = await _resume(ctx, claim, hold, claim.resume_prediction_id)
-        if resumed is not None:
-            return resumed, False
+        flight.prediction = await _resume(ctx, claim, hold, claim.resume_prediction_id)
+        if flight.prediction is not None:
+            return False
     data = model_input(claim)
     if claim.reconcile_since is not None:
-        adopted = await _reconcile(ctx, claim, hold, data)
-        if adopted is not None:
-            return adopted, False
+        flight.prediction = await _reconcile(ctx, claim, hold, data)
+        if flight.prediction is not None:
+            return False
     webhook = None
     if ctx.webhook_url is not None:
         webhook = f"{ctx.webhook_url}?job={claim.job_id}&attempt={claim.attempt}"
+    # Not raced against a cancel as reads are: a create cut off after it went out would leave a paid
+    # prediction unknown. It ends by its own bound, and a cancel is seen right after.
     prediction = await _unthrottled(
         ctx, claim, hold, lambda: ctx.provider.create(claim.model, data, webhook=webhook, deadline=claim.deadline_at)
     )
@@ -226,7 +262,8 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) ->
         if not owners:
             await endings.cancel_prediction(ctx, claim, prediction)
         raise LeaseLost("the job was taken over while its prediction was being created")
-    return prediction, True
+    flight.prediction = prediction
+    return True
 
 
 async def _resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction_id: str) -> Prediction | None:
@@ -238,7 +275,7 @@ async def _resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction_
     """
     try:
         return await _unthrottled(
-            ctx, claim, hold, partial(ctx.provider.get, prediction_id, deadline=claim.deadline_at)
+            ctx, claim, hold, _read(hold, partial(ctx.provider.get, prediction_id, deadline=claim.deadline_at))
         )
     except PermanentProviderError as error:
         if error.http_status != 404:
@@ -273,7 +310,7 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, data: di
             ctx,
             claim,
             hold,
-            lambda: ctx.provider.find_recent(claim.model, data, since, deadline=claim.deadline_at),
+            _read(hold, lambda: ctx.provider.find_recent(claim.model, data, since, deadline=claim.deadline_at)),
         )
     except PermanentProviderError as error:
         # A provider without a list of predictions (some stand-ins): nothing to reconcile against.
@@ -305,7 +342,8 @@ def _webhook_of(prediction: Prediction, claim: jobs.Claim) -> bool:
 
 
 async def _unthrottled(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, again after each 429 for as long as it asks: being throttled is no failed attempt."""
+    """`call()`, again after each 429 for as long as it asks: being throttled is no failed attempt.
+    The wait ends early when the job must stop (canceled, taken over) or reaches its deadline."""
     while True:
         try:
             return await call()
@@ -314,36 +352,55 @@ async def _unthrottled(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: 
             if wait is None:
                 raise
             log_event("job.throttled", job_id=str(claim.job_id), attempt=claim.attempt, retry_after=wait)
-            await hold.sleep(wait)
+            await hold.sleep(max(0.0, min(wait, _left(claim))))
             _check_deadline(claim)
 
 
-async def _poll(
-    ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction: Prediction, *, fresh: bool
-) -> Prediction:
+def _read(hold: Hold, call: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+    """`call` as a read given up the moment the job must stop (see Hold): safe for reads only."""
+
+    async def watched() -> T:
+        hold.check()
+        task = asyncio.ensure_future(call())
+        stop = asyncio.ensure_future(hold.wake.wait())
+        try:
+            await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+        hold.check()
+        return task.result()
+
+    return watched
+
+
+async def _poll(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: _Flight, *, fresh: bool) -> None:
+    assert flight.prediction is not None
     delays = ctx.polls.delays(claim.model, fresh=fresh)
     progress = ProgressReporter(ctx.db, ctx.notifier, claim)
-    while not prediction.done:
+    while not flight.prediction.done:
         hold.check()
         _check_deadline(claim)
-        await hold.sleep(next(delays))
-        prediction = await _unthrottled(
-            ctx, claim, hold, partial(ctx.provider.get, prediction.id, deadline=claim.deadline_at)
-        )
-        await progress.seen(prediction)
-    ctx.polls.observe(claim.model, prediction)
-    return prediction
+        await hold.sleep(max(0.0, min(next(delays), _left(claim))))
+        look = partial(ctx.provider.get, flight.prediction.id, deadline=claim.deadline_at)
+        flight.prediction = await _unthrottled(ctx, claim, hold, _read(hold, look))
+        await progress.seen(flight.prediction)
+    ctx.polls.observe(claim.model, flight.prediction)
 
 
 async def _await_webhook(
-    ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction: Prediction, events: Subscription
-) -> Prediction:
+    ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: _Flight, events: Subscription
+) -> None:
     """Wait for the webhook that says the prediction ended, then look at it (one GET); without one, look
-    every `webhook_poll_seconds` anyway (a lost webhook, Replicate's retries giving up)."""
+    every `webhook_poll_seconds` anyway (a lost webhook, Replicate's retries giving up), and at the
+    job's deadline."""
+    assert flight.prediction is not None
+    prediction = flight.prediction
     progress = ProgressReporter(ctx.db, ctx.notifier, claim)
     while not prediction.done:
         _check_deadline(claim)
-        give_up_at = time.monotonic() + ctx.webhook_poll_seconds
+        give_up_at = time.monotonic() + min(ctx.webhook_poll_seconds, _left(claim))
         while (left := give_up_at - time.monotonic()) > 0:
             event = await _next_event(events, hold, left)
             if event is None or event.get("type") != "prediction" or event.get("prediction_id") != prediction.id:
@@ -352,11 +409,9 @@ async def _await_webhook(
                 break
             if event.get("progress"):  # a `logs` webhook: its tqdm bar, parsed by the receiver
                 await progress.report(event["progress"]["percentage"])
-        prediction = await _unthrottled(
-            ctx, claim, hold, partial(ctx.provider.get, prediction.id, deadline=claim.deadline_at)
-        )
+        look = partial(ctx.provider.get, prediction.id, deadline=claim.deadline_at)
+        prediction = flight.prediction = await _unthrottled(ctx, claim, hold, _read(hold, look))
     ctx.polls.observe(claim.model, prediction)
-    return prediction
 
 
 async def _next_event(events: Subscription, hold: Hold, within: float) -> Event | None:
@@ -376,8 +431,14 @@ async def _next_event(events: Subscription, hold: Hold, within: float) -> Event 
 
 def _prediction_failure(prediction: Prediction) -> MediagenError:
     """A prediction that ended failed is the model's verdict (permanent unless an infrastructure
-    fault); one canceled or aborted by someone else is worth a new prediction."""
+    fault); one aborted reached the job's deadline (its `Cancel-After`) before it started; one
+    canceled by someone else is worth a new prediction."""
     message = prediction.error or f"the prediction ended {prediction.status}"
+    if prediction.status == "aborted":
+        return JobDeadlineExceeded(
+            "the job did not finish before its deadline (the provider aborted its prediction, which had not "
+            "started by then: not billed)"
+        )
     if prediction.status == "failed":
         transient = prediction.retryable
         if transient is None:
