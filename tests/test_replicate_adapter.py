@@ -7,6 +7,7 @@ and that a prediction is found in Replicate's list however many pages down its w
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -148,6 +149,29 @@ async def test_the_list_is_not_read_past_the_window(provider: ReplicateProvider,
 
     assert [prediction.id for prediction in found] == [made.id]
     assert fake.stats()["requests"].get("lists", 0) - lists_before == 1
+
+
+async def test_a_prediction_that_has_not_started_by_the_jobs_deadline_is_aborted_by_replicate(
+    provider: ReplicateProvider,
+) -> None:
+    data = an_input("[[starting=5]]")  # queued 5 s before it could start
+    made = await provider.create(MODEL, data, deadline=datetime.now(UTC) + timedelta(seconds=1))
+    await asyncio.sleep(1.5)  # no worker looks, cancels or waits meanwhile
+
+    seen = await provider.get(made.id)
+    [listed] = await provider.find_recent(MODEL, data, datetime.now(UTC) - timedelta(seconds=10))
+
+    assert seen.status == "aborted" and seen.done  # read, though the replicate client cannot parse it
+    assert listed.status == "aborted"
+
+
+async def test_a_prediction_still_running_at_the_jobs_deadline_is_canceled_by_replicate(
+    provider: ReplicateProvider,
+) -> None:
+    made = await provider.create(MODEL, an_input("[[latency=5]]"), deadline=datetime.now(UTC) + timedelta(seconds=1))
+    await asyncio.sleep(1.5)
+
+    assert (await provider.get(made.id)).status == "canceled"
 
 
 def test_cancel_after_is_the_jobs_remaining_time_rounded_up() -> None:
