@@ -1,15 +1,18 @@
-"""One queued request of the fake fal: its status is derived from its timestamps whenever it is read.
+"""A queued request of the fake fal, its status derived from its timestamps whenever it is read, and the
+runners of each app it may wait for.
 
 A request is ``IN_QUEUE`` for its queue time, ``IN_PROGRESS`` (with progress lines in its logs) until
 its latency has passed, then ``COMPLETED``, with the outcome fated at submit: a result (200) or an
 error (status code and body, e.g. 422 with fal's ``detail`` list). A cancel ends it at once. No
-background task runs per request, so thousands in flight cost nothing.
+background task runs per request, so thousands in flight cost nothing. With a `concurrency` limit its
+queue time also covers its wait for a free runner (`Runners`), computed once, at submit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -180,3 +183,39 @@ def _progress_line(step: int) -> str:
     pct = step * 100 // PROGRESS_STEPS
     bar = ("\u2588" * (step * 10 // PROGRESS_STEPS)).ljust(10)
     return f"{pct:3d}%|{bar}| {step}/{PROGRESS_STEPS} [00:00<00:00, 4.00it/s]"
+
+
+class Runners:
+    """Each app's runners, when a `concurrency` limits them: when each is free again (a heap of times)."""
+
+    def __init__(self) -> None:
+        self.busy: dict[str, list[float]] = {}
+
+    def schedule(
+        self, endpoint_id: str, queue_seconds: float, latency: float, concurrency: int, start_timeout: float | None
+    ) -> tuple[float, float, bool]:
+        """(seconds IN_QUEUE, latency, whether it starts) of a new request of `endpoint_id`'s app.
+
+        Without a limit it starts after its queue time. With one it waits, besides, for the first of its
+        app's runners to be free; fal gives it up (504 `request_timeout`) when it would not start within
+        the submit's `X-Fal-Request-Timeout`, and then it takes no runner."""
+        run = max(latency - queue_seconds, 0.0)
+        now = time.monotonic()
+        start = now + queue_seconds
+        busy = None
+        if concurrency > 0:
+            busy = self.busy.setdefault("/".join(endpoint_id.split("/")[:2]), [])
+            if len(busy) >= concurrency:
+                start = max(start, busy[0])
+        wait = start - now
+        if start_timeout is not None and wait > start_timeout:
+            return start_timeout, start_timeout, False
+        if busy is not None:
+            if len(busy) >= concurrency:
+                heapq.heapreplace(busy, start + run)
+            else:
+                heapq.heappush(busy, start + run)
+        return wait, wait + run, True
+
+    def clear(self) -> None:
+        self.busy.clear()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import heapq
 import random
 import time
 import uuid
@@ -31,7 +30,7 @@ from fake_fal.control import control_routes
 from fake_fal.directives import Directives, first_n_applies, nth_fault, parse_directives
 from fake_fal.images import BLACK, ImageCache, mark, palette_index
 from fake_fal.models import endpoint_for, plan, validate
-from fake_fal.queue import JSON, QueuedRequest
+from fake_fal.queue import JSON, QueuedRequest, Runners
 from fake_fal.responses import (
     RUNNER_ERRORS,
     DroppedConnection,
@@ -69,9 +68,10 @@ class FakeFal:
         self.outage_until = 0.0
         self.outage_status = 503
         self.outage_prompts: set[str] = set()
-        self.runners: dict[str, list[float]] = {}
-        """Per app, when each of its `concurrency` runners is free again (a heap of monotonic times)."""
         """Prompts whose ``[[outage=...]]`` has started its outage (once each)."""
+        self.runners = Runners()
+        self.longest_queue = 0.0
+        """The longest time in queue of any request so far: older ones cannot be queued any more."""
         self.signer = Signer()
         self.webhooks = WebhookSender(self.signer, lambda: self.config)
         self.store = RequestStore(data_dir)
@@ -164,6 +164,7 @@ class FakeFal:
         return probability > 0 and self.rng.random() < probability
 
     def enqueue(self, req: QueuedRequest) -> None:
+        self.longest_queue = max(self.longest_queue, req.queue_seconds)
         self.requests[req.id] = req
         self.by_app.setdefault(req.app, []).append(req)
         self.by_prompt[req.prompt] += 1
@@ -174,9 +175,14 @@ class FakeFal:
         return req if req is not None and req.app == app else None
 
     def queue_position(self, req: QueuedRequest, now: float) -> int:
-        """How many requests of the same app, submitted earlier, are still IN_QUEUE."""
+        """How many requests of the same app, submitted earlier, are still IN_QUEUE.
+
+        Only requests younger than the longest queue time seen can still be queued: the scan stops there."""
         ahead = 0
+        horizon = now - self.longest_queue
         for other in reversed(self.by_app.get(req.app, [])):
+            if other.created_mono < horizon:
+                break
             if other.created_mono < req.created_mono and other.status(now) == "IN_QUEUE":
                 ahead += 1
         return ahead
@@ -321,7 +327,9 @@ class FakeFal:
             queue_seconds = (
                 self.config.queue_seconds if self.config.queue_seconds is not None else min(0.1 * latency, 0.5)
             )
-        queue_seconds, latency, started = self.schedule(endpoint_id, queue_seconds, latency, _start_timeout(request))
+        queue_seconds, latency, started = self.runners.schedule(
+            endpoint_id, queue_seconds, latency, self.config.concurrency, _start_timeout(request)
+        )
         if not started:
             code, body = 504, {"detail": "Request timed out before it started", "error_type": "request_timeout"}
         req = QueuedRequest(
@@ -346,32 +354,6 @@ class FakeFal:
             record.update(webhook=webhook, base=base)
         self.store.submitted(record)
         return req
-
-    def schedule(
-        self, endpoint_id: str, queue_seconds: float, latency: float, start_timeout: float | None
-    ) -> tuple[float, float, bool]:
-        """(seconds IN_QUEUE, latency, whether it starts) of a new request, given its app's busy runners.
-
-        Without a `concurrency` limit it starts after its queue time. With one it waits, besides, for the
-        first of its app's runners to be free; fal gives it up (504 `request_timeout`) when it would not
-        start within the submit's `X-Fal-Request-Timeout`, and then it takes no runner."""
-        run = max(latency - queue_seconds, 0.0)
-        now = time.monotonic()
-        start = now + queue_seconds
-        busy = None
-        if self.config.concurrency > 0:
-            busy = self.runners.setdefault("/".join(endpoint_id.split("/")[:2]), [])
-            if len(busy) >= self.config.concurrency:
-                start = max(start, busy[0])
-        wait = start - now
-        if start_timeout is not None and wait > start_timeout:
-            return start_timeout, start_timeout, False
-        if busy is not None:
-            if len(busy) >= self.config.concurrency:
-                heapq.heapreplace(busy, start + run)
-            else:
-                heapq.heappush(busy, start + run)
-        return wait, wait + run, True
 
     def latency(self) -> float:
         latency, jitter = self.config.latency, self.config.latency_jitter
@@ -409,9 +391,8 @@ class FakeFal:
             await asyncio.sleep(d.hang_status)
         now = time.monotonic()
         with_logs = request.query_params.get("logs", "0").lower() in ("1", "true")
-        body = req.status_json(
-            self.base_url(request), now, with_logs=with_logs, queue_position=self.queue_position(req, now)
-        )
+        position = self.queue_position(req, now) if req.status(now) == "IN_QUEUE" else 0
+        body = req.status_json(self.base_url(request), now, with_logs=with_logs, queue_position=position)
         return json_response(body, 200 if body["status"] == "COMPLETED" else 202, {"x-fal-request-id": req.id})
 
     async def result(self, request: Request) -> Response:
