@@ -103,6 +103,53 @@ async def test_retry_starts_a_fresh_prediction_instead_of_resuming_the_old_one(
     assert fake_replicate.predictions_for(prompt) == 2
 
 
+async def failed_job_left_running(db: Database, api: httpx.AsyncClient, prompt: str, prediction: str) -> str:
+    """A failed job whose last attempt holds `prediction`, last seen `processing`: it may still run."""
+    job_id = await failed_job_holding(db, api, prompt, lambda: prediction)
+    async with db.transaction() as conn:
+        await conn.execute(
+            text("UPDATE attempts SET prediction_status = 'processing' WHERE job_id = :id"), {"id": job_id}
+        )
+    return job_id
+
+
+async def test_retry_cancels_an_earlier_prediction_that_may_still_run_before_a_fresh_one(
+    api: httpx.AsyncClient, service_env: dict[str, str], db: Database, fake_replicate: FakeReplicate
+) -> None:
+    slow = httpx.post(
+        f"{fake_replicate.url}/v1/models/black-forest-labs/flux-schnell/predictions",
+        json={"input": {"prompt": unique("still running [[latency=60]]"), "megapixels": "0.25"}},
+        headers={"Authorization": "Bearer test"},
+    ).json()["id"]
+    job_id = await failed_job_left_running(db, api, unique("retried while running [[create:422*1]]"), slow)
+
+    retried = mediagen(service_env, "retry", job_id)
+
+    assert retried.returncode == 0, retried.stderr
+    assert f"canceled the earlier prediction {slow}" in retried.stdout
+    earlier = httpx.get(f"{fake_replicate.url}/v1/predictions/{slow}", headers={"Authorization": "Bearer t"}).json()
+    assert earlier["status"] == "canceled"
+    assert (await wait_for_job(api, job_id))["status"] == "succeeded"
+    async with db.connect() as conn:
+        noted = (
+            await conn.execute(text("SELECT prediction_status FROM attempts WHERE prediction_id = :p"), {"p": slow})
+        ).scalar()
+    assert noted == "canceled"
+
+
+async def test_retry_is_refused_while_an_earlier_prediction_cannot_be_canceled(
+    api: httpx.AsyncClient, service_env: dict[str, str], db: Database
+) -> None:
+    job_id = await failed_job_left_running(db, api, unique("provider away [[create:422*1]]"), "p-unreachable")
+    away = {**service_env, "REPLICATE_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+
+    retried = mediagen(away, "retry", job_id)
+
+    assert retried.returncode == 1
+    assert "p-unreachable" in retried.stderr and "not retried" in retried.stderr
+    assert (await api.get(f"/status/{job_id}")).json()["status"] == "failed"
+
+
 async def test_retry_prints_the_real_redis_error_and_the_sweep_still_runs_the_job(
     api: httpx.AsyncClient, service_env: dict[str, str], db: Database
 ) -> None:

@@ -573,3 +573,27 @@ async def test_the_deadline_sweep_cancels_what_a_retrying_job_left_running_and_e
     for claim in (retrying, orphan):
         row = await job_row(domain_db, claim.job_id)
         assert (row.status, row.error_class) == ("failed", "JobDeadlineExceeded")
+
+
+# --- an operator's retry -------------------------------------------------------------------------
+
+
+async def test_a_retry_names_the_prediction_left_running_and_records_it_canceled(domain_db: Database) -> None:
+    claim = await running(domain_db, prediction="p-left")
+    async with domain_db.connect() as conn:
+        assert await jobs.left_running(conn, claim.job_id) is None, "a running job's prediction is its worker's"
+    assert await jobs.fail_attempt(domain_db, claim, jobs.Failure("Replicate401", "unauthorized"), retry_delay=None)
+
+    async with domain_db.transaction() as conn:
+        assert await jobs.left_running(conn, claim.job_id) == "p-left"
+        attempts = await jobs.retry_finished(
+            conn, claim.job_id, budget=2, deadline_seconds=60, canceled_prediction="p-left"
+        )
+
+    assert attempts == 1
+    (attempt,) = await attempt_rows(domain_db, claim.job_id)
+    assert attempt.prediction_status == "canceled"
+    async with domain_db.connect() as conn:
+        assert await jobs.left_running(conn, claim.job_id) is None
+    again = await jobs.claim(domain_db, claim.job_id, lease_seconds=30)
+    assert again is not None and again.resume_prediction_id is None, "a retry starts a fresh prediction"

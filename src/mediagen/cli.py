@@ -29,8 +29,9 @@ RETRY_HELP = """\
 Run a failed or canceled job again, whatever it failed of, including a prediction that failed at
 Replicate (flagged content, a model error): the job gets MEDIAGEN_MAX_ATTEMPTS more attempts and a
 new deadline, and its next attempt creates a fresh prediction (which Replicate bills again); no
-earlier prediction of the job is resumed. A job that is queued, running, retrying or succeeded
-cannot be retried. The job is sent to the workers through Redis; if Redis cannot take it, a
+earlier prediction of the job is resumed: one that may still be running is canceled at Replicate
+first (if Replicate cannot be reached, the job is not retried). A job that is queued, running,
+retrying or succeeded cannot be retried. The job is sent to the workers through Redis; if Redis cannot take it, a
 worker's recovery sweep picks it up within seconds.
 """
 
@@ -114,9 +115,20 @@ async def list_jobs(db: Database, status: str | None, since: timedelta | None, l
 
 
 async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
+    async with db.connect() as conn:
+        earlier = await jobs.left_running(conn, job_id)
+    canceled = None
+    if earlier is not None:
+        if not await _cancel_earlier(settings, job_id, earlier):
+            return 1
+        canceled = earlier
     async with db.transaction() as conn:
         attempts = await jobs.retry_finished(
-            conn, job_id, budget=settings.max_attempts, deadline_seconds=settings.job_deadline_seconds
+            conn,
+            job_id,
+            budget=settings.max_attempts,
+            deadline_seconds=settings.job_deadline_seconds,
+            canceled_prediction=canceled,
         )
     if attempts is None:
         print(f"job {job_id} is not failed or canceled (or does not exist)", file=sys.stderr)
@@ -138,6 +150,30 @@ async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
             await redis.aclose()
     print(f"job {job_id} queued again: attempt {attempts + 1} is next, on a fresh prediction")
     return 0
+
+
+async def _cancel_earlier(settings: Settings, job_id: uuid.UUID, prediction_id: str) -> bool:
+    """Cancel at Replicate the prediction the job's last attempt left running, so that the retry's fresh
+    one is not paid for on top of it. False: it may still run, so the job is not retried."""
+    from mediagen import services
+    from mediagen.core.errors import MediagenError
+
+    provider = services.provider(settings)
+    try:
+        await provider.cancel(prediction_id)
+    except MediagenError as error:
+        if error.http_status == 404:  # Replicate no longer knows it: nothing runs to be paid for
+            return True
+        print(
+            f"could not cancel the earlier prediction {prediction_id} of job {job_id}, which may still be "
+            f"running ({error.message}): not retried, so that it is not paid for twice; try again",
+            file=sys.stderr,
+        )
+        return False
+    finally:
+        await provider.aclose()
+    print(f"canceled the earlier prediction {prediction_id}, which may still have been running")
+    return True
 
 
 async def show_usage(db: Database, since: timedelta) -> int:

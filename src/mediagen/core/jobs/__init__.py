@@ -46,7 +46,7 @@ from mediagen.core.jobs.attempts import (
 )
 from mediagen.core.jobs.claim import Claim, claim, due_in
 from mediagen.core.jobs.leases import cancel_requested, renew_leases
-from mediagen.core.jobs.queries import JobDetail, get_detail, list_jobs, output_keys, statuses
+from mediagen.core.jobs.queries import JobDetail, get_detail, left_running, list_jobs, output_keys, statuses
 from mediagen.core.jobs.status import STATUS_SQL, JobStatusView, get_status, shown_error, shown_progress
 from mediagen.core.jobs.submit import NewJob, create_jobs, find_by_idempotency_key, request_cancel, retry_finished
 from mediagen.core.jobs.sweeps import Overdue, Stale, Unheld, end_unheld, fail_overdue, take_stale, take_unheld
@@ -77,6 +77,7 @@ __all__ = [
     "forget_gone_prediction",
     "get_detail",
     "get_status",
+    "left_running",
     "list_jobs",
     "output_keys",
     "prediction_owners",

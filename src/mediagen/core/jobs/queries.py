@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, func, select, tuple_
+from sqlalchemy import Row, and_, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mediagen.core import deliveries
@@ -88,3 +88,24 @@ async def statuses(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> dict[
         return {}
     rows = await conn.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids)))
     return {row.id: row.status for row in rows}
+
+
+FINAL_PREDICTION = ("succeeded", "failed", "canceled", "aborted")
+"""A prediction's statuses after which it runs (and bills) no more."""
+
+
+async def left_running(conn: AsyncConnection, job_id: uuid.UUID) -> str | None:
+    """The prediction a failed or canceled job's last attempt started and that may still run at the
+    provider (its last status known to us is not final), if any: what `mediagen retry` cancels first."""
+    query = (
+        select(Attempt.prediction_id)
+        .join(Job, and_(Attempt.job_id == Job.id, Attempt.number == Job.attempts))
+        .where(
+            Job.id == job_id,
+            Job.status.in_(("failed", "canceled")),
+            Attempt.prediction_id.is_not(None),
+            func.coalesce(Attempt.prediction_status, "").not_in(FINAL_PREDICTION),
+        )
+    )
+    prediction_id: str | None = (await conn.execute(query)).scalar()
+    return prediction_id

@@ -136,22 +136,36 @@ async def request_cancel(conn: AsyncConnection, job_id: uuid.UUID, owner: str | 
 
 _RETRY_SQL = text(
     """
-    UPDATE jobs SET status = 'queued', max_attempts = attempts + :budget, error_class = NULL,
-           error_message = NULL, finished_at = NULL, cancel_requested = false, claim_token = NULL,
-           lease_until = NULL, next_attempt_at = NULL, dispatched_at = now(), updated_at = now(),
-           retried_at = now(), deadline_at = now() + make_interval(secs => :deadline)
-    WHERE id = :id AND status IN ('failed', 'canceled')
-    RETURNING attempts
+    WITH retried AS (
+        UPDATE jobs SET status = 'queued', max_attempts = attempts + :budget, error_class = NULL,
+               error_message = NULL, finished_at = NULL, cancel_requested = false, claim_token = NULL,
+               lease_until = NULL, next_attempt_at = NULL, dispatched_at = now(), updated_at = now(),
+               retried_at = now(), deadline_at = now() + make_interval(secs => :deadline)
+        WHERE id = :id AND status IN ('failed', 'canceled')
+        RETURNING attempts
+    ), noted AS (
+        UPDATE attempts SET prediction_status = 'canceled'
+        WHERE job_id = :id AND prediction_id = CAST(:canceled AS text) AND EXISTS (SELECT 1 FROM retried)
+    )
+    SELECT attempts FROM retried
     """
 )
 
 
 async def retry_finished(
-    conn: AsyncConnection, job_id: uuid.UUID, *, budget: int, deadline_seconds: float
+    conn: AsyncConnection,
+    job_id: uuid.UUID,
+    *,
+    budget: int,
+    deadline_seconds: float,
+    canceled_prediction: str | None = None,
 ) -> int | None:
     """An operator runs a failed or canceled job again: `budget` more attempts, a new deadline, and a
     fresh prediction (the job's earlier predictions are neither resumed nor adopted, whatever became
-    of them). Returns the number of attempts made so far, or None when the job is not failed or canceled.
+    of them; the caller cancels first one that may still run, see `left_running`, and names it as
+    `canceled_prediction` to have it recorded so). Returns the number of attempts made so far, or None
+    when the job is not failed or canceled.
     """
-    row = (await conn.execute(_RETRY_SQL, {"id": job_id, "budget": budget, "deadline": deadline_seconds})).first()
+    params = {"id": job_id, "budget": budget, "deadline": deadline_seconds, "canceled": canceled_prediction}
+    row = (await conn.execute(_RETRY_SQL, params)).first()
     return int(row.attempts) if row is not None else None
