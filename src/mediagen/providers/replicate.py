@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 import replicate
 from replicate.exceptions import ReplicateError
 
@@ -248,7 +249,7 @@ class ReplicateProvider:
         try:
             async with asyncio.timeout(bound):
                 response = await self.client._async_request(method, path, **kwargs)
-            return response.json()
+            return orjson.loads(response.content)  # a page of the list is 100 predictions: parse it fast
         except ReplicateError as error:
             raise _mapped(error, hint, creating=creating) from error
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
