@@ -1,4 +1,5 @@
-"""Claiming a job for an attempt: the one statement that takes the lease and opens the attempt.
+"""Claiming a job for an attempt: the one statement that takes the lease and opens the attempt, and
+how long until a job the claim found not yet due will be.
 
 SQL style: raw asyncpg (`$1`) through `Database`'s statement pool, as in `attempts`: the claim runs
 for every message a worker receives, and it is one statement in its own transaction.
