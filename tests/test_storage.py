@@ -511,3 +511,15 @@ async def test_a_job_stores_its_images_in_s3_and_the_api_serves_them(make_stack:
     assert hashlib.sha256(image.content).hexdigest() == output["sha256"]
     assert image.headers["content-type"] == output["content_type"]
     assert ready.json()["checks"]["storage"] == "ok"
+
+
+async def test_deleted_objects_are_gone_and_one_already_gone_is_no_error(storage: Storage) -> None:
+    kept, deleted, never = new_key(), new_key(), new_key()
+    for key in (kept, deleted):
+        await storage.save(key, PNG, "image/png", sha256(PNG))
+
+    await storage.delete([deleted, never])
+    await storage.delete([deleted])  # a prune run again after a failure
+
+    assert not await storage.exists(deleted)
+    assert await storage.exists(kept)

@@ -4,6 +4,8 @@
     mediagen jobs [--status failed] [--since 1h] [--limit 50]
     mediagen retry <id>                     run a failed (or canceled) job again, on a fresh prediction
     mediagen usage [--since 24h]            what the predictions cost: per model, per API key, per day
+    mediagen prune [--days N]               delete finished jobs older than N days (MEDIAGEN_RETENTION_DAYS)
+                                            with their media; their spend stays in usage
 
 Uses DATABASE_URL (and REDIS_URL for `retry`); without them, the embedded servers `make run` keeps in
 MEDIAGEN_DATA_DIR.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -193,6 +196,23 @@ async def show_usage(db: Database, since: timedelta) -> int:
     return 0
 
 
+async def prune_jobs(db: Database, settings: Settings, days: float | None, batch: int) -> int:
+    days = days if days is not None else settings.retention_days
+    if days is None:
+        print("how old? set MEDIAGEN_RETENTION_DAYS or pass --days", file=sys.stderr)
+        return 2
+    from mediagen import services
+
+    started = time.monotonic()
+    storage = services.storage(settings)
+    pruned = await jobs.prune(db, older_than=timedelta(days=days), delete_media=storage.delete, batch=batch)
+    print(
+        f"deleted {pruned.jobs} jobs finished more than {days:g} days ago and {pruned.media_files} media files, "
+        f"in {pruned.batches} batches, {time.monotonic() - started:.1f} s; their spend stays in usage"
+    )
+    return 0
+
+
 def _usage_line(name: str, totals: Any) -> str:
     return (
         f"{name[:44]:<44} {totals.predictions:>11} {totals.images:>7} {totals.predict_seconds:>9.1f} "
@@ -220,6 +240,9 @@ def parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id", type=uuid.UUID)
     spend = commands.add_parser("usage", help="what the predictions cost, per model, per API key and per day")
     spend.add_argument("--since", type=parse_since, default=timedelta(hours=24), help="e.g. 24h (default), 7d")
+    prune = commands.add_parser("prune", help="delete old finished jobs and their media, in small batches")
+    prune.add_argument("--days", type=float, help="older than this (default: MEDIAGEN_RETENTION_DAYS)")
+    prune.add_argument("--batch", type=int, default=None, help="jobs per transaction (MEDIAGEN_RETENTION_BATCH)")
     return root
 
 
@@ -237,6 +260,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             return await list_jobs(db, args.status, args.since, args.limit)
         if args.command == "usage":
             return await show_usage(db, args.since)
+        if args.command == "prune":
+            return await prune_jobs(db, settings, args.days, args.batch or settings.retention_batch)
         return await retry_job(db, settings, args.job_id)
     finally:
         await db.dispose()

@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(2.0, gt=0)
     stale_dispatch_seconds: float = Field(5.0, gt=0)
 
+    # --- retention (see mediagen.core.jobs.retention) ---------------------------------------------
+    retention_days: float | None = Field(None, gt=0)
+    """Finished jobs older than this many days are deleted, media included (their spend stays in /usage).
+    Unset: nothing is ever deleted (`mediagen prune --days N` still does it once)."""
+    retention_sweep_seconds: float = Field(3600.0, gt=0)
+    """How often each worker process prunes, when retention_days is set."""
+    retention_batch: int = Field(500, ge=1, le=10_000)
+    """Jobs deleted per transaction: small, so no lock or transaction is ever long."""
+
     # --- storage -----------------------------------------------------------------------------------
     storage_backend: Literal["local", "s3"] = "local"
     media_dir: Path = Path("media")
@@ -220,7 +229,7 @@ class Settings(BaseSettings):
             )
         return f"{base}/webhooks/replicate"
 
-    @field_validator("webhook_secret", "daily_spend_cap_usd", mode="before")
+    @field_validator("webhook_secret", "daily_spend_cap_usd", "retention_days", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`MEDIAGEN_WEBHOOK_SECRET=` (as in .env.sample) means unset, not an empty secret."""

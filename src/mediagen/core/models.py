@@ -1,9 +1,10 @@
-"""Tables: jobs (the truth about each job), attempts (one row per try), outputs (stored images)."""
+"""Tables: jobs (the truth about each job), attempts (one row per try), outputs (stored images), the
+clients' webhooks and their deliveries, and daily_usage (the spend of jobs retention deleted)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -12,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Double,
     ForeignKey,
@@ -214,3 +216,20 @@ class WebhookDelivery(Base):
         Index("ix_webhook_deliveries_job_id", "job_id"),
         Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=text("state = 'pending'")),
     )
+
+
+class DailyUsage(Base):
+    """What the predictions of deleted jobs (retention) cost, summed per UTC day, model and owner,
+    so `/usage` reads the same after the deletion (mediagen.core.usage writes and reads it)."""
+
+    __tablename__ = "daily_usage"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    owner: Mapped[str] = mapped_column(Text, primary_key=True)
+    predictions: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    jobs: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    images: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    predict_seconds: Mapped[float] = mapped_column(Double, nullable=False)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 6), nullable=False)
+    unpriced: Mapped[int] = mapped_column(BigInteger, nullable=False)

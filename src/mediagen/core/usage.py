@@ -6,16 +6,25 @@ metric it needs is unknown. A prediction is counted once, however many attempts 
 retried download resumes the same prediction): the latest attempt's record wins. A cost is never
 guessed: a job or a total with an unpriced prediction says so (`cost_usd` null for a job,
 `unpriced_predictions` in totals, whose `cost_usd` sums what is known).
+
+The jobs retention deletes leave their spend behind in `daily_usage`, one row per UTC day, model and
+owner (`roll_up`, in the transaction that deletes them), and totals add it: history stays the same
+after a prune. Rolled-up spend counts by whole days: a window that starts within a day counts all of
+that day's rolled-up spend.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mediagen.core.db import Database
 
@@ -31,23 +40,55 @@ def parse_duration(value: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-_USAGE_SQL = """
-    WITH predictions AS (
+_PREDICTIONS_CTE = """
+    predictions AS (
         SELECT DISTINCT ON (a.prediction_id) a.job_id, a.finished_at, a.image_count, a.cost_usd, a.predict_time
         FROM attempts a
-        WHERE a.finished_at >= $1 AND a.prediction_id IS NOT NULL
+        WHERE {where} AND a.prediction_id IS NOT NULL
           AND (a.predict_time IS NOT NULL OR a.image_count IS NOT NULL OR a.cost_usd IS NOT NULL)
         ORDER BY a.prediction_id, a.number DESC
     )
+"""
+_TOTALS = """
     SELECT j.model, j.owner, (p.finished_at AT TIME ZONE 'UTC')::date AS day,
            count(*) AS predictions, count(DISTINCT p.job_id) AS jobs,
            coalesce(sum(p.image_count), 0) AS images, coalesce(sum(p.predict_time), 0) AS predict_seconds,
            coalesce(sum(p.cost_usd), 0) AS cost_usd, count(*) FILTER (WHERE p.cost_usd IS NULL) AS unpriced
     FROM predictions p JOIN jobs j ON j.id = p.job_id
+"""
+
+# Live predictions, then the days retention rolled up (the jobs of a row are either live or rolled up,
+# never both, so adding the two rows of one group is exact).
+_USAGE_SQL = f"""
+    WITH {_PREDICTIONS_CTE.format(where="a.finished_at >= $1")}
+    {_TOTALS}
     WHERE ($2::text IS NULL OR j.owner = $2::text)
     GROUP BY 1, 2, 3
+    UNION ALL
+    SELECT model, owner, day, predictions, jobs, images, predict_seconds, cost_usd, unpriced
+    FROM daily_usage
+    WHERE day >= ($1::timestamptz AT TIME ZONE 'UTC')::date AND ($2::text IS NULL OR owner = $2::text)
     ORDER BY 3, 1, 2
 """
+
+_ROLL_UP_SQL = text(
+    f"""
+    INSERT INTO daily_usage AS d (model, owner, day, predictions, jobs, images, predict_seconds, cost_usd, unpriced)
+    WITH {_PREDICTIONS_CTE.format(where="a.job_id = ANY(:job_ids)")}
+    {_TOTALS}
+    GROUP BY 1, 2, 3
+    ON CONFLICT (day, model, owner) DO UPDATE SET
+        predictions = d.predictions + excluded.predictions, jobs = d.jobs + excluded.jobs,
+        images = d.images + excluded.images, predict_seconds = d.predict_seconds + excluded.predict_seconds,
+        cost_usd = d.cost_usd + excluded.cost_usd, unpriced = d.unpriced + excluded.unpriced
+    """
+)
+
+
+async def roll_up(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> None:
+    """Add what these jobs' predictions cost to `daily_usage`, in the caller's transaction: the one
+    that deletes them (mediagen.core.jobs.retention), so their spend is counted once, before and after."""
+    await conn.execute(_ROLL_UP_SQL, {"job_ids": list(job_ids)})
 
 
 @dataclass
@@ -124,4 +165,4 @@ def job_cost(attempts: Iterable[Any]) -> Decimal | None:
     return sum((a.cost_usd for a in latest.values()), Decimal(0))
 
 
-__all__: Sequence[str] = ["Totals", "Usage", "job_cost", "parse_duration", "usage"]
+__all__: Sequence[str] = ["Totals", "Usage", "job_cost", "parse_duration", "roll_up", "usage"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
@@ -122,6 +122,9 @@ class Storage(Protocol):
 
     async def presigned_url(self, key: str, expires_seconds: int) -> str | None:
         """A URL anyone may GET the object from until it expires; None when the backend has none."""
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Remove these objects; one already gone is no error (a prune run again after a failure)."""
 
     async def check(self) -> None:
         """Raise StorageMisconfigured or StorageUnavailable when the store cannot be used."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,6 +79,21 @@ class LocalStorage:
     async def presigned_url(self, key: str, expires_seconds: int) -> str | None:
         require_key(key)
         return None
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        paths = [self.path(key) for key in keys]
+
+        def remove() -> None:
+            for path in paths:
+                path.unlink(missing_ok=True)
+            for folder in {path.parent for path in paths}:  # the job's folder, once it is empty
+                with contextlib.suppress(OSError):  # not empty (another output), or gone already
+                    folder.rmdir()
+
+        try:
+            await asyncio.to_thread(remove)
+        except OSError as error:
+            raise StorageUnavailable(f"cannot delete media: {error.strerror}") from error
 
     async def check(self) -> None:
         def probe() -> None:

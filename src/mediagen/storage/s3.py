@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import TypeVar
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import certifi
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
@@ -183,6 +184,25 @@ class S3Storage:
         return await self._run(
             f"presigning {key}", lambda: self._signer.presigned_get_object(self.bucket, key, expires)
         )
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        objects = [DeleteObject(require_key(key)) for key in keys]
+
+        def remove() -> list[str]:
+            failed = []
+            for start in range(0, len(objects), 1000):  # at most 1,000 keys per DeleteObjects request
+                for error in self._client.remove_objects(self.bucket, objects[start : start + 1000]):
+                    if error.code not in MISSING_CODES:
+                        failed.append(f"{error.name}: {error.code}")
+            return failed
+
+        if not objects:
+            return
+        failed = await self._run(f"deleting {len(objects)} objects", remove)
+        if failed:
+            transient = all(line.rsplit(": ", 1)[1] in TRANSIENT_CODES for line in failed)
+            kind: type[StorageError] = StorageUnavailable if transient else StorageMisconfigured
+            raise kind(f"deleting from {self.endpoint}/{self.bucket}: {len(failed)} failed, first {failed[0]}")
 
     async def check(self) -> None:
         def ensure_bucket() -> None:

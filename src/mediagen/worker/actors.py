@@ -34,6 +34,7 @@ from mediagen.worker.delivery_sender import WebhookSender
 from mediagen.worker.leases import LeaseKeeper
 from mediagen.worker.polling import PollSchedule
 from mediagen.worker.recovery import Sweeper
+from mediagen.worker.retention import RetentionSweep
 from mediagen.worker.runner import run_job
 
 _context: WorkerContext | None = None
@@ -79,6 +80,7 @@ class WorkerResources(Middleware):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sweeper: Sweeper | None = None
+        self.retention: RetentionSweep | None = None
         self.webhook_sender: WebhookSender | None = None
         self.redis: Any = None
         self._sync_redis: Any = None
@@ -153,6 +155,15 @@ class WorkerResources(Middleware):
             notifier=_context.notifier,
         )
         self.sweeper.start()
+        if s.retention_days is not None:
+            self.retention = RetentionSweep(
+                db,
+                _context.storage,
+                days=s.retention_days,
+                interval=s.retention_sweep_seconds,
+                batch=s.retention_batch,
+            )
+            self.retention.start()
         if s.webhook_secret is not None:
             self.webhook_sender = WebhookSender(
                 db,
@@ -188,6 +199,8 @@ class WorkerResources(Middleware):
         assert _context is not None
         if self.sweeper is not None:
             await self.sweeper.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         if self.webhook_sender is not None:
             await self.webhook_sender.stop()
         await _context.leases.stop()

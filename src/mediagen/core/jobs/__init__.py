@@ -20,7 +20,8 @@ leases and sweep, and the CLI call its verbs. Where to look:
 * `claim`: taking a job for an attempt;
 * `attempts`: an attempt in progress and how it ends;
 * `leases`: renewing the leases of running jobs, watching for cancels;
-* `sweeps`: jobs past their deadline, jobs to send again, unheld jobs that must end.
+* `sweeps`: jobs past their deadline, jobs to send again, unheld jobs that must end;
+* `retention`: deleting old finished jobs, their media and all, in small batches.
 
 Two calling conventions, one rule: a verb that is a unit of work by itself (the worker's side: claim,
 attempts, leases, sweeps) takes the `Database` and runs its own transaction; a verb the caller composes
@@ -47,6 +48,7 @@ from mediagen.core.jobs.attempts import (
 from mediagen.core.jobs.claim import Claim, claim, due_in
 from mediagen.core.jobs.leases import cancel_requested, renew_leases
 from mediagen.core.jobs.queries import JobDetail, get_detail, left_running, list_jobs, output_keys, statuses
+from mediagen.core.jobs.retention import Pruned, prune, prune_batch
 from mediagen.core.jobs.status import STATUS_SQL, JobStatusView, get_status, shown_error, shown_progress
 from mediagen.core.jobs.submit import NewJob, create_jobs, find_by_idempotency_key, request_cancel, retry_finished
 from mediagen.core.jobs.sweeps import Overdue, Stale, Unheld, end_unheld, fail_overdue, take_stale, take_unheld
@@ -60,6 +62,7 @@ __all__ = [
     "JobStatusView",
     "NewJob",
     "Overdue",
+    "Pruned",
     "Spend",
     "Stale",
     "StoredOutput",
@@ -81,6 +84,8 @@ __all__ = [
     "list_jobs",
     "output_keys",
     "prediction_owners",
+    "prune",
+    "prune_batch",
     "record_prediction",
     "record_progress",
     "release",
