@@ -387,6 +387,18 @@ def attempt_outcomes(ids: list[str]) -> collections.Counter[str]:
     return collections.Counter({str(name): int(count) for name, count in rows})
 
 
+def retry_lateness(ids: list[str]) -> float | None:
+    """The most any retry of these jobs started after its backoff was over (PostgreSQL's clock)."""
+    with psycopg.connect(DATABASE_URL, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT max(extract(epoch FROM b.started_at - a.finished_at) - a.retry_delay_seconds) FROM attempts a "
+            "JOIN attempts b ON b.job_id = a.job_id AND b.number = a.number + 1 "
+            "WHERE a.job_id = ANY(%s::uuid[]) AND a.retry_delay_seconds IS NOT NULL",
+            (ids,),
+        ).fetchone()
+    return float(row[0]) if row is not None and row[0] is not None else None
+
+
 def predictions_by_prompt() -> dict[str, list[str]]:
     """Every prediction at the fake: prompt -> statuses."""
     seen: dict[str, list[str]] = collections.defaultdict(list)
@@ -507,6 +519,9 @@ def report(cluster: Cluster, phases: list[Phase], facts: dict[str, Any]) -> tupl
         notes = list(phase.notes)
         if outcomes:
             notes.append("attempts not succeeded: " + ", ".join(f"{c} {name}" for name, c in outcomes.most_common()))
+        late = retry_lateness(ids)
+        if late is not None:
+            notes.append(f"retries started up to {late:.1f} s after their backoff")
         swept = collections.Counter(reason for (job, reason) in redispatched if job in phase.accepted)
         if swept:
             notes.append("re-sent by the sweep: " + ", ".join(f"{c} {reason}" for reason, c in swept.most_common()))
