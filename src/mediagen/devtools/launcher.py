@@ -388,6 +388,11 @@ def data_dir_lock(data_dir: Path) -> Iterator[int]:
                         log_event("dev.waiting_for_watchdog", launcher_pid=int(holder), data_dir=str(data_dir))
                     time.sleep(0.1)
                     continue
+                if waiting:
+                    raise GiveUp(
+                        f"the watchdog of a make run that died (pid {holder}) still holds {data_dir} after "
+                        f"{LOCK_WAIT_SECONDS:g} s: see `fuser {data_dir / 'launcher.lock'}`"
+                    ) from None
                 raise GiveUp(
                     f"another make run (pid {holder or '?'}) uses {data_dir}: "
                     "stop it, or set MEDIAGEN_DATA_DIR to another folder"
@@ -432,7 +437,7 @@ def run(settings: Settings) -> int:
     supervisor.install_signal_handlers()
     code = 0
     try:
-        with data_dir_lock(settings.data_dir) as lock_fd, watching(settings.data_dir, lock_fd) as watchdog_pid:
+        with data_dir_lock(settings.data_dir) as lock_fd, watching(settings.data_dir, lock_fd) as watchdog:
             stops: list[Callable[[], None]] = []
             try:
                 port = choose_port(settings, "port", "MEDIAGEN_PORT")
@@ -440,11 +445,11 @@ def run(settings: Settings) -> int:
                     "dev.starting",
                     api=f"http://{settings.host}:{port}",
                     data_dir=str(settings.data_dir.resolve()),
-                    watchdog_pid=watchdog_pid,
+                    watchdog_pid=watchdog.pid,
                     **({"port_taken": settings.port} if port != settings.port else {}),
                 )
                 settings = supervisor.settings = settings.model_copy(update={"port": port})
-                start(settings, supervisor, stops)
+                start(settings, supervisor, stops, watchdog)
                 supervisor.run(ready=lambda: api_healthy(settings.host, settings.port))
             except StopRequested:
                 pass
@@ -463,16 +468,30 @@ def run(settings: Settings) -> int:
     return code
 
 
+@dataclass
+class Watchdog:
+    """This launcher's watchdog (mediagen.devtools.watchdog): told each server before it starts."""
+
+    pid: int
+    pipe: int
+
+    def guard(self, server: str) -> None:
+        try:
+            os.write(self.pipe, f"{server}\n".encode())
+        except BrokenPipeError:  # killed: the stack runs on, but a SIGKILL of make run would now orphan it
+            log_event("dev.watchdog_gone", logging.WARNING, watchdog_pid=self.pid, server=server)
+
+
 @contextlib.contextmanager
-def watching(data_dir: Path, lock_fd: int) -> Iterator[int]:
-    """The watchdog runs before any server starts (yields its pid); after a stop it finds nothing left, and goes."""
-    watchdog, pipe = start_watchdog(data_dir.resolve(), lock_fd)
+def watching(data_dir: Path, lock_fd: int) -> Iterator[Watchdog]:
+    """The watchdog runs before any server starts; after a stop it finds nothing left, and goes."""
+    proc, pipe = start_watchdog(data_dir.resolve(), lock_fd)
     try:
-        yield watchdog.pid
+        yield Watchdog(proc.pid, pipe)
     finally:
         os.close(pipe)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            watchdog.wait(timeout=15)
+            proc.wait(timeout=15)
 
 
 def gave_up(error: Exception) -> int:
@@ -482,9 +501,10 @@ def gave_up(error: Exception) -> int:
     return GAVE_UP
 
 
-def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], None]]) -> None:
+def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], None]], watchdog: Watchdog) -> None:
     env = dict(os.environ)
     if not settings.database_url:
+        watchdog.guard("postgres")  # before it starts: a launcher killed meanwhile leaves nothing running
         pg = EmbeddedPostgres(settings.data_dir / "postgres")
         stops.append(pg.stop)
         env["DATABASE_URL"] = pg.url
@@ -493,6 +513,7 @@ def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], N
     if not settings.redis_url:
         wanted = settings.embedded_redis_port
         explicit = "embedded_redis_port" in settings.model_fields_set
+        watchdog.guard("redis")
         redis = EmbeddedRedis(settings.data_dir / "redis", port=wanted, or_free_port=not explicit)
         stops.append(redis.stop)
         env["REDIS_URL"] = redis.url

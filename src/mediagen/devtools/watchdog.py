@@ -4,13 +4,15 @@ embedded PostgreSQL and Redis.
 The launcher starts it first, before any server, in a session of its own (a Ctrl-C, a closed terminal
 or a kill of the launcher's process group does not reach it), handing it two things:
 
-- the read end of a pipe only the launcher writes to: when the launcher's process ends, the kernel
-  closes its end and the watchdog reads EOF, whatever signal ended it;
+- the read end of a pipe only the launcher writes to, a line naming each server (`postgres`, `redis`)
+  before the launcher starts or adopts it: when the launcher's process ends, the kernel closes its
+  end and the watchdog reads EOF, whatever signal ended it;
 - the launcher's lock on the data folder (the same open file): a next `make run` on that folder waits
   until the watchdog has stopped the servers, and never adopts one that is being stopped.
 
-Then it stops the servers running on the data folder (none, after a launcher that stopped them
-itself) and exits: `dev.watchdog.stopped` names what it stopped.
+Then it stops those of the named servers still running on the data folder (none, after a launcher
+that stopped them itself) and exits: `dev.watchdog.stopped` names what it stopped. A server the
+launcher did not start (DATABASE_URL set, say) is not named, and left alone.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ def start_watchdog(data_dir: Path, lock_fd: int) -> tuple[subprocess.Popen[bytes
     return proc, write_end
 
 
-def stop_embedded_servers(data_dir: Path) -> dict[str, int]:
-    """Stop the embedded servers running on this data folder; the pids of those that ran."""
+STOPS = {"postgres": EmbeddedPostgres.stop_running, "redis": EmbeddedRedis.stop_running}
+
+
+def stop_embedded_servers(data_dir: Path, names: set[str]) -> dict[str, int]:
+    """Stop these embedded servers of this data folder, those that run; their pids."""
     stopped = {}
-    for name, stop in (("postgres", EmbeddedPostgres.stop_running), ("redis", EmbeddedRedis.stop_running)):
-        if (data_dir / name).is_dir():
+    for name, stop in STOPS.items():
+        if name in names and (data_dir / name).is_dir():
             pid = stop(data_dir / name)
             if pid is not None:
                 stopped[name] = pid
@@ -52,14 +57,17 @@ def stop_embedded_servers(data_dir: Path) -> dict[str, int]:
 
 
 def watch(data_dir: Path, pipe: int) -> None:
+    told = b""
     while True:
         try:
-            if not os.read(pipe, 4096):
-                break
+            chunk = os.read(pipe, 4096)
         except InterruptedError:
             continue
+        if not chunk:
+            break
+        told += chunk
     started = time.monotonic()
-    stopped = stop_embedded_servers(data_dir)
+    stopped = stop_embedded_servers(data_dir, set(told.decode().split()))
     if stopped:
         log_event(
             "dev.watchdog.stopped",
