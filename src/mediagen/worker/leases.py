@@ -18,12 +18,16 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from mediagen.core import jobs
 from mediagen.core.db import Database, is_unreachable
 from mediagen.core.errors import JobCanceled, LeaseExpired, LeaseLost, MediagenError
 from mediagen.logging import log_event
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,11 +36,15 @@ class Hold:
     token: uuid.UUID
     stop: MediagenError | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[Any] | None = None
+    """The runner's task while it is in a read it may give up (`read`)."""
 
     def tell(self, reason: MediagenError) -> None:
         if self.stop is None:
             self.stop = reason
             self.wake.set()
+            if self.reader is not None:
+                self.reader.cancel()
 
     def check(self) -> None:
         """Raise the reason this job must stop, if there is one."""
@@ -48,6 +56,23 @@ class Hold:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), seconds)
         self.check()
+
+    async def read(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, given up the moment the job is told to stop, which is then raised. For reads only:
+        a create cut off after it went out would leave its prediction unknown. (The task is canceled
+        from `tell`: no task of its own per read, which the poll loop would pay for on every look.)"""
+        self.check()
+        task = asyncio.current_task()
+        self.reader = task
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            if self.stop is None or task is None:
+                raise
+            task.uncancel()
+            raise self.stop from None
+        finally:
+            self.reader = None
 
 
 class LeaseKeeper:

@@ -357,22 +357,8 @@ async def _unthrottled(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: 
 
 
 def _read(hold: Hold, call: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
-    """`call` as a read given up the moment the job must stop (see Hold): safe for reads only."""
-
-    async def watched() -> T:
-        hold.check()
-        task = asyncio.ensure_future(call())
-        stop = asyncio.ensure_future(hold.wake.wait())
-        try:
-            await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-        hold.check()
-        return task.result()
-
-    return watched
+    """`call` as a read given up the moment the job must stop (Hold.read): safe for reads only."""
+    return partial(hold.read, call)
 
 
 async def _poll(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: _Flight, *, fresh: bool) -> None:
