@@ -60,7 +60,7 @@ def event_id(job: JobStatusResponse) -> str:
     responses={
         **ERRORS,
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}, "itemSchema": EVENT_SCHEMA}},
+            "content": {"text/event-stream": {"itemSchema": EVENT_SCHEMA}},
             "description": "`status` and `progress` events (data: the job's status object) until the job ends",
         },
     },

@@ -59,8 +59,9 @@ router = APIRouter(route_class=JSONBodyRoute)
                 "name": "Prefer",
                 "in": "header",
                 "required": False,
-                "description": "`wait=N` (N at most 60): hold the answer until the job ends or N seconds pass",
-                "schema": {"type": "string", "maxLength": 100},
+                "description": "`wait=N` (N at most 60): hold the answer until the job ends or N seconds pass; "
+                "other preferences are ignored (RFC 7240)",
+                "schema": {"type": "string"},
             }
         ]
     },
