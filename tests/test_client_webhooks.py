@@ -215,8 +215,8 @@ def test_without_a_signing_secret_webhooks_are_refused(api_url: str) -> None:
 
 
 def test_a_delivery_carries_the_job_as_it_was_at_its_event() -> None:
-    """The body is the status object (error only once ended, progress only while running) and the event,
-    byte for byte as receivers have always seen it."""
+    """The body is the status object (error only once ended, progress only while running, waiting_for null:
+    no event comes while a job waits on the provider) and the event, byte for byte."""
     job_id = uuid.UUID("00000000-0000-4000-8000-000000000001")
     when = datetime(2026, 1, 1, tzinfo=UTC)
     retrying = Due(1, job_id, "retrying", "http://x", 1, when, "retrying", 2, "HTTP 503", 0.5, [])
@@ -224,7 +224,7 @@ def test_a_delivery_carries_the_job_as_it_was_at_its_event() -> None:
 
     assert body(retrying, []) == (
         '{"job_id":"00000000-0000-4000-8000-000000000001","status":"retrying","attempts":2,"error":null,'
-        '"result_urls":[],"progress":null,"event":"retrying"}'
+        '"result_urls":[],"progress":null,"waiting_for":null,"event":"retrying"}'
     )
     assert json.loads(body(failed, []))["error"] == "HTTP 503"
     assert json.loads(body(failed, ["/media/a/0.png"]))["result_urls"] == ["/media/a/0.png"]

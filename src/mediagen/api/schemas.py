@@ -139,6 +139,11 @@ class JobStatusResponse(BaseModel):
     error: str | None
     result_urls: list[str]
     progress: float | None = Field(description="0 to 1 while running (from the model's logs), 1 when succeeded")
+    waiting_for: Literal["provider"] | None = Field(
+        None,
+        description="while running: what the job waits for besides its prediction; `provider`: Replicate is "
+        "down for every worker (an outage), and the job waits, spending no attempt, until it is back",
+    )
 
 
 class WaitedJob(JobStatusResponse):

@@ -97,9 +97,13 @@ class Job(Base):
     """When an operator last ran the job again (`mediagen retry`): no prediction from before is resumed."""
     progress: Mapped[float | None] = mapped_column(Double)
     """0 to 1 from the running prediction's logs, written when it moves by a step (mediagen.worker.progress)."""
+    waiting_for: Mapped[str | None] = mapped_column(Text)
+    """While running: what the attempt waits for besides its prediction (`provider`: an outage, the
+    account's circuit is open). Cleared by the next claim; shown only while the job is running."""
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_statuses(JobStatus)})", name="status"),
+        CheckConstraint("waiting_for IN ('provider')", name="waiting_for"),
         UniqueConstraint("owner", "idempotency_key"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_status_created_at_id", "status", "created_at", "id"),

@@ -45,6 +45,9 @@ def body(due: deliveries.Due, urls: list[str]) -> str:
             "error": jobs.shown_error(due.job_status, due.job_error),
             "result_urls": urls,
             "progress": jobs.shown_progress(due.job_status, due.job_progress),
+            # An event is a change of status or of progress: at either the job waits for nothing else (a
+            # claim clears `waiting_for`, and progress moves only once the provider answers again).
+            "waiting_for": None,
             "event": due.event,
         }
     ).decode()

@@ -46,6 +46,7 @@ from mediagen.core.errors import (
     LeaseLost,
     MediagenError,
     PermanentProviderError,
+    ProviderOutage,
     TransientProviderError,
     WorkerStopping,
 )
@@ -342,18 +343,38 @@ def _webhook_of(prediction: Prediction, claim: jobs.Claim) -> bool:
 
 
 async def _unthrottled(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, again after each 429 for as long as it asks: being throttled is no failed attempt.
-    The wait ends early when the job must stop (canceled, taken over) or reaches its deadline."""
+    """`call()`, again after each 429 or open circuit for as long as it asks: being throttled, or waiting out
+    an outage (the job's status says `waiting_for: provider` meanwhile), is no failed attempt. The wait
+    ends early when the job must stop (canceled, taken over) or reaches its deadline."""
+    outage = False
     while True:
         try:
-            return await call()
+            result = await call()
         except TransientProviderError as error:
             wait = ctx.policy.throttle_wait(error)
             if wait is None:
                 raise
-            log_event("job.throttled", job_id=str(claim.job_id), attempt=claim.attempt, retry_after=wait)
+            if not isinstance(error, ProviderOutage):
+                log_event("job.throttled", job_id=str(claim.job_id), attempt=claim.attempt, retry_after=wait)
+            elif not outage:
+                outage = True
+                log_event("job.waiting_for_provider", job_id=str(claim.job_id), attempt=claim.attempt, retry_after=wait)
+                await _waiting_for(ctx, claim, "provider")
             await hold.sleep(max(0.0, min(wait, _left(claim))))
             _check_deadline(claim)
+            continue
+        if outage:
+            await _waiting_for(ctx, claim, None)
+        return result
+
+
+async def _waiting_for(ctx: WorkerContext, claim: jobs.Claim, what: str | None) -> None:
+    """Show in the job's status what the attempt waits for; only shown, so a database blip just skips it."""
+    try:
+        await jobs.record_waiting(ctx.db, claim, what)
+    except Exception as error:
+        if not is_unreachable(error):
+            raise
 
 
 def _read(hold: Hold, call: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:

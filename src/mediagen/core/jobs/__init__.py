@@ -42,6 +42,7 @@ from mediagen.core.jobs.attempts import (
     prediction_owners,
     record_prediction,
     record_progress,
+    record_waiting,
     release,
     succeed,
 )
@@ -49,7 +50,14 @@ from mediagen.core.jobs.claim import Claim, claim, due_in
 from mediagen.core.jobs.leases import cancel_requested, renew_leases
 from mediagen.core.jobs.queries import JobDetail, get_detail, left_running, list_jobs, output_keys, statuses
 from mediagen.core.jobs.retention import Pruned, prune, prune_batch
-from mediagen.core.jobs.status import STATUS_SQL, JobStatusView, get_status, shown_error, shown_progress
+from mediagen.core.jobs.status import (
+    STATUS_SQL,
+    JobStatusView,
+    get_status,
+    shown_error,
+    shown_progress,
+    shown_waiting_for,
+)
 from mediagen.core.jobs.submit import NewJob, create_jobs, find_by_idempotency_key, request_cancel, retry_finished
 from mediagen.core.jobs.sweeps import Overdue, Stale, Unheld, end_unheld, fail_overdue, take_stale, take_unheld
 
@@ -88,12 +96,14 @@ __all__ = [
     "prune_batch",
     "record_prediction",
     "record_progress",
+    "record_waiting",
     "release",
     "renew_leases",
     "request_cancel",
     "retry_finished",
     "shown_error",
     "shown_progress",
+    "shown_waiting_for",
     "statuses",
     "succeed",
     "take_stale",

@@ -1,5 +1,5 @@
-"""An attempt in progress and how it ends: record its prediction and progress, succeed, fail, hand back,
-cancel.
+"""An attempt in progress and how it ends: record its prediction, progress and what it waits for, succeed,
+fail, hand back, cancel.
 
 The worker's side of the attempt protocol (with `claim`). Every verb is one statement and its own
 transaction, guarded by the claim token: it takes the `Database` and the worker never opens a transaction
@@ -241,6 +241,18 @@ _PROGRESS_SQL = """
 async def record_progress(db: Database, claim: Claim, progress: float) -> None:
     """Store how far the running attempt's prediction is (0 to 1); nothing once the job is not ours."""
     await db.execute(_PROGRESS_SQL, claim.job_id, claim.token, progress)
+
+
+_WAITING_SQL = """
+    UPDATE jobs SET waiting_for = $3
+    WHERE id = $1 AND claim_token = $2 AND status = 'running' AND waiting_for IS DISTINCT FROM $3
+"""
+
+
+async def record_waiting(db: Database, claim: Claim, waiting_for: str | None) -> None:
+    """What the running attempt waits for besides its prediction (`provider`: an outage), or None once
+    it waits no more: shown in the job's status. Changes nothing once the job is no longer ours."""
+    await db.execute(_WAITING_SQL, claim.job_id, claim.token, waiting_for)
 
 
 async def prediction_owners(db: Database, prediction_id: str) -> list[tuple[uuid.UUID, int]]:

@@ -42,7 +42,7 @@ _CLAIM_SQL = """
     WITH claimed AS (
         UPDATE jobs SET status = 'running', attempts = attempts + 1, claim_token = $2,
                lease_until = now() + make_interval(secs => $3), started_at = coalesce(started_at, now()),
-               next_attempt_at = NULL, updated_at = now()
+               next_attempt_at = NULL, waiting_for = NULL, updated_at = now()
         WHERE id = $1 AND NOT cancel_requested AND (
               status = 'queued'
            OR (status = 'retrying' AND next_attempt_at <= now() + interval '250 milliseconds')

@@ -19,6 +19,7 @@ class JobStatusView:
     error_message: str | None
     output_keys: list[str]
     progress: float | None = None
+    waiting_for: str | None = None
 
 
 def shown_progress(status: str, progress: float | None) -> float | None:
@@ -32,8 +33,14 @@ def shown_error(status: str, error: str | None) -> str | None:
     return error if status in ("failed", "canceled") else None
 
 
+def shown_waiting_for(status: str, waiting_for: str | None) -> str | None:
+    """What a job waits for besides its prediction (`provider`: an outage), as clients see it: only while
+    it runs (the next claim clears it; a job that left `running` waits for nothing)."""
+    return waiting_for if status == "running" else None
+
+
 STATUS_SQL = """
-    SELECT j.id, j.status, j.attempts, j.error_class, j.error_message, j.progress,
+    SELECT j.id, j.status, j.attempts, j.error_class, j.error_message, j.progress, j.waiting_for,
            CASE WHEN j.status = 'succeeded' THEN
              ARRAY(SELECT o.storage_key FROM outputs o WHERE o.job_id = j.id ORDER BY o.index)
            END AS output_keys
@@ -54,4 +61,5 @@ async def get_status(db: Database, job_id: uuid.UUID, owner: str | None = None) 
         row["error_message"],
         row["output_keys"] or [],
         row["progress"],
+        row["waiting_for"],
     )
