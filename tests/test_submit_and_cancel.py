@@ -148,6 +148,16 @@ async def test_a_job_is_visible_only_to_the_key_that_made_it(alice: httpx.AsyncC
     assert (await alice.get(status["result_urls"][0])).status_code == 200
 
 
+async def test_with_api_keys_an_output_may_be_cached_by_its_owner_only(alice: httpx.AsyncClient) -> None:
+    job_id = await submit(alice, unique("a private lighthouse"), width=512, height=512)
+    status = await wait_for_job(alice, job_id)
+
+    image = await alice.get(status["result_urls"][0])
+
+    assert image.status_code == 200
+    assert image.headers["cache-control"] == "private, max-age=31536000, immutable"
+
+
 async def test_idempotency_keys_are_scoped_per_api_key(alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
     key = str(uuid.uuid4())
     body = {"prompt": unique("shared key"), "parameters": {"width": 512, "height": 512}}

@@ -3,7 +3,7 @@
 Local files go out via sendfile (Starlette's FileResponse answers Range itself); S3 objects are
 streamed in chunks, one `bytes=first-[last]` range at most, or answered with a redirect to a
 presigned URL when `MEDIAGEN_MEDIA_REDIRECT` is on. Outputs never change, so they are cacheable
-for a year.
+for a year: by anyone without API keys, by the caller's own cache only with them (`private`).
 """
 
 from __future__ import annotations
@@ -60,13 +60,15 @@ async def media(
     job_id = uuid.UUID(key.split("/", 1)[0])
     if visible_to(owner) is not None and await jobs.get_status(state.db, job_id, owner) is None:
         return error(404, "not_found", "no such image")
+    # Behind API keys an output is its owner's alone: no shared cache may keep it for others.
+    cache = _PRIVATE if state.keyring.enabled else _PUBLIC
     storage = state.storage
     if isinstance(storage, LocalStorage):  # sendfile, straight from the disk
         path = storage.path(key)
         if not await asyncio.to_thread(path.is_file):
             return error(404, "not_found", "no such image")
         # Starlette's FileResponse answers Range requests itself (206, 416, multipart).
-        return FileResponse(path, media_type=CONTENT_TYPES[key.rsplit(".", 1)[1]], headers=_IMMUTABLE)
+        return FileResponse(path, media_type=CONTENT_TYPES[key.rsplit(".", 1)[1]], headers=cache)
     settings = state.settings
     try:
         if settings.media_redirect:
@@ -83,7 +85,7 @@ async def media(
         )
     if stream is None:
         return error(404, "not_found", "no such image")
-    headers = {**_IMMUTABLE, "Accept-Ranges": "bytes", "Content-Length": str(stream.size)}
+    headers = {**cache, "Accept-Ranges": "bytes", "Content-Length": str(stream.size)}
     if byte_range is None:
         return StreamingResponse(_until_closed(stream), media_type=stream.content_type, headers=headers)
     if stream.first >= stream.total:
@@ -93,7 +95,8 @@ async def media(
     return StreamingResponse(_until_closed(stream), status_code=206, media_type=stream.content_type, headers=headers)
 
 
-_IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+_PUBLIC = {"Cache-Control": "public, max-age=31536000, immutable"}
+_PRIVATE = {"Cache-Control": "private, max-age=31536000, immutable"}
 _RANGE = re.compile(r"bytes=(\d{1,15})-(\d{1,15})?")
 
 
