@@ -72,6 +72,8 @@ class StubProvider:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     deadlines: list[datetime | None] = field(default_factory=list)
     windows: list[datetime] = field(default_factory=list)
+    cancel_errors: list[Exception] = field(default_factory=list)
+    """Raised by the first cancels, in order (the provider in an outage)."""
     got: asyncio.Event = field(default_factory=asyncio.Event)
     prefix: str = field(default_factory=lambda: f"p{uuid.uuid4().hex[:8]}")
     """Prediction ids are unique across the run's database (reconcile looks them up in every job)."""
@@ -112,6 +114,8 @@ class StubProvider:
 
     async def cancel(self, prediction_id: str) -> None:
         self.calls.append(("cancel", prediction_id))
+        if self.cancel_errors:
+            raise self.cancel_errors.pop(0)
         self.canceled.append(prediction_id)
 
     async def find_recent(
@@ -564,6 +568,27 @@ async def test_an_aborted_prediction_ends_the_job_at_its_deadline_unbilled(world
     assert (job.status, job.error_class) == ("failed", "JobDeadlineExceeded")
     [attempt] = await attempt_rows(world.ctx.db, job_id)
     assert (attempt.prediction_status, attempt.cost_usd) == ("aborted", 0)
+
+
+async def test_a_cancel_the_provider_cannot_take_during_an_outage_is_tried_again_after_the_job_ended(
+    world: World,
+) -> None:
+    job_id = await world.job()
+    made = world.provider.nth(1)
+    world.provider.answers[made] = [processing(made)]
+    world.provider.cancel_errors = [TransientProviderError("Service Unavailable", http_status=503)] * 2
+    running = asyncio.create_task(world.run(job_id))
+    await asyncio.wait_for(world.provider.got.wait(), 5)
+
+    async with world.ctx.db.transaction() as conn:
+        await jobs.request_cancel(conn, job_id)
+    await world.ctx.leases.watch_cancels()
+    await running
+    assert (await job_row(world.ctx.db, job_id)).status == "canceled"  # not held up by the outage
+    await asyncio.wait_for(asyncio.gather(*world.ctx.cancels), 5)
+
+    assert world.provider.named("cancel") == [made] * 3
+    assert world.provider.canceled == [made]
 
 
 # --- a lost lease ---------------------------------------------------------------------------------

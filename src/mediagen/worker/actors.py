@@ -204,6 +204,8 @@ class WorkerResources(Middleware):
         if self.webhook_sender is not None:
             await self.webhook_sender.stop()
         await _context.leases.stop()
+        for retrying in list(_context.cancels):  # left to the predictions' Cancel-After
+            retrying.cancel()
         await _context.notifier.aclose()
         await _context.provider.aclose()
         await _context.downloader.aclose()

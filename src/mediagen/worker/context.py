@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -40,3 +41,6 @@ class WorkerContext:
     """With webhooks on: how long to wait for one before looking at the prediction anyway."""
     stopping: bool = False
     """Set when the worker begins to shut down: it takes no new job from then on."""
+    cancels: set[asyncio.Task[None]] = field(default_factory=set)
+    """Cancels of predictions the provider could not take yet (an outage), tried again in the background
+    (mediagen.worker.endings)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -90,14 +91,48 @@ async def fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | N
 
 
 async def cancel_prediction(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction) -> str | None:
-    """Stop paying for a prediction we no longer want; its status if that worked."""
+    """Stop paying for a prediction we no longer want; its status if that worked.
+
+    A cancel the provider cannot take now (an outage, a 5xx, a timeout) is tried again in the background
+    until it is taken or the job's deadline passes, when the provider ends the prediction itself (it was
+    created with the deadline as `Cancel-After`). The job's end is not held up meanwhile."""
     try:
         await ctx.provider.cancel(prediction.id)
     except MediagenError as error:
-        log_event("job.prediction.cancel_failed", logging.WARNING, job_id=str(claim.job_id), error=error.message)
+        log_event(
+            "job.prediction.cancel_failed",
+            logging.WARNING,
+            job_id=str(claim.job_id),
+            prediction_id=prediction.id,
+            error=error.message,
+            retrying=error.transient,
+        )
+        if error.transient:
+            task = asyncio.get_running_loop().create_task(_keep_canceling(ctx, claim, prediction.id, error))
+            ctx.cancels.add(task)
+            task.add_done_callback(ctx.cancels.discard)
         return None
     log_event("job.prediction.canceled", job_id=str(claim.job_id), prediction_id=prediction.id)
     return "canceled"
+
+
+async def _keep_canceling(ctx: WorkerContext, claim: jobs.Claim, prediction_id: str, error: MediagenError) -> None:
+    wait = ctx.policy.base_seconds
+    while True:
+        await asyncio.sleep(min(max(wait, error.retry_after or 0.0), ctx.policy.cap_seconds))
+        if ctx.stopping or datetime.now(UTC) >= claim.deadline_at:
+            return  # the provider ends it by the deadline (Cancel-After)
+        try:
+            await ctx.provider.cancel(prediction_id)
+        except MediagenError as again:
+            if not again.transient:
+                return
+            error, wait = again, wait * 2
+            continue
+        except Exception:
+            return  # the worker is closing its clients
+        log_event("job.prediction.canceled", job_id=str(claim.job_id), prediction_id=prediction_id, late=True)
+        return
 
 
 async def cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None) -> None:
