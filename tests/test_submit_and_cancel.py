@@ -135,6 +135,15 @@ async def test_with_api_keys_every_route_but_health_needs_one(keyed_api: Process
         assert wrong.status_code == 401
 
 
+async def test_with_api_keys_metrics_need_a_key_too(keyed_api: Process, alice: httpx.AsyncClient) -> None:
+    async with httpx.AsyncClient(base_url=keyed_api.extra["url"]) as anonymous:
+        refused = await anonymous.get("/metrics")
+
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    scraped = await alice.get("/metrics")
+    assert scraped.status_code == 200 and "mediagen_http_requests_total" in scraped.text
+
+
 async def test_a_job_is_visible_only_to_the_key_that_made_it(alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
     job_id = await submit(alice, unique("alice's secret garden"), width=512, height=512)
     status = await wait_for_job(alice, job_id)

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from mediagen.api import presentation
-from mediagen.api.auth import visible_to
+from mediagen.api.auth import Owner, visible_to
 from mediagen.api.http import InvalidField
 from mediagen.api.limits import LimitedOwner
 from mediagen.api.schemas import ERRORS, Health, ModelList, Readiness, UsageReport
@@ -60,10 +60,14 @@ async def readyz(state: Api, response: Response) -> Readiness:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
-    summary="Prometheus metrics of this API process",
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+        401: ERRORS[401],
+    },
+    summary="Prometheus metrics of this API process (with API keys, a key is needed here too)",
 )
-async def metrics() -> Response:
+async def metrics(_: Owner) -> Response:
+    # Any key may read them (they count traffic and spend of every key): a scraper is given one.
     return Response(generate_latest(exposed), media_type=CONTENT_TYPE_LATEST)
 
 
