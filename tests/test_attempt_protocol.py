@@ -398,6 +398,24 @@ async def test_another_jobs_prediction_with_the_same_input_is_never_adopted(worl
     assert second.prediction_id == world.provider.nth(2)
 
 
+async def test_of_two_predictions_its_unknown_creates_made_the_job_adopts_one_and_cancels_the_other(
+    world: World,
+) -> None:
+    job_id = await world.job()
+    world.provider.creates = [UnknownCreateOutcome("Replicate 504"), UnknownCreateOutcome("Replicate 504"), "starting"]
+    await world.run(job_id)  # attempt 1: made one, its answer lost
+    await world.run(job_id)  # attempt 2: the list does not show it yet (nothing found); made another, lost too
+    first, second = world.provider.nth(1), world.provider.nth(2)
+    world.provider.listed = [processing(second), succeeded(first)]
+
+    await world.run(job_id)  # attempt 3
+
+    assert world.provider.made == [first, second]
+    *_, third = await attempt_rows(world.ctx.db, job_id)
+    assert (third.prediction_id, third.outcome) == (first, "succeeded")  # done already: paid for anyway
+    assert world.provider.canceled == [second]  # canceled before it is billed as well
+
+
 async def test_a_prediction_whose_webhook_names_another_job_is_never_adopted(world: World) -> None:
     job_id = await world.job()
     world.provider.creates = [UnknownCreateOutcome("Replicate did not answer: ReadTimeout"), "starting"]

@@ -317,22 +317,30 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, data: di
         # A provider without a list of predictions (some stand-ins): nothing to reconcile against.
         log_event("job.reconcile.unavailable", logging.WARNING, job_id=str(claim.job_id), error=error.message)
         return None
+    ours: list[tuple[Prediction, bool]] = []
     for candidate in candidates:
         if candidate.status in ("failed", "canceled", "aborted") or not _webhook_of(candidate, claim):
             continue
         owners = await jobs.prediction_owners(ctx.db, candidate.id)
         if any(job_id != claim.job_id for job_id, _ in owners):
             continue  # another job's prediction with the very same input
-        if not await jobs.record_prediction(ctx.db, claim, candidate.id, candidate.status):
-            raise LeaseLost("the job was taken over while reconciling")
-        log_event(
-            "job.prediction.adopted",
-            job_id=str(claim.job_id),
-            attempt=claim.attempt,
-            prediction_id=candidate.id,
-        )
-        return candidate
-    return None
+        ours.append((candidate, bool(owners)))
+    if not ours:
+        return None
+    # Two creates of this job both unknown may have made two: the one furthest along is adopted (a
+    # succeeded one is paid for already), and any other nobody holds is canceled before it is billed too.
+    ours.sort(key=lambda found: _FURTHEST.get(found[0].status, 0), reverse=True)  # stable: newest first
+    adopted = ours[0][0]
+    if not await jobs.record_prediction(ctx.db, claim, adopted.id, adopted.status):
+        raise LeaseLost("the job was taken over while reconciling")
+    log_event("job.prediction.adopted", job_id=str(claim.job_id), attempt=claim.attempt, prediction_id=adopted.id)
+    for extra, held in ours[1:]:
+        if not held and not extra.done:
+            await endings.cancel_prediction(ctx, claim, extra)
+    return adopted
+
+
+_FURTHEST = {"succeeded": 2, "processing": 1}
 
 
 def _webhook_of(prediction: Prediction, claim: jobs.Claim) -> bool:
