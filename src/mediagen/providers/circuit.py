@@ -27,7 +27,9 @@ around every call; none can be read inside the budget's own script, which the ha
 
 from __future__ import annotations
 
+import itertools
 import logging
+import uuid
 from typing import Literal
 
 from redis.asyncio import Redis
@@ -99,15 +101,24 @@ class Circuit:
         self.probe_ms = probe_seconds * 1000
         self.memory_ms = memory_seconds * 1000
         self._outcome = redis.register_script(_OUTCOME)
+        self._id = uuid.uuid4().hex[:12]
+        self._calls = itertools.count()
+        self._shown_open = False
         self.suspect = False
         """This process saw a failure or an open circuit since its last success: a success must be told,
         and with no budget to read the circuit with, each call reads it first."""
 
+    def caller(self) -> str:
+        """An id for one reservation (the probe is the caller's until its call ends): cheap, unique."""
+        return f"{self._id}-{next(self._calls)}"
+
     def seen(self, state: str, failures: int, open_ms: float) -> None:
         """What the budget's reservation read of the circuit; raises ProviderOutage when it is open."""
+        if state == "closed" and failures == 0 and not self._shown_open:
+            return  # the happy path: nothing changed
         if state != "closed" or failures > 0:
             self.suspect = True
-        metrics.replicate_circuit_open.labels("replicate").set(1 if state == "open" else 0)
+        self._show_open(state == "open")
         if state == "open":
             raise ProviderOutage(
                 "Replicate is unavailable to every worker (its circuit is open); no request was sent",
@@ -127,7 +138,7 @@ class Circuit:
         transition, failures, open_ms = _text(raw[0]), int(raw[1]), float(raw[2])
         if transition == "opened":
             metrics.replicate_circuit_transitions.labels("replicate", "opened").inc()
-            metrics.replicate_circuit_open.labels("replicate").set(1)
+            self._show_open(True)
             log_event(
                 "provider.circuit.opened",
                 logging.WARNING,
@@ -136,7 +147,7 @@ class Circuit:
                 open_seconds=round(open_ms / 1000, 3),
             )
         elif transition == "reopened":
-            metrics.replicate_circuit_open.labels("replicate").set(1)
+            self._show_open(True)
             log_event("provider.circuit.probe_failed", logging.WARNING, provider="replicate", failures=failures)
 
     async def succeeded(self) -> None:
@@ -150,10 +161,14 @@ class Circuit:
             self.suspect = True
             log_event("replicate.circuit.unavailable", logging.WARNING, error=repr(error))
             return
-        metrics.replicate_circuit_open.labels("replicate").set(0)
+        self._show_open(False)
         if _text(raw[0]) == "closed":
             metrics.replicate_circuit_transitions.labels("replicate", "closed").inc()
             log_event("provider.circuit.closed", provider="replicate", open_for_seconds=round(float(raw[3]) / 1000, 3))
+
+    def _show_open(self, is_open: bool) -> None:
+        self._shown_open = is_open
+        metrics.replicate_circuit_open.labels("replicate").set(1 if is_open else 0)
 
 
 def _text(value: bytes | str) -> str:

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from typing import Literal
 
 from redis.asyncio import Redis
@@ -134,7 +133,7 @@ class RateLimiter:
         account's circuit is open: no slot is taken then."""
         per_minute, burst = self._rates[budget]
         started = time.monotonic()
-        caller = uuid.uuid4().hex if self.circuit is not None else ""
+        caller = self.circuit.caller() if self.circuit is not None else ""
         if per_minute <= 0:
             if self._circuit_suspect():
                 # No budget to read the circuit with, and this process saw it falter: read it alone.
