@@ -32,7 +32,8 @@ CONTENT_TYPES = {
 CHUNK_BYTES = 64 * 1024
 
 ByteRange = tuple[int, int | None]
-"""An HTTP byte range: the first byte and the last (inclusive; None: to the end)."""
+"""An HTTP byte range: the first byte and the last (inclusive; None: to the end); or `(-n, None)`, the
+last n bytes (all of them when the object is shorter)."""
 
 
 def is_valid_key(key: str) -> bool:
