@@ -219,8 +219,8 @@ def test_a_delivery_carries_the_job_as_it_was_at_its_event() -> None:
     no event comes while a job waits on the provider) and the event, byte for byte."""
     job_id = uuid.UUID("00000000-0000-4000-8000-000000000001")
     when = datetime(2026, 1, 1, tzinfo=UTC)
-    retrying = Due(1, job_id, "retrying", "http://x", 1, when, "retrying", 2, "HTTP 503", 0.5, [])
-    failed = Due(2, job_id, "failed", "http://x", 1, when, "failed", 3, "HTTP 503", None, [])
+    retrying = Due(1, job_id, "", "retrying", "http://x", 1, when, "retrying", 2, "HTTP 503", 0.5, [])
+    failed = Due(2, job_id, "", "failed", "http://x", 1, when, "failed", 3, "HTTP 503", None, [])
 
     assert body(retrying, []) == (
         '{"job_id":"00000000-0000-4000-8000-000000000001","status":"retrying","attempts":2,"error":null,'

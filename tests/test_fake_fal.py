@@ -376,69 +376,6 @@ async def test_global_faults_apply_live(fal: FalAtFake, fake: LiveFake) -> None:
     assert answer.status_code == 400
 
 
-GLOBAL_SUBMIT_FAULTS = [
-    ("p_submit_429", 1.0, 429, False),
-    ("p_submit_500", 1.0, 500, False),
-    ("p_submit_502_enqueued", 1.0, 502, True),
-    ("p_submit_drop", 1.0, "dropped", True),
-    ("hang_submit", 1.0, "timeout", True),
-    ("submit_latency", 1.0, "timeout", False),
-]
-
-
-@pytest.mark.parametrize(("name", "value", "answer", "enqueued"), GLOBAL_SUBMIT_FAULTS)
-async def test_each_global_submit_fault(fake: LiveFake, name: str, value: float, answer: Any, enqueued: bool) -> None:
-    prompt = unique()
-    fake.configure(**{name: value})
-    try:
-        async with httpx.AsyncClient(base_url=fake.url, headers=AUTH, timeout=0.4) as http:
-            try:
-                got: Any = (await http.post(f"/{SCHNELL}", json={"prompt": prompt})).status_code
-            except httpx.RemoteProtocolError:
-                got = "dropped"
-            except httpx.ReadTimeout:
-                got = "timeout"
-    finally:
-        fake.configure(**{name: 0.0})
-    assert got == answer
-    assert (prompt in fake.stats()["by_prompt"]) is enqueued
-    if name == "submit_latency":  # a slow submit the client gave up on is still made, once its time has come
-        await asyncio.sleep(1.0)
-        assert fake.stats()["by_prompt"][prompt] == 1
-
-
-@pytest.mark.parametrize(
-    ("name", "read", "answer"),
-    [("p_status_503", "status_url", 503), ("p_status_429", "status_url", 429), ("p_status_503", "response_url", 503)],
-)
-async def test_each_global_read_fault(fake: LiveFake, name: str, read: str, answer: int) -> None:
-    async with httpx.AsyncClient(headers=AUTH) as http:
-        made = (await http.post(f"{fake.url}/{SCHNELL}", json={"prompt": unique("[[latency=0]]")})).json()
-        fake.configure(**{name: 1.0})
-        try:
-            failed = await http.get(made[read])
-        finally:
-            fake.configure(**{name: 0.0})
-        assert failed.status_code == answer
-        assert (await http.get(made[read])).status_code == 200
-
-
-async def test_global_outcome_faults(fal: FalAtFake, fake: LiveFake) -> None:
-    fake.configure(p_fail=1.0, p_nsfw=0.0)
-    try:
-        failing = await fal.submit(SCHNELL, {"prompt": unique("[[latency=0]]")})
-    finally:
-        fake.configure(p_fail=0.0, p_nsfw=1.0)
-    try:
-        flagged = await fal.submit(SCHNELL, {"prompt": unique("[[latency=0]]"), "num_images": 2})
-    finally:
-        fake.configure(p_nsfw=0.0)
-    with pytest.raises(fal_client.FalClientHTTPError) as failed:
-        await failing.get(interval=0.02)
-    assert failed.value.status_code == 500
-    assert (await flagged.get(interval=0.02))["has_nsfw_concepts"] == [True, True]
-
-
 async def test_output_404_directive(fal: FalAtFake) -> None:
     result = await (await fal.submit(SCHNELL, {"prompt": unique("[[output:404]]")})).get(interval=0.02)
     async with httpx.AsyncClient() as http:

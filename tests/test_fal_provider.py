@@ -272,20 +272,3 @@ async def test_a_failed_read_of_a_finished_result_is_no_failed_prediction(fal: F
         await fal.get(created.id)
     assert failed.value.http_status == 503
     assert (await fal.get(created.id)).status == "succeeded"
-
-
-async def test_a_request_that_cannot_start_before_the_deadline_is_given_up_by_fal(
-    fal: FalProvider, fake: LiveFake
-) -> None:
-    """The job's deadline travels as fal's start_timeout: behind a busy runner, fal gives the request up."""
-    app = f"fal-ai/busy-{uuid.uuid4().hex[:6]}"
-    fake.configure(concurrency=1)
-    try:
-        busy = await fal.create(app, {"prompt": unique("[[queue=0]] [[latency=10]]")})
-        soon = datetime.now(UTC) + timedelta(seconds=2)
-        hurried = await fal.create(app, {"prompt": unique("[[queue=0]] [[latency=1]]")}, deadline=soon)
-    finally:
-        fake.configure(concurrency=0)
-    done = await until_done(fal, hurried.id)
-    assert done.status == "failed" and "504" in (done.error or "")
-    await fal.cancel(busy.id)

@@ -28,7 +28,7 @@ import orjson
 import pytest
 
 from conftest import RUN_ID, create_database, drop_database
-from mediagen.devtools.embedded import EmbeddedRedis, free_port, pid_alive, port_open
+from mediagen.devtools.embedded import free_port, pid_alive, port_open
 from mediagen.devtools.launcher import Child, GiveUp, Supervisor
 from mediagen.settings import Settings
 
@@ -396,20 +396,3 @@ def test_the_launcher_exits_non_zero_when_it_gives_up(database_url: str, tmp_pat
     assert gave_up["error"].startswith(f"port {env['MEDIAGEN_EMBEDDED_REDIS_PORT']} is taken")
     assert events[-1] == {**events[-1], "event": "dev.stopped", "exit_code": 1}
     assert launched.child_pids() == []
-
-
-def test_an_embedded_redis_that_cannot_save_is_stopped_all_the_same(tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path / "redis")
-    shutil.rmtree(tmp_path / "redis")  # a test's folder cleaned up under it: SHUTDOWN SAVE is refused
-
-    started = time.monotonic()
-    try:
-        server.stop()
-        stopped_after = time.monotonic() - started
-        alive = pid_alive(server.pid)
-    finally:  # whatever failed, leave no server on a machine others share
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server.pid, signal.SIGKILL)
-
-    assert not alive
-    assert stopped_after < 5

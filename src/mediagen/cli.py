@@ -6,6 +6,13 @@
     mediagen usage [--since 24h]            what the predictions cost: per model, per API key, per day
     mediagen prune [--days N]               delete finished jobs older than N days (MEDIAGEN_RETENTION_DAYS)
                                             with their media; their spend stays in usage
+    mediagen keys create NAME [--rate-per-minute N] [--max-unfinished-jobs N] [--daily-spend-cap-usd X]
+                                            an API key and its webhook secret, printed this once
+    mediagen keys list [--all]              keys: name, id, prefix, limits, created, last used (revoked too)
+    mediagen keys revoke NAME|ID            the key gets 401 within a second, no restart
+    mediagen keys rotate NAME|ID            a new value for the key; the old one stops working at once
+    mediagen keys rotate-webhook-secret NAME|ID [--overlap 24h]
+                                            a new webhook secret; the old one keeps signing for the overlap
 
 Uses DATABASE_URL (and REDIS_URL for `retry`); without them, the embedded servers `make run` keeps in
 MEDIAGEN_DATA_DIR.
@@ -20,9 +27,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from mediagen.core import jobs
+from mediagen.core import jobs, keys
 from mediagen.core.db import Database
 from mediagen.core.usage import parse_duration, usage
 from mediagen.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -213,6 +221,95 @@ async def prune_jobs(db: Database, settings: Settings, days: float | None, batch
     return 0
 
 
+def _limit(value: object, default: object) -> str:
+    return f"{value}" if value is not None else f"{default} (default)"
+
+
+async def manage_keys(db: Database, settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        if args.action == "list":
+            async with db.connect() as conn:
+                found = await keys.list_keys(conn, include_revoked=args.all)
+            for key in found:
+                state = f"revoked {_time(key.revoked_at)}" if key.revoked_at else f"last used {_time(key.last_used_at)}"
+                print(
+                    f"{key.name:<24} {key.id}  {key.prefix}…  created {_time(key.created_at)}  {state}  "
+                    f"rate/min {_limit(key.rate_per_minute, settings.rate_limit_per_minute)}, "
+                    f"unfinished {_limit(key.max_unfinished_jobs, settings.max_unfinished_jobs)}, "
+                    f"spend/day {_limit(key.daily_spend_cap_usd, settings.daily_spend_cap_usd or 'none')}"
+                )
+            print(f"{len(found)} key(s)", file=sys.stderr)
+            return 0
+        async with db.transaction() as conn:
+            if args.action == "create":
+                issued = await keys.create(
+                    conn,
+                    args.name,
+                    rate_per_minute=args.rate_per_minute,
+                    max_unfinished_jobs=args.max_unfinished_jobs,
+                    daily_spend_cap_usd=args.daily_spend_cap_usd,
+                )
+            elif args.action == "revoke":
+                revoked = await keys.revoke(conn, args.key)
+                print(f"revoked {revoked.name} ({revoked.id}): refused within a second; its jobs stay")
+                return 0
+            elif args.action == "rotate":
+                issued = await keys.rotate(conn, args.key)
+            else:
+                issued = await keys.rotate_webhook_secret(conn, args.key, overlap=args.overlap)
+    except (keys.KeyNotFound, keys.KeyNameTaken) as error:
+        print(error, file=sys.stderr)
+        return 1
+    record = issued.record
+    print(f"{args.action} {record.name} ({record.id}): shown this once, keep it now")
+    if issued.key:
+        print(f"api key         {issued.key}")
+    if issued.webhook_secret:
+        print(f"webhook secret  {issued.webhook_secret}")
+    if args.action == "rotate-webhook-secret":
+        print(f"the previous secret signs too until {_time(record.previous_webhook_secret_until)} UTC")
+    return 0
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("0 or more (0: no limit)")
+    return number
+
+
+def _usd(value: str) -> Decimal:
+    try:
+        usd = Decimal(value)
+    except ArithmeticError:
+        raise argparse.ArgumentTypeError("an amount of USD, such as 5 or 2.50") from None
+    if not usd > 0:
+        raise argparse.ArgumentTypeError("more than 0")
+    return usd
+
+
+def _keys_parser(commands: Any) -> None:
+    group = commands.add_parser("keys", help="API keys: create, list, revoke, rotate; webhook secrets")
+    actions = group.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="a new key and its webhook secret, printed this once")
+    create.add_argument("name")
+    create.add_argument("--rate-per-minute", type=_count, help="default: MEDIAGEN_RATE_LIMIT_PER_MINUTE")
+    create.add_argument("--max-unfinished-jobs", type=_count, help="default: MEDIAGEN_MAX_UNFINISHED_JOBS")
+    create.add_argument("--daily-spend-cap-usd", type=_usd, help="default: MEDIAGEN_DAILY_SPEND_CAP_USD")
+    listing = actions.add_parser("list", help="the live keys")
+    listing.add_argument("--all", action="store_true", help="revoked ones too")
+    for action, text in (
+        ("revoke", "the key is refused within a second (no restart); its jobs and usage stay"),
+        ("rotate", "a new value for the key; the old one stops working at once; owner, jobs, limits stay"),
+        ("rotate-webhook-secret", "a new webhook secret; the old one keeps signing during --overlap"),
+    ):
+        command = actions.add_parser(action, help=text)
+        command.add_argument("key", metavar="NAME|ID")
+    actions.choices["rotate-webhook-secret"].add_argument(
+        "--overlap", type=parse_since, default=timedelta(hours=24), help="e.g. 24h (default), 7d"
+    )
+
+
 def _usage_line(name: str, totals: Any) -> str:
     return (
         f"{name[:44]:<44} {totals.predictions:>11} {totals.images:>7} {totals.predict_seconds:>9.1f} "
@@ -243,6 +340,7 @@ def parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="delete old finished jobs and their media, in small batches")
     prune.add_argument("--days", type=float, help="older than this (default: MEDIAGEN_RETENTION_DAYS)")
     prune.add_argument("--batch", type=int, default=None, help="jobs per transaction (MEDIAGEN_RETENTION_BATCH)")
+    _keys_parser(commands)
     return root
 
 
@@ -260,6 +358,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             return await list_jobs(db, args.status, args.since, args.limit)
         if args.command == "usage":
             return await show_usage(db, args.since)
+        if args.command == "keys":
+            return await manage_keys(db, settings, args)
         if args.command == "prune":
             return await prune_jobs(db, settings, args.days, args.batch or settings.retention_batch)
         return await retry_job(db, settings, args.job_id)

@@ -17,7 +17,7 @@ from mediagen import __version__, services
 from mediagen.api import web
 from mediagen.api.auth import KeyRing
 from mediagen.api.http import BodySizeLimit, install_error_handlers
-from mediagen.api.limits import Limits, RateLimitHeaders
+from mediagen.api.limits import Limits, Policies, Policy, RateLimitHeaders
 from mediagen.api.routes import ROUTERS
 from mediagen.api.state import ApiState
 from mediagen.api.submissions import Submissions
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             dispatcher=dispatcher,
             submissions=Submissions(db, dispatcher),
             storage=services.storage(settings),
-            keyring=KeyRing([key.get_secret_value() for key in settings.api_keys]),
+            keyring=KeyRing([key.get_secret_value() for key in settings.api_keys], db),
             notifier=Notifier(redis, namespace=settings.redis_namespace),
             catalog=catalog,
             prices=settings.price_table,
@@ -93,17 +93,21 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         if settings.replicate_webhooks:
             # Fetched now, so the first webhook is answered within its budget too.
             app.state.secret_prefetch = asyncio.create_task(_prefetch_secret(state.webhook_verifier))
-        if state.keyring.enabled or settings.limit_anonymous:
-            limits = Limits(
-                redis,
-                db,
-                namespace=settings.redis_namespace,
-                per_minute=settings.rate_limit_per_minute,
-                max_unfinished=settings.max_unfinished_jobs,
-                job_lifetime_seconds=settings.job_deadline_seconds,
-                daily_spend_cap=settings.daily_spend_cap_usd,
-            )
-            state.limits = limits if limits.enabled else None
+        policies = Policies(
+            Policy(settings.rate_limit_per_minute, settings.max_unfinished_jobs, settings.daily_spend_cap_usd),
+            limit_anonymous=settings.limit_anonymous,
+            caller_of=state.keyring.caller,
+        )
+        state.limits = Limits(
+            redis,
+            db,
+            namespace=settings.redis_namespace,
+            policy_of=policies,
+            job_lifetime_seconds=settings.job_deadline_seconds,
+        )
+        with contextlib.suppress(Exception):  # unknown until PostgreSQL answers: the first request asks again
+            await state.keyring.refresh()
+        state.keyring.start()
         app.state.api = state
         # Everything built so far lives as long as the process: keep it out of the collector's
         # sight, and collect the young generation less often (fewer pauses in the request path).
@@ -116,13 +120,14 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             storage=settings.storage_backend,
             auth="api keys"
             if state.keyring.enabled
-            else "none: MEDIAGEN_API_KEYS is not set, every caller sees every job",
+            else "none: no API key (MEDIAGEN_API_KEYS, mediagen keys create), every caller sees every job",
         )
         try:
             yield
         finally:
             refresher.cancel()
             await asyncio.gather(refresher, return_exceptions=True)
+            await state.keyring.aclose()
             await provider.aclose()
             await state.notifier.aclose()
             await state.webhook_verifier.aclose()
@@ -151,8 +156,8 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Last-Event-ID"],
             expose_headers=["Location", "Retry-After", "RateLimit", "RateLimit-Policy", "Preference-Applied"],
         )
-    if settings.api_keys or settings.limit_anonymous:
-        app.add_middleware(RateLimitHeaders)
+    # Always: a key made with `mediagen keys create` turns limits on without a restart.
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app

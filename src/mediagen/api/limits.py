@@ -1,6 +1,8 @@
 """Per-key limits, enforced in Redis so that every API process shares them.
 
-Two limits per API key (the anonymous caller counts as one key when `MEDIAGEN_LIMIT_ANONYMOUS` is on):
+Each API key has its own limits: a key made with `mediagen keys create --rate-per-minute N ...` those it
+was given, anything else (and each limit it was not given) the settings below (`Policies`). The anonymous
+caller counts as one key when `MEDIAGEN_LIMIT_ANONYMOUS` is on. Two limits per key:
 
 * requests a minute (`MEDIAGEN_RATE_LIMIT_PER_MINUTE`): a GCRA bucket (one key holding its
   "theoretical arrival time"; mediagen.gcra, the maths the Replicate budget runs too), so a client
@@ -24,10 +26,11 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import cached_property
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -35,8 +38,8 @@ from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mediagen import gcra
-from mediagen.api.auth import current_owner
-from mediagen.core import jobs, usage
+from mediagen.api.auth import ANONYMOUS, current_owner
+from mediagen.core import jobs, keys, usage
 from mediagen.core.db import Database
 from mediagen.core.errors import MediagenError
 
@@ -106,51 +109,93 @@ class Verdict:
     unfinished: int
 
 
+@dataclass(frozen=True)
+class Policy:
+    """One key's limits (0 / None: no such limit)."""
+
+    per_minute: int
+    max_unfinished: int
+    daily_spend_cap: Decimal | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.per_minute or self.max_unfinished or self.daily_spend_cap is not None)
+
+    @cached_property
+    def header(self) -> str:
+        """Its `RateLimit-Policy`."""
+        policies = []
+        if self.per_minute:
+            policies.append(f'"requests";q={self.per_minute};w={WINDOW_SECONDS}')
+        if self.max_unfinished:
+            policies.append(f'"jobs";q={self.max_unfinished}')
+        if self.daily_spend_cap is not None:
+            policies.append(f'"spend";q={_micro_usd(self.daily_spend_cap)};qu="usd-micros";w=86400')
+        return ", ".join(policies)
+
+
+class Policies:
+    """The `Policy` of each owner: a key of the table has its own limits over the settings' defaults;
+    the keys of MEDIAGEN_API_KEYS have the defaults; the anonymous caller none, unless limited."""
+
+    def __init__(
+        self, default: Policy, *, limit_anonymous: bool, caller_of: Callable[[str], keys.Caller | None]
+    ) -> None:
+        self.default = default
+        self.anonymous = default if limit_anonymous else None
+        self.caller_of = caller_of
+        self._own: dict[str, tuple[keys.Caller, Policy]] = {}
+
+    def __call__(self, owner: str) -> Policy | None:
+        if owner == ANONYMOUS:
+            return self.anonymous
+        caller = self.caller_of(owner)
+        if caller is None:
+            return self.default
+        known = self._own.get(owner)
+        if known is not None and known[0] == caller:
+            return known[1]
+        cap = caller.daily_spend_cap_usd
+        policy = Policy(
+            self.default.per_minute if caller.rate_per_minute is None else caller.rate_per_minute,
+            self.default.max_unfinished if caller.max_unfinished_jobs is None else caller.max_unfinished_jobs,
+            self.default.daily_spend_cap if cap is None else cap.normalize(),
+        )
+        self._own[owner] = (caller, policy)
+        return policy
+
+
 class Limits:
+    """Admits or refuses each caller by its own `Policy`: `policy_of(owner)` (None: not limited)."""
+
     def __init__(
         self,
         redis: Redis,
         db: Database,
         *,
         namespace: str,
-        per_minute: int,
-        max_unfinished: int,
+        policy_of: Callable[[str], Policy | None],
         job_lifetime_seconds: float,
-        daily_spend_cap: Decimal | None = None,
     ) -> None:
         self.redis = redis
         self.db = db
         self.namespace = namespace
-        self.per_minute = per_minute
-        self.max_unfinished = max_unfinished
-        self.daily_spend_cap = daily_spend_cap
+        self.policy_of = policy_of
         self.job_lifetime_ms = int(job_lifetime_seconds * 1000) + 60_000
         self._script = redis.register_script(_ADMIT)
-        policies = []
-        if per_minute:
-            policies.append(f'"requests";q={per_minute};w={WINDOW_SECONDS}')
-        if max_unfinished:
-            policies.append(f'"jobs";q={max_unfinished}')
-        if daily_spend_cap is not None:
-            policies.append(f'"spend";q={_micro_usd(daily_spend_cap)};qu="usd-micros";w=86400')
-        self.policy_header = ", ".join(policies)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.per_minute or self.max_unfinished or self.daily_spend_cap is not None)
 
     def _keys(self, owner: str) -> list[str]:
         tag = owner or "anonymous"
         return [f"{self.namespace}:limits:{{{tag}}}:requests", f"{self.namespace}:limits:{{{tag}}}:jobs"]
 
-    async def _run(self, owner: str, job_id: uuid.UUID | None) -> Verdict:
+    async def _run(self, owner: str, policy: Policy, job_id: uuid.UUID | None) -> Verdict:
         raw = await self._script(
             keys=self._keys(owner),
             args=[
                 int(time.time() * 1000),
-                self.per_minute,
+                policy.per_minute,
                 WINDOW_SECONDS * 1000,
-                self.max_unfinished,
+                policy.max_unfinished,
                 str(job_id) if job_id else "",
                 self.job_lifetime_ms,
             ],
@@ -166,39 +211,45 @@ class Limits:
         )
 
     async def admit(self, owner: str, job_id: uuid.UUID | None = None) -> dict[str, str]:
-        """Charge one request (and, with `job_id`, one unfinished job); the headers to answer with.
+        """Charge one request (and, with `job_id`, one unfinished job); the headers to answer with
+        (none for a caller with no limits).
 
         Raises RateLimited when a limit refuses: then nothing is charged.
         """
-        if job_id is not None and self.daily_spend_cap is not None:
-            await self._check_spend(owner)
-        verdict = await self._run(owner, job_id)
+        policy = self.policy_of(owner)
+        if policy is None or not policy.enabled:
+            return {}
+        if job_id is not None and policy.daily_spend_cap is not None:
+            await self._check_spend(owner, policy)
+        if not (policy.per_minute or (job_id is not None and policy.max_unfinished)):
+            return {"RateLimit-Policy": policy.header}
+        verdict = await self._run(owner, policy, job_id)
         if not verdict.allowed and verdict.refused == "jobs" and await self._prune(owner):
-            verdict = await self._run(owner, job_id)
-        headers = self._headers(verdict)
+            verdict = await self._run(owner, policy, job_id)
+        headers = self._headers(policy, verdict)
         if verdict.allowed:
             return headers
         headers["Retry-After"] = str(verdict.retry_after_seconds)
         if verdict.refused == "requests":
-            message = f"more than {self.per_minute} requests a minute; try again in {verdict.retry_after_seconds} s"
+            message = f"more than {policy.per_minute} requests a minute; try again in {verdict.retry_after_seconds} s"
         else:
-            message = f"{self.max_unfinished} jobs are unfinished already; wait for one to end"
+            message = f"{policy.max_unfinished} jobs are unfinished already; wait for one to end"
         raise RateLimited(_NAMES[verdict.refused], message, headers)
 
-    def _headers(self, verdict: Verdict) -> dict[str, str]:
+    def _headers(self, policy: Policy, verdict: Verdict) -> dict[str, str]:
         items = []
-        if self.per_minute:
+        if policy.per_minute:
             remaining = 0 if verdict.refused == "requests" else max(verdict.remaining, 0)
             items.append(f'"requests";r={remaining};t={verdict.reset_seconds}')
-        if self.max_unfinished and verdict.unfinished >= 0:
-            items.append(f'"jobs";r={max(self.max_unfinished - verdict.unfinished, 0)}')
-        headers = {"RateLimit-Policy": self.policy_header}
+        if policy.max_unfinished and verdict.unfinished >= 0:
+            items.append(f'"jobs";r={max(policy.max_unfinished - verdict.unfinished, 0)}')
+        headers = {"RateLimit-Policy": policy.header}
         if items:
             headers["RateLimit"] = ", ".join(items)
         return headers
 
-    async def _check_spend(self, owner: str) -> None:
-        assert self.daily_spend_cap is not None
+    async def _check_spend(self, owner: str, policy: Policy) -> None:
+        assert policy.daily_spend_cap is not None
         now = datetime.now(UTC)
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
         key = f"{self._keys(owner)[0].rsplit(':', 1)[0]}:spend:{midnight.date().isoformat()}"
@@ -208,15 +259,15 @@ class Limits:
             await self.redis.set(key, str(spent), ex=SPEND_CACHE_SECONDS)
         else:
             spent = Decimal(cached.decode() if isinstance(cached, bytes) else cached)
-        if spent < self.daily_spend_cap:
+        if spent < policy.daily_spend_cap:
             return
         until_midnight = int((midnight + timedelta(days=1) - now).total_seconds()) + 1
         headers = {
-            "RateLimit-Policy": self.policy_header,
+            "RateLimit-Policy": policy.header,
             "RateLimit": f'"spend";r=0;t={until_midnight}',
             "Retry-After": str(until_midnight),
         }
-        message = f"this key spent ${spent} today, its cap is ${self.daily_spend_cap}; new jobs resume at 00:00 UTC"
+        message = f"this key spent ${spent} today, its cap is ${policy.daily_spend_cap}; new jobs resume at 00:00 UTC"
         raise RateLimited(_NAMES["spend"], message, headers)
 
     async def forget(self, owner: str, job_ids: Sequence[uuid.UUID]) -> None:
@@ -282,7 +333,9 @@ async def limited_owner(request: Request) -> str:
     owner = await current_owner(request)
     limits: Limits | None = request.app.state.api.limits
     if limits is not None:
-        request.state.ratelimit = await limits.admit(owner)
+        headers = await limits.admit(owner)
+        if headers:
+            request.state.ratelimit = headers
     return owner
 
 

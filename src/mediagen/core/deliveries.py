@@ -58,6 +58,8 @@ class Due:
 
     id: int
     job_id: uuid.UUID
+    owner: str
+    """The job's owner: whose webhook secrets sign it (mediagen.core.keys.signing_secrets)."""
     event: str
     url: str
     tries: int
@@ -76,9 +78,9 @@ _CLAIM_DUE_SQL = """
         ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED
     )
     UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $2), tries = d.tries + 1
-    FROM due, job_webhooks w
-    WHERE d.id = due.id AND w.job_id = d.job_id
-    RETURNING d.id, d.job_id, d.event, w.url, d.tries, d.created_at, d.job_status, d.job_attempts, d.job_error,
+    FROM due, job_webhooks w, jobs j
+    WHERE d.id = due.id AND w.job_id = d.job_id AND j.id = d.job_id
+    RETURNING d.id, d.job_id, j.owner, d.event, w.url, d.tries, d.created_at, d.job_status, d.job_attempts, d.job_error,
               d.job_progress,
               CASE WHEN d.job_status = 'succeeded' THEN
                 ARRAY(SELECT o.storage_key FROM outputs o WHERE o.job_id = d.job_id ORDER BY o.index)
@@ -93,6 +95,7 @@ async def claim_due(db: Database, *, batch: int, lease_seconds: float) -> list[D
         Due(
             id=row["id"],
             job_id=row["job_id"],
+            owner=row["owner"],
             event=row["event"],
             url=row["url"],
             tries=row["tries"],

@@ -1,5 +1,6 @@
 """Tables: jobs (the truth about each job), attempts (one row per try), outputs (stored images), the
-clients' webhooks and their deliveries, and daily_usage (the spend of jobs retention deleted)."""
+clients' webhooks and their deliveries, daily_usage (the spend of jobs retention deleted), and
+api_keys (who may call, with what limits, and the secrets their webhooks are signed with)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -237,3 +238,41 @@ class DailyUsage(Base):
     predict_seconds: Mapped[float] = mapped_column(Double, nullable=False)
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 6), nullable=False)
     unpriced: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class ApiKey(Base):
+    """An API key issued with `mediagen keys create` (mediagen.core.keys writes it). The key itself is
+    never stored, only its SHA-256; the webhook secrets are, as deliveries are signed with them."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    owner: Mapped[str] = mapped_column(Text, nullable=False)
+    """What its jobs carry as `jobs.owner`: the same across rotations."""
+    key_hash: Mapped[bytes] = mapped_column(BYTEA, nullable=False)
+    prefix: Mapped[str] = mapped_column(Text, nullable=False)
+    """The key's first characters, to tell keys apart in a list."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Written at most about once a minute per key and API process, never in a request's path."""
+    rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    """NULL: MEDIAGEN_RATE_LIMIT_PER_MINUTE (likewise the next two)."""
+    max_unfinished_jobs: Mapped[int | None] = mapped_column(Integer)
+    daily_spend_cap_usd: Mapped[Decimal | None] = mapped_column(Numeric(12, 6))
+    webhook_secret: Mapped[str] = mapped_column(Text, nullable=False)
+    previous_webhook_secret: Mapped[str | None] = mapped_column(Text)
+    """The secret before the last rotation, still signing until `previous_webhook_secret_until`."""
+    previous_webhook_secret_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("key_hash"),
+        UniqueConstraint("owner"),
+        # A name is one key's at a time; a revoked key's name may be given again.
+        Index("ix_api_keys_name_active", "name", unique=True, postgresql_where=text("revoked_at IS NULL")),
+        CheckConstraint("rate_per_minute IS NULL OR rate_per_minute >= 0", name="rate_per_minute"),
+        CheckConstraint("max_unfinished_jobs IS NULL OR max_unfinished_jobs >= 0", name="max_unfinished_jobs"),
+        CheckConstraint("daily_spend_cap_usd IS NULL OR daily_spend_cap_usd > 0", name="daily_spend_cap_usd"),
+    )

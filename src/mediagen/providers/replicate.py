@@ -292,13 +292,12 @@ class ReplicateProvider:
         body: dict[str, Any] = {"input": input}
         if webhook is not None:
             body.update(webhook=webhook, webhook_events_filter=list(self.webhook_events))
+        headers = {"Cancel-After": cancel_after(deadline)} if deadline is not None else {}
         slot = None
         if self._limiter is not None:
             # The token first, outside the create's own time bound: a long wait for it is no timeout
             # (only the job's deadline bounds it), and a create that waits for it has not been sent.
             slot = await _until(deadline, self._limiter.reserve("create"), "a create token")
-        # The time left once the token came, not before: a prediction ends by the job's deadline.
-        headers = {"Cancel-After": cancel_after(deadline)} if deadline is not None else {}
         taken = _create_slot.set(slot)
         try:
             return await self._read(

@@ -32,8 +32,7 @@ CONTENT_TYPES = {
 CHUNK_BYTES = 64 * 1024
 
 ByteRange = tuple[int, int | None]
-"""An HTTP byte range: the first byte and the last (inclusive; None: to the end); or `(-n, None)`, the
-last n bytes (all of them when the object is shorter)."""
+"""An HTTP byte range: the first byte and the last (inclusive; None: to the end)."""
 
 
 def is_valid_key(key: str) -> bool:

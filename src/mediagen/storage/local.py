@@ -46,17 +46,15 @@ class LocalStorage:
         path = self.path(key)
         first, last = byte_range or (0, None)
 
-        def open_file() -> tuple[BinaryIO, int, int]:
+        def open_file() -> tuple[BinaryIO, int]:
             handle = path.open("rb")
-            size = os.fstat(handle.fileno()).st_size
-            start = max(size + first, 0) if first < 0 else first  # a suffix: the last -first bytes
-            if 0 < start < size:  # past the end: nothing to read (and no seek a filesystem may refuse)
-                handle.seek(start)
-            return handle, size, start
+            if first:
+                handle.seek(first)
+            return handle, os.fstat(handle.fileno()).st_size
 
         try:
             # The open handle keeps reading the file it opened, even if a rename replaces the name.
-            handle, size, first = await asyncio.to_thread(open_file)
+            handle, size = await asyncio.to_thread(open_file)
         except (FileNotFoundError, IsADirectoryError):
             return None
         except OSError as error:

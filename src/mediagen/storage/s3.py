@@ -141,11 +141,8 @@ class S3Storage:
 
         def get() -> ObjectStream | None:
             try:
-                if first < 0:  # the last -first bytes: the SDK takes offsets only, S3 takes the header
-                    response = self._client.get_object(self.bucket, key, request_headers={"Range": f"bytes={first}"})
-                else:
-                    want = 0 if last is None else last - first + 1  # 0: to the end (the SDK's convention)
-                    response = self._client.get_object(self.bucket, key, offset=first, length=want)
+                want = 0 if last is None else last - first + 1  # 0: to the end (the SDK's convention)
+                response = self._client.get_object(self.bucket, key, offset=first, length=want)
             except S3Error as error:
                 if error.code in MISSING_CODES:
                     return None
@@ -154,12 +151,7 @@ class S3Storage:
                     content_type = stat.content_type or CONTENT_TYPES[key.rsplit(".", 1)[1]]
                     size = stat.size or 0
                     return ObjectStream(
-                        size=0,
-                        total=size,
-                        first=max(first, size),
-                        content_type=content_type,
-                        read=lambda n: b"",
-                        close=_nothing,
+                        size=0, total=size, first=first, content_type=content_type, read=lambda n: b"", close=_nothing
                     )
                 raise
 
@@ -171,13 +163,12 @@ class S3Storage:
             if length is None or not length.isdigit():
                 close()
                 raise ValueError("the server sent no Content-Length")
-            # A ranged answer says where it starts and the whole size: `Content-Range: bytes a-b/total`.
-            span, _, total = response.headers.get("content-range", "").removeprefix("bytes ").partition("/")
-            start = span.partition("-")[0]
+            # A ranged answer says the whole size in `Content-Range: bytes a-b/total`.
+            total = response.headers.get("content-range", "").rpartition("/")[2]
             return ObjectStream(
                 size=int(length),
                 total=int(total) if total.isdigit() else None,
-                first=int(start) if start.isdigit() else max(first, 0),
+                first=first,
                 content_type=response.headers.get("content-type") or CONTENT_TYPES[key.rsplit(".", 1)[1]],
                 read=response.read,
                 close=close,

@@ -164,19 +164,19 @@ class WorkerResources(Middleware):
                 batch=s.retention_batch,
             )
             self.retention.start()
-        if s.webhook_secret is not None:
-            self.webhook_sender = WebhookSender(
-                db,
-                secret=s.webhook_secret.get_secret_value(),
-                public_base_url=s.public_base_url,
-                allowed_networks=s.webhook_allowed_networks,
-                timeout_seconds=s.webhook_timeout_seconds,
-                retry_base_seconds=s.webhook_retry_base_seconds,
-                retry_cap_seconds=s.webhook_retry_cap_seconds,
-                give_up_seconds=s.webhook_give_up_seconds,
-                poll_seconds=s.webhook_poll_seconds,
-            )
-            self.webhook_sender.start()
+        # Always: a key made with `mediagen keys create` has a webhook secret of its own.
+        self.webhook_sender = WebhookSender(
+            db,
+            secret=s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None,
+            public_base_url=s.public_base_url,
+            allowed_networks=s.webhook_allowed_networks,
+            timeout_seconds=s.webhook_timeout_seconds,
+            retry_base_seconds=s.webhook_retry_base_seconds,
+            retry_cap_seconds=s.webhook_retry_cap_seconds,
+            give_up_seconds=s.webhook_give_up_seconds,
+            poll_seconds=s.webhook_poll_seconds,
+        )
+        self.webhook_sender.start()
 
     def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
         if _context is not None:

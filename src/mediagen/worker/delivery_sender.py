@@ -1,5 +1,10 @@
 """Sends clients' webhooks: signed (Standard Webhooks), at least once, retried for about a day.
 
+Each delivery is signed with the webhook secrets of the key that made its job (mediagen.core.keys: the
+current one, and during a rotation's overlap the previous one too, both signatures in one
+`webhook-signature` header, as Standard Webhooks allows), so one tenant cannot forge another's
+webhooks; a job of no such key (anonymous, or a key of MEDIAGEN_API_KEYS) with MEDIAGEN_WEBHOOK_SECRET.
+
 Every worker process runs a `WebhookSender`: every `webhook_poll_seconds` it takes the due deliveries
 (mediagen.core.deliveries), POSTs each, and records the try. A delivery that fails is due again after
 `min(cap, base * 2^(tries-1))` seconds, half of it jittered, until `webhook_give_up_seconds` after its
@@ -26,7 +31,7 @@ import httpx
 import orjson
 from standardwebhooks.webhooks import Webhook
 
-from mediagen.core import deliveries, jobs
+from mediagen.core import deliveries, jobs, keys
 from mediagen.core.db import Database
 from mediagen.core.retry import RetryPolicy
 from mediagen.logging import log_event
@@ -62,7 +67,7 @@ class WebhookSender:
         self,
         db: Database,
         *,
-        secret: str,
+        secret: str | None,
         public_base_url: str,
         allowed_networks: list[str],
         timeout_seconds: float,
@@ -73,7 +78,8 @@ class WebhookSender:
         batch: int = 50,
     ) -> None:
         self.db = db
-        self.signer = Webhook(secret)
+        self.secret = secret
+        self._signers: dict[str, Webhook] = {}
         self.public_base_url = public_base_url
         self.allowed = deliveries.networks(allowed_networks)
         self.timeout = timeout_seconds
@@ -115,17 +121,31 @@ class WebhookSender:
         # Held for twice a try's own time limit: a delivery whose worker died is due again after that.
         due = await deliveries.claim_due(self.db, batch=self.batch, lease_seconds=2 * self.timeout + 1)
         if due:
-            await asyncio.gather(*(self._deliver(delivery) for delivery in due))
+            owned = await keys.signing_secrets(self.db, [delivery.owner for delivery in due if delivery.owner])
+            fallback = [self.secret] if self.secret else []
+            await asyncio.gather(*(self._deliver(delivery, owned.get(delivery.owner, fallback)) for delivery in due))
         return len(due)
 
-    async def _deliver(self, due: deliveries.Due) -> None:
+    def sign(self, secrets: list[str], msg_id: str, when: datetime, payload: str) -> str:
+        """The `webhook-signature` header: one `v1,...` signature per secret, space-separated."""
+        signatures = []
+        for secret in secrets:
+            signer = self._signers.get(secret)
+            if signer is None:
+                signer = self._signers[secret] = Webhook(secret)
+            signatures.append(signer.sign(msg_id, when, payload))
+        return " ".join(signatures)
+
+    async def _deliver(self, due: deliveries.Due, secrets: list[str]) -> None:
         started = time.monotonic()
         status_code: int | None = None
         error: str | None = None
         retry = True
         try:
+            if not secrets:
+                raise Refused("no secret signs it (MEDIAGEN_WEBHOOK_SECRET is not set, and its key has none)")
             async with asyncio.timeout(2 * self.timeout):
-                status_code = await self._post(due)
+                status_code = await self._post(due, secrets)
             if not 200 <= status_code < 300:
                 error = f"HTTP {status_code}" + (" (redirects are not followed)" if 300 <= status_code < 400 else "")
         except Refused as refused:
@@ -166,7 +186,7 @@ class WebhookSender:
         age = (datetime.now(UTC) - due.created_at).total_seconds()
         return None if age + delay > self.give_up else delay
 
-    async def _post(self, due: deliveries.Due) -> int:
+    async def _post(self, due: deliveries.Due, secrets: list[str]) -> int:
         urls = [f"{self.public_base_url}/media/{key}" for key in due.output_keys]
         payload = body(due, urls)
         msg_id = deliveries.message_id(due.id)
@@ -183,7 +203,7 @@ class WebhookSender:
             "Content-Type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": self.signer.sign(msg_id, now, payload),
+            "webhook-signature": self.sign(secrets, msg_id, now, payload),
         }
         extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
         request = self.client.build_request("POST", target, content=payload, headers=headers, extensions=extensions)

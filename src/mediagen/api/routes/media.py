@@ -1,10 +1,9 @@
 """`GET /media/{job}/{n}.{ext}`: an output's bytes, from either store, with byte ranges.
 
-A whole local file goes out via sendfile; S3 objects, and a part of either, are streamed in chunks;
-or, with `MEDIAGEN_MEDIA_REDIRECT` on S3, a redirect to a presigned URL. One `Range` is honoured the
-same way on both stores (RFC 9110: `bytes=first-[last]`, `bytes=-n`); anything else gets the whole.
-Outputs never change, so they are cacheable for a year: by anyone without API keys, by the caller's
-own cache only with them (`private`).
+Local files go out via sendfile (Starlette's FileResponse answers Range itself); S3 objects are
+streamed in chunks, one `bytes=first-[last]` range at most, or answered with a redirect to a
+presigned URL when `MEDIAGEN_MEDIA_REDIRECT` is on. Outputs never change, so they are cacheable
+for a year: by anyone without API keys, by the caller's own cache only with them (`private`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from mediagen.api.auth import visible_to
 from mediagen.api.http import error
@@ -55,16 +53,7 @@ async def media(
     key: str,
     state: Api,
     owner: LimitedOwner,
-    range_header: Annotated[
-        str | None,
-        Header(
-            alias="range",
-            description="`bytes=first-[last]`, or `bytes=-n` for the last n bytes: that part (206), or a 416 when "
-            "it starts past the end. Anything else (several ranges, another unit, a malformed one) is ignored: "
-            "the whole output (RFC 9110)",
-        ),
-    ] = None,
-    if_range: Annotated[str | None, Header(alias="if-range", include_in_schema=False)] = None,
+    range_header: Annotated[str | None, Header(alias="range", include_in_schema=False)] = None,
 ) -> Response:
     if not is_valid_key(key):
         return error(404, "not_found", "no such image")
@@ -73,22 +62,21 @@ async def media(
         return error(404, "not_found", "no such image")
     # Behind API keys an output is its owner's alone: no shared cache may keep it for others.
     cache = _PRIVATE if state.keyring.enabled else _PUBLIC
-    # If-Range asks for the part only if the output is still the one the client saw: outputs never
-    # change, but with no validator to compare, the whole output is the answer RFC 9110 allows.
-    byte_range = _byte_range(range_header) if if_range is None else None
     storage = state.storage
-    if isinstance(storage, LocalStorage) and byte_range is None:  # sendfile, straight from the disk
+    if isinstance(storage, LocalStorage):  # sendfile, straight from the disk
         path = storage.path(key)
         if not await asyncio.to_thread(path.is_file):
             return error(404, "not_found", "no such image")
-        return _WholeFile(path, media_type=CONTENT_TYPES[key.rsplit(".", 1)[1]], headers=cache)
+        # Starlette's FileResponse answers Range requests itself (206, 416, multipart).
+        return FileResponse(path, media_type=CONTENT_TYPES[key.rsplit(".", 1)[1]], headers=cache)
     settings = state.settings
     try:
-        if settings.media_redirect and not isinstance(storage, LocalStorage):
+        if settings.media_redirect:
             url = await storage.presigned_url(key, settings.media_presign_seconds)
             # A missing object gets a URL too: checking first keeps the 404 ours, not the store's XML.
             if url is not None and await storage.exists(key):
                 return RedirectResponse(url, status_code=307)
+        byte_range = _byte_range(range_header)
         stream = await storage.open(key, byte_range)
     except StorageError as exc:
         log_event("media.storage_failed", logging.WARNING, key=key, error=exc.error_class, detail=exc.message)
@@ -109,32 +97,17 @@ async def media(
 
 _PUBLIC = {"Cache-Control": "public, max-age=31536000, immutable"}
 _PRIVATE = {"Cache-Control": "private, max-age=31536000, immutable"}
-_RANGE = re.compile(r"bytes=(?:(\d{1,15})-(\d{1,15})?|-(\d{1,15}))", re.IGNORECASE)
-_PAST_ANY_END = (10**15, None)
-"""`bytes=-0` asks for nothing, which RFC 9110 calls unsatisfiable: a range past any end gets the 416."""
+_RANGE = re.compile(r"bytes=(\d{1,15})-(\d{1,15})?")
 
 
 def _byte_range(header: str | None) -> ByteRange | None:
-    """The one range of a `Range` header (RFC 9110, 14.1.1): `bytes=first-[last]` or `bytes=-n`. Anything
-    else gets the whole output, as the RFC has a server do with a header it cannot parse, and allows for
-    several ranges."""
+    """One `bytes=first-[last]` range; anything else (several ranges, a suffix) gets the whole object,
+    as RFC 9110 allows a server to do."""
     match = _RANGE.fullmatch(header.strip()) if header else None
     if match is None:
         return None
-    if match[3] is not None:
-        suffix = int(match[3])
-        return (-suffix, None) if suffix else _PAST_ANY_END
     first, last = int(match[1]), int(match[2]) if match[2] else None
     return None if last is not None and last < first else (first, last)
-
-
-class _WholeFile(FileResponse):
-    """A file sent whole whatever the request's Range says (the route has decided to ignore it), where
-    Starlette's would answer a malformed one with a 400 and several with a multipart body."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(name, value) for name, value in scope["headers"] if name not in (b"range", b"if-range")]
-        await super().__call__({**scope, "headers": headers}, receive, send)
 
 
 async def _until_closed(stream: ObjectStream) -> AsyncIterator[bytes]:
