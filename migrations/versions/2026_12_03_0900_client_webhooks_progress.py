@@ -71,9 +71,7 @@ def upgrade() -> None:
         sa.Column("history", postgresql.JSONB(astext_type=sa.Text()), server_default="[]", nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
-        sa.CheckConstraint(
-            "state IN ('pending', 'delivered', 'failed')", name=op.f("ck_webhook_deliveries_state")
-        ),
+        sa.CheckConstraint("state IN ('pending', 'delivered', 'failed')", name=op.f("ck_webhook_deliveries_state")),
         sa.ForeignKeyConstraint(
             ["job_id"], ["jobs.id"], name=op.f("fk_webhook_deliveries_job_id_jobs"), ondelete="CASCADE"
         ),

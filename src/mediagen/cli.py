@@ -3,7 +3,7 @@
     mediagen job <id>                       a job's timeline: every attempt, its error, the wait after it
     mediagen jobs [--status failed] [--since 1h] [--limit 50]
     mediagen retry <id>                     run a failed (or canceled) job again, on a fresh prediction
-    mediagen usage [--since 24h]            what the predictions cost: per model, per API key, per day
+    mediagen usage [--since 24h]            what the predictions cost: per model, API key, day, provider
     mediagen prune [--days N]               delete finished jobs older than N days (MEDIAGEN_RETENTION_DAYS)
                                             with their media; their spend stays in usage
     mediagen keys create NAME [--rate-per-minute N] [--max-unfinished-jobs N] [--daily-spend-cap-usd X]
@@ -195,6 +195,7 @@ async def show_usage(db: Database, since: timedelta) -> int:
         ("model", report.by_model),
         ("api key", report.by_api_key),
         ("day", report.by_day),
+        ("provider", report.by_provider),
     ]
     for title, group in groups:
         print(f"\nby {title}\n{header}")
@@ -335,7 +336,9 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     retry.add_argument("job_id", type=uuid.UUID)
-    spend = commands.add_parser("usage", help="what the predictions cost, per model, per API key and per day")
+    spend = commands.add_parser(
+        "usage", help="what the predictions cost, per model, per API key, per day and per provider"
+    )
     spend.add_argument("--since", type=parse_since, default=timedelta(hours=24), help="e.g. 24h (default), 7d")
     prune = commands.add_parser("prune", help="delete old finished jobs and their media, in small batches")
     prune.add_argument("--days", type=float, help="older than this (default: MEDIAGEN_RETENTION_DAYS)")

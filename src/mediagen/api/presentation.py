@@ -77,6 +77,7 @@ def job_view(settings: Settings, detail: jobs.JobDetail) -> JobView:
         prompt=job.prompt,
         parameters=job.parameters,
         input=job.input,
+        provider=job.provider,
         model=job.model,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
@@ -106,6 +107,8 @@ def job_view(settings: Settings, detail: jobs.JobDetail) -> JobView:
                 predict_time=a.predict_time,
                 image_count=a.image_count,
                 cost_usd=_usd(a.cost_usd),
+                provider=a.provider,
+                failover_from=a.failover_from,
             )
             for a in detail.attempts
         ],

@@ -100,6 +100,11 @@ class GenerationParameters(BaseModel):
     )
 
     model: str | None = Field(None, description="One of the allowed models; the default when absent.")
+    provider: str | None = Field(
+        None,
+        description="Pin the job to this provider (see `GET /models`: each model's routes): it never fails over, "
+        "and it may take that provider's own inputs. Absent: the order of preference, portable inputs only.",
+    )
 
     @model_validator(mode="after")
     def _extras_storable(self) -> GenerationParameters:
@@ -168,6 +173,10 @@ class AttemptView(BaseModel):
     predict_time: float | None = Field(None, description="Seconds the prediction ran (its metrics)")
     image_count: int | None = Field(None, description="Images the prediction made (its metrics)")
     cost_usd: str | None = Field(None, description="USD, decimal string; null when unknown")
+    provider: str = Field("replicate", description="Who ran this attempt's prediction: replicate, fal")
+    failover_from: str | None = Field(
+        None, description="The provider the job left for this one (its circuit open, or it refused for capacity)"
+    )
 
 
 class OutputView(BaseModel):
@@ -207,8 +216,11 @@ class JobView(BaseModel):
     status: str
     prompt: str
     parameters: dict[str, Any]
-    input: dict[str, Any] | None = Field(description="The exact input sent to Replicate")
+    input: dict[str, Any] | None = Field(description="The exact input sent to the provider the job runs on")
     model: str
+    provider: str = Field(
+        "replicate", description="The provider the job runs on (its first route, or the one it failed over to)"
+    )
     attempts: int
     max_attempts: int
     error_class: str | None
@@ -298,6 +310,10 @@ class _Day(BaseModel):
     day: date = Field(description="UTC")
 
 
+class _Provider(BaseModel):
+    provider: str = Field(description="Who ran the predictions: replicate, fal")
+
+
 # The group's name first, then its totals (pydantic orders fields from the last base to the first).
 class ModelUsage(UsageTotals, _Model):
     pass
@@ -311,12 +327,17 @@ class DayUsage(UsageTotals, _Day):
     pass
 
 
+class ProviderUsage(UsageTotals, _Provider):
+    pass
+
+
 class UsageReport(BaseModel):
     since: Timestamp
     total: UsageTotals
     by_model: list[ModelUsage]
     by_api_key: list[KeyUsage]
     by_day: list[DayUsage]
+    by_provider: list[ProviderUsage] = Field(default_factory=list)
 
 
 class Health(BaseModel):

@@ -98,6 +98,11 @@ class Job(Base):
     """When an operator last ran the job again (`mediagen retry`): no prediction from before is resumed."""
     progress: Mapped[float | None] = mapped_column(Double)
     """0 to 1 from the running prediction's logs, written when it moves by a step (mediagen.worker.progress)."""
+    provider: Mapped[str] = mapped_column(Text, nullable=False, server_default="replicate")
+    """The provider the job runs on now: its first route, or the one it failed over to."""
+    routes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
+    """Each provider that may run the job, in order: `{"provider", "model", "input"}`, the model's name
+    and the exact input there, decided at submit (None for jobs from before: Replicate, `input`)."""
     waiting_for: Mapped[str | None] = mapped_column(Text)
     """While running: what the attempt waits for besides its prediction (`provider`: an outage, the
     account's circuit is open). Cleared by the next claim; shown only while the job is running."""
@@ -146,6 +151,10 @@ class Attempt(Base):
     """Images the prediction made, from its `metrics.image_count` (what Replicate bills per image)."""
     cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(12, 6))
     """What the prediction cost by mediagen.core.pricing; NULL when unknown."""
+    provider: Mapped[str] = mapped_column(Text, nullable=False, server_default="replicate")
+    """Who ran this attempt's prediction (`replicate`, `fal`)."""
+    failover_from: Mapped[str | None] = mapped_column(Text)
+    """The provider the job left for this one (its circuit open, or it refused for capacity)."""
 
     __table_args__ = (
         UniqueConstraint("job_id", "number"),
@@ -225,13 +234,14 @@ class WebhookDelivery(Base):
 
 class DailyUsage(Base):
     """What the predictions of deleted jobs (retention) cost, summed per UTC day, model and owner,
-    so `/usage` reads the same after the deletion (mediagen.core.usage writes and reads it)."""
+    and provider, so `/usage` reads the same after the deletion (mediagen.core.usage writes and reads it)."""
 
     __tablename__ = "daily_usage"
 
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     model: Mapped[str] = mapped_column(Text, primary_key=True)
     owner: Mapped[str] = mapped_column(Text, primary_key=True)
+    provider: Mapped[str] = mapped_column(Text, primary_key=True, server_default="replicate")
     predictions: Mapped[int] = mapped_column(BigInteger, nullable=False)
     jobs: Mapped[int] = mapped_column(BigInteger, nullable=False)
     images: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -1,4 +1,4 @@
-"""What the predictions cost: per job, and totals per model, per API key and per day.
+"""What the predictions cost: per job, and totals per model, per API key, per day and per provider.
 
 Each attempt that saw its prediction end records the prediction's `metrics` (`predict_time`,
 `image_count`) and its cost by the price table (mediagen.core.pricing), NULL when the price or the
@@ -7,9 +7,9 @@ retried download resumes the same prediction): the latest attempt's record wins.
 guessed: a job or a total with an unpriced prediction says so (`cost_usd` null for a job,
 `unpriced_predictions` in totals, whose `cost_usd` sums what is known).
 
-The jobs retention deletes leave their spend behind in `daily_usage`, one row per UTC day, model and
-owner (`roll_up`, in the transaction that deletes them), and totals add it: history stays the same
-after a prune. Rolled-up spend counts by whole days: a window that starts within a day counts all of
+The jobs retention deletes leave their spend behind in `daily_usage`, one row per UTC day, model,
+owner and provider (`roll_up`, in the transaction that deletes them), and totals add it: history stays
+the same after a prune. Rolled-up spend counts by whole days: a window that starts within a day counts all of
 that day's rolled-up spend.
 """
 
@@ -42,7 +42,8 @@ def parse_duration(value: str) -> timedelta:
 
 _PREDICTIONS_CTE = """
     predictions AS (
-        SELECT DISTINCT ON (a.prediction_id) a.job_id, a.finished_at, a.image_count, a.cost_usd, a.predict_time
+        SELECT DISTINCT ON (a.prediction_id) a.job_id, a.provider, a.finished_at, a.image_count, a.cost_usd,
+               a.predict_time
         FROM attempts a
         WHERE {where} AND a.prediction_id IS NOT NULL
           AND (a.predict_time IS NOT NULL OR a.image_count IS NOT NULL OR a.cost_usd IS NOT NULL)
@@ -50,7 +51,7 @@ _PREDICTIONS_CTE = """
     )
 """
 _TOTALS = """
-    SELECT j.model, j.owner, (p.finished_at AT TIME ZONE 'UTC')::date AS day,
+    SELECT j.model, j.owner, (p.finished_at AT TIME ZONE 'UTC')::date AS day, p.provider,
            count(*) AS predictions, count(DISTINCT p.job_id) AS jobs,
            coalesce(sum(p.image_count), 0) AS images, coalesce(sum(p.predict_time), 0) AS predict_seconds,
            coalesce(sum(p.cost_usd), 0) AS cost_usd, count(*) FILTER (WHERE p.cost_usd IS NULL) AS unpriced
@@ -63,9 +64,9 @@ _USAGE_SQL = f"""
     WITH {_PREDICTIONS_CTE.format(where="a.finished_at >= $1")}
     {_TOTALS}
     WHERE ($2::text IS NULL OR j.owner = $2::text)
-    GROUP BY 1, 2, 3
+    GROUP BY 1, 2, 3, 4
     UNION ALL
-    SELECT model, owner, day, predictions, jobs, images, predict_seconds, cost_usd, unpriced
+    SELECT model, owner, day, provider, predictions, jobs, images, predict_seconds, cost_usd, unpriced
     FROM daily_usage
     WHERE day >= ($1::timestamptz AT TIME ZONE 'UTC')::date AND ($2::text IS NULL OR owner = $2::text)
     ORDER BY 3, 1, 2
@@ -73,11 +74,12 @@ _USAGE_SQL = f"""
 
 _ROLL_UP_SQL = text(
     f"""
-    INSERT INTO daily_usage AS d (model, owner, day, predictions, jobs, images, predict_seconds, cost_usd, unpriced)
+    INSERT INTO daily_usage AS d (model, owner, day, provider, predictions, jobs, images, predict_seconds, cost_usd,
+                                  unpriced)
     WITH {_PREDICTIONS_CTE.format(where="a.job_id = ANY(:job_ids)")}
     {_TOTALS}
-    GROUP BY 1, 2, 3
-    ON CONFLICT (day, model, owner) DO UPDATE SET
+    GROUP BY 1, 2, 3, 4
+    ON CONFLICT (day, model, owner, provider) DO UPDATE SET
         predictions = d.predictions + excluded.predictions, jobs = d.jobs + excluded.jobs,
         images = d.images + excluded.images, predict_seconds = d.predict_seconds + excluded.predict_seconds,
         cost_usd = d.cost_usd + excluded.cost_usd, unpriced = d.unpriced + excluded.unpriced
@@ -126,6 +128,7 @@ class Usage:
     by_model: dict[str, Totals]
     by_api_key: dict[str, Totals]
     by_day: dict[date, Totals]
+    by_provider: dict[str, Totals]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -134,22 +137,25 @@ class Usage:
             "by_model": [{"model": k, **v.as_json()} for k, v in self.by_model.items()],
             "by_api_key": [{"api_key": k, **v.as_json()} for k, v in self.by_api_key.items()],
             "by_day": [{"day": k.isoformat(), **v.as_json()} for k, v in self.by_day.items()],
+            "by_provider": [{"provider": k, **v.as_json()} for k, v in self.by_provider.items()],
         }
 
 
 async def usage(db: Database, since: datetime, owner: str | None = None) -> Usage:
-    """Predictions that ended since `since` (of `owner`'s jobs only, when given), summed three ways.
+    """Predictions that ended since `since` (of `owner`'s jobs only, when given), summed four ways
+    (per model, API key, day and provider).
 
     A job's predictions count toward every group by their own end, so a job can span two days. The
     `jobs` of a total count each job once per group row: summed across days they may count one twice.
     """
     rows = await db.fetch(_USAGE_SQL, since, owner)
-    result = Usage(since, Totals(), {}, {}, {})
+    result = Usage(since, Totals(), {}, {}, {}, {})
     for row in rows:
         result.total.add(row)
         result.by_model.setdefault(row["model"], Totals()).add(row)
         result.by_api_key.setdefault(row["owner"] or "anonymous", Totals()).add(row)
         result.by_day.setdefault(row["day"], Totals()).add(row)
+        result.by_provider.setdefault(row["provider"], Totals()).add(row)
     return result
 
 

@@ -83,6 +83,8 @@ async def generate(
     settings = state.settings
     params = body.parameters.model_dump()
     model = params.pop("model") or settings.default_model
+    if params.get("provider") is None:
+        params.pop("provider", None)
     if model not in settings.allowed_models:
         raise InvalidField(
             "parameters.model",

@@ -17,6 +17,7 @@ from decimal import Decimal
 
 from mediagen.core.db import Database
 from mediagen.core.jobs.claim import Claim
+from mediagen.core.routing import Route
 
 _RECORD_SQL = """
     UPDATE attempts SET prediction_id = $3, prediction_status = $4
@@ -184,6 +185,41 @@ async def fail_attempt(
         spend.predict_time,
         spend.image_count,
         spend.cost_usd,
+    )
+    return bool(held)
+
+
+_FAIL_OVER_SQL = """
+    WITH moved AS (
+        UPDATE jobs SET status = 'retrying', provider = $4, input = $5::jsonb, next_attempt_at = now(),
+               dispatched_at = now(), lease_until = NULL, waiting_for = NULL, updated_at = now(),
+               error_class = $6, error_message = $7
+        WHERE id = $1 AND claim_token = $2 AND status = 'running'
+        RETURNING id
+    ), closed AS (
+        UPDATE attempts SET finished_at = now(), outcome = 'failed', error_class = $6, error_message = $7,
+               http_status = $8, retry_delay_seconds = 0, create_sent_at = NULL
+        WHERE id = $3 AND EXISTS (SELECT 1 FROM moved)
+    )
+    SELECT count(*) AS held FROM moved
+"""
+
+
+async def fail_over(db: Database, claim: Claim, to: Route, failure: Failure) -> bool:
+    """Move the job to the route `to`: this attempt (which made no prediction: its create was never sent,
+    or refused) ends failed with `failure`, the job's provider and input become the route's, and it is due
+    at once; the next claim opens an attempt there that says where it came from (`failover_from`).
+    False: the job is no longer ours, and nothing was written."""
+    held = await db.fetchval(
+        _FAIL_OVER_SQL,
+        claim.job_id,
+        claim.token,
+        claim.attempt_id,
+        to.provider,
+        to.input,
+        failure.error_class,
+        failure.message,
+        failure.http_status,
     )
     return bool(held)
 

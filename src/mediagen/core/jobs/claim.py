@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from mediagen.core.db import Database
+from mediagen.core.routing import REPLICATE, Route
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,35 @@ class Claim:
     """An earlier create's outcome is unknown: look for its prediction before creating again."""
     abandoned_attempt: int | None
     """The number of an earlier attempt whose worker vanished, closed by this claim."""
+    provider: str = REPLICATE
+    """Who runs this attempt: the job's route now (its first, or the one it failed over to)."""
+    routes: tuple[Route, ...] = ()
+    """Every provider that may run the job, in order of preference (empty for a job from before routes:
+    Replicate only)."""
+    failover_from: str | None = None
+    """The provider the job left for this one, when this attempt is its first there."""
+
+    @property
+    def route(self) -> Route:
+        """The model's name and the exact input at this attempt's provider."""
+        for route in self.routes:
+            if route.provider == self.provider:
+                return route
+        return Route(self.provider, self.model, self.input or {})
+
+    @property
+    def pinned(self) -> bool:
+        """The client chose the provider (`parameters.provider`): the job never leaves it."""
+        return self.parameters.get("provider") is not None
+
+    def next_route(self) -> Route | None:
+        """Where the job may go when its provider cannot take it: the next route after this one (a job
+        never goes back to a provider it left, so a failover costs one attempt at most per route)."""
+        names = [route.provider for route in self.routes]
+        if self.pinned or self.provider not in names:
+            return None
+        later = self.routes[names.index(self.provider) + 1 :]
+        return later[0] if later else None
 
 
 _CLAIM_SQL = """
@@ -47,10 +77,11 @@ _CLAIM_SQL = """
               status = 'queued'
            OR (status = 'retrying' AND next_attempt_at <= now() + interval '250 milliseconds')
            OR (status = 'running' AND lease_until < now()))
-        RETURNING id, attempts, prompt, parameters, input, model, max_attempts, deadline_at, retried_at
+        RETURNING id, attempts, prompt, parameters, input, model, max_attempts, deadline_at, retried_at, provider,
+                  routes
     ), last AS (
         SELECT a.id, a.number, a.prediction_id, a.prediction_status, a.create_sent_at, a.finished_at,
-               a.started_at
+               a.started_at, a.provider
         FROM attempts a JOIN claimed c ON a.job_id = c.id
         ORDER BY a.number DESC LIMIT 1
     ), unrecorded AS (
@@ -58,16 +89,18 @@ _CLAIM_SQL = """
         -- before an operator's retry, which asked for a fresh prediction).
         SELECT min(a.create_sent_at) AS since
         FROM attempts a JOIN claimed c ON a.job_id = c.id
-        WHERE a.prediction_id IS NULL AND a.create_sent_at IS NOT NULL
+        WHERE a.prediction_id IS NULL AND a.create_sent_at IS NOT NULL AND a.provider = c.provider
           AND (c.retried_at IS NULL OR a.create_sent_at > c.retried_at)
     ), decided AS (
         SELECT CASE WHEN l.prediction_id IS NOT NULL
                          AND coalesce(l.prediction_status, '') NOT IN ('failed', 'canceled', 'aborted')
                          AND (claimed.retried_at IS NULL OR l.started_at > claimed.retried_at)
+                         AND l.provider = claimed.provider
                     THEN l.prediction_id END AS resume,
                CASE WHEN l.prediction_id IS NULL THEN (SELECT since FROM unrecorded) END AS reconcile_since,
                CASE WHEN l.id IS NOT NULL AND l.finished_at IS NULL THEN l.id END AS abandon_id,
-               l.number AS last_number
+               l.number AS last_number,
+               CASE WHEN l.provider <> claimed.provider THEN l.provider END AS failover_from
         FROM claimed LEFT JOIN last l ON true
     ), abandoned AS (
         UPDATE attempts SET finished_at = now(), outcome = 'abandoned', error_class = 'WorkerLost',
@@ -75,14 +108,15 @@ _CLAIM_SQL = """
         WHERE id = (SELECT abandon_id FROM decided)
         RETURNING number
     ), opened AS (
-        INSERT INTO attempts (job_id, number, prediction_id, resumed, create_sent_at)
+        INSERT INTO attempts (job_id, number, prediction_id, resumed, create_sent_at, provider, failover_from)
         SELECT c.id, c.attempts, d.resume, d.resume IS NOT NULL,
-               CASE WHEN d.resume IS NULL THEN now() END
+               CASE WHEN d.resume IS NULL THEN now() END, c.provider, d.failover_from
         FROM claimed c, decided d
         RETURNING id
     )
     SELECT c.attempts, c.prompt, c.parameters, c.input, c.model, c.max_attempts, c.deadline_at,
-           o.id AS attempt_id, d.resume, d.reconcile_since, (SELECT number FROM abandoned) AS abandoned
+           o.id AS attempt_id, d.resume, d.reconcile_since, (SELECT number FROM abandoned) AS abandoned,
+           c.provider, c.routes, d.failover_from
     FROM claimed c, decided d, opened o
 """
 
@@ -111,6 +145,9 @@ async def claim(db: Database, job_id: uuid.UUID, *, lease_seconds: float) -> Cla
         resume_prediction_id=row["resume"],
         reconcile_since=row["reconcile_since"],
         abandoned_attempt=row["abandoned"],
+        provider=row["provider"],
+        routes=tuple(Route.from_json(item) for item in row["routes"] or ()),
+        failover_from=row["failover_from"],
     )
 
 
