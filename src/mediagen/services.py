@@ -1,4 +1,8 @@
-"""Building the shared resources (database, Redis, provider, storage) from settings, once per process."""
+"""Building the shared resources (database, Redis, providers, storage) from settings, once per process.
+
+Each configured provider (`providers()`: Replicate, fal) is its own adapter with its own budgets and
+circuit in Redis (mediagen.providers.ratelimit and .circuit, keyed by the provider's name).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from mediagen.broker import Dispatcher
 from mediagen.core.db import Database
+from mediagen.providers.base import Provider
 from mediagen.providers.circuit import Circuit
 from mediagen.providers.downloads import Downloader
+from mediagen.providers.fal import FalProvider
+from mediagen.providers.fal_webhooks import FAL_JWKS_URL, FalWebhookVerifier
 from mediagen.providers.ratelimit import RateLimiter
 from mediagen.providers.replicate import ReplicateProvider
 from mediagen.providers.replicate_signatures import WebhookVerifier
@@ -19,6 +26,8 @@ from mediagen.storage.local import LocalStorage
 from mediagen.storage.s3 import S3Storage
 
 REPLICATE_DELIVERY = "replicate.delivery"
+FAL_MEDIA = "fal.media"
+"""fal's output host (`v3.fal.media`, ... : its subdomains too)."""
 
 
 def require(value: str | None, name: str) -> str:
@@ -90,6 +99,72 @@ def rate_limiter(settings: Settings, redis: Redis) -> RateLimiter:
         create_burst=settings.replicate_create_burst,
         request_burst=settings.replicate_request_burst,
         circuit=circuit(settings, redis),
+    )
+
+
+def fal_circuit(settings: Settings, redis: Redis) -> Circuit | None:
+    if settings.fal_circuit_failures <= 0:
+        return None
+    return Circuit(
+        redis,
+        namespace=settings.redis_namespace,
+        failures=settings.fal_circuit_failures,
+        open_seconds=settings.fal_circuit_open_seconds,
+        probe_seconds=settings.fal_timeout_seconds + 5.0,
+        provider="fal",
+    )
+
+
+def fal_rate_limiter(settings: Settings, redis: Redis) -> RateLimiter:
+    """fal's budgets and circuit, shared by every worker through Redis, apart from Replicate's."""
+    return RateLimiter(
+        redis,
+        namespace=settings.redis_namespace,
+        creates_per_minute=settings.fal_submits_per_minute,
+        requests_per_minute=settings.fal_requests_per_minute,
+        create_burst=settings.fal_submit_burst,
+        request_burst=settings.fal_request_burst,
+        circuit=fal_circuit(settings, redis),
+        provider="fal",
+    )
+
+
+def fal_provider(settings: Settings, redis: Redis | None = None) -> FalProvider:
+    """The fal adapter (the real fal with `FAL_KEY`, else the stand-in at `MEDIAGEN_FAL_BASE_URL`); with
+    `redis`, its calls spend fal's budgets shared through it."""
+    key = settings.fal_key.get_secret_value() if settings.fal_key else None
+    return FalProvider(
+        # The fake accepts any key.
+        key=key or "fake-fal-key",
+        base_url=settings.fal_base_url,
+        timeout_seconds=settings.fal_timeout_seconds,
+        max_connections=settings.fal_max_connections,
+        limiter=fal_rate_limiter(settings, redis) if redis is not None else None,
+        default_throttle_seconds=settings.retry_base_seconds,
+    )
+
+
+def providers(settings: Settings, redis: Redis | None = None) -> dict[str, Provider]:
+    """One adapter per configured provider, by name ("replicate", "fal"); Replicate's whenever fal is not
+    configured (as before fal: the service always had it)."""
+    built: dict[str, Provider] = {}
+    if settings.replicate_configured or not settings.fal_configured:
+        built["replicate"] = provider(settings, redis)
+    if settings.fal_configured:
+        built["fal"] = fal_provider(settings, redis)
+    return built
+
+
+def fal_webhook_verifier(settings: Settings) -> FalWebhookVerifier:
+    jwks_url = settings.fal_jwks_url
+    if not jwks_url:
+        # A stand-in (the fake fal) signs with its own key and serves it where fal serves fal's.
+        base = settings.fal_base_url
+        jwks_url = f"{base.rstrip('/')}/.well-known/jwks.json" if base else FAL_JWKS_URL
+    return FalWebhookVerifier(
+        jwks_url=jwks_url,
+        tolerance_seconds=settings.fal_webhook_tolerance_seconds,
+        user_id=settings.fal_webhook_user_id,
     )
 
 

@@ -1,7 +1,7 @@
 """Typed settings, read from the environment (and `.env`), one cached getter.
 
 Standard variables keep their usual names (`DATABASE_URL`, `REDIS_URL`, `REPLICATE_API_TOKEN`,
-`REPLICATE_BASE_URL`); everything of mediagen's own is `MEDIAGEN_*`. `.env.sample` lists them all.
+`REPLICATE_BASE_URL`, `FAL_KEY`); everything of mediagen's own is `MEDIAGEN_*`. `.env.sample` lists them all.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     circuit: no worker calls Replicate until a probe gets through (0: no circuit)."""
     replicate_circuit_open_seconds: float = Field(10.0, gt=0)
     """How long an open circuit stays shut before one probe may test whether Replicate is back."""
-    replicate_webhooks: bool = False
-    """Predictions are created with a webhook to `POST /webhooks/replicate` on the public base URL."""
+    replicate_webhooks: bool | None = None
+    """Predictions are created with a webhook to `POST /webhooks/replicate` on the public base URL.
+    Unset: on when a public base URL is set (`public_base_url` or `replicate_webhook_base_url`)."""
     replicate_webhook_base_url: str = ""
     """Where Replicate reaches the API; empty: `public_base_url`. Needed with `replicate_webhooks`."""
     replicate_webhook_events: Annotated[list[str], NoDecode] = ["start", "logs", "completed"]
@@ -89,6 +90,39 @@ class Settings(BaseSettings):
     model_prices: dict[str, Any] = {}
     """JSON: per-model prices over the defaults of mediagen.core.pricing, e.g.
     `{"owner/name": {"per_image": "0.01"}}`, `{"owner/name": {"per_second": "0.0014"}}`, or null (unknown)."""
+
+    # --- fal.ai (mediagen.providers.fal) --------------------------------------------------------------
+    fal_key: SecretStr | None = Field(None, validation_alias=_env("FAL_KEY", "MEDIAGEN_FAL_KEY"))
+    """fal's own variable: selects the real fal (queue.fal.run)."""
+    fal_base_url: str | None = None
+    """A stand-in for fal's queue (`http://127.0.0.1:5056`, the fake fal), reached by the adapter's transport
+    rewrite (mediagen.providers.fal). Unset with a key: the real fal. Unset without: fal is not configured."""
+    fal_timeout_seconds: float = Field(30.0, gt=0)
+    fal_max_connections: int = Field(200, ge=1)
+    fal_submits_per_minute: int = Field(600, ge=0)
+    """fal's budget of submits, shared by every worker through Redis (0: no limit). fal publishes no
+    per-minute limit on its queue (its limit is how many requests run at once; the rest wait IN_QUEUE):
+    this keeps a burst of ours from becoming 429s."""
+    fal_requests_per_minute: int = Field(3000, ge=0)
+    """fal's budget of every other request (status, result, cancel), shared likewise (0: no limit)."""
+    fal_submit_burst: int = Field(10, ge=1)
+    fal_request_burst: int = Field(50, ge=1)
+    fal_circuit_failures: int = Field(10, ge=0)
+    """Failed calls to fal in a row, across every worker, that open fal's own circuit (0: no circuit)."""
+    fal_circuit_open_seconds: float = Field(10.0, gt=0)
+    fal_webhooks: bool | None = None
+    """Requests are submitted with a webhook to `POST /webhooks/fal`. Unset: on when a public base URL is set."""
+    fal_webhook_base_url: str = ""
+    """Where fal reaches the API; empty: `public_base_url`."""
+    fal_webhook_poll_seconds: float = Field(30.0, gt=0)
+    """With fal's webhooks on, a request is still looked at this often (a lost webhook costs at most this)."""
+    fal_webhook_tolerance_seconds: int = Field(300, ge=1)
+    """A fal webhook whose timestamp is further than this from now is refused (replay protection)."""
+    fal_jwks_url: str | None = None
+    """fal's webhook keys. Unset: fal's own (`rest.alpha.fal.ai`), or `<fal_base_url>/.well-known/jwks.json`
+    for a stand-in."""
+    fal_webhook_user_id: str | None = None
+    """When set, a fal webhook signed for another fal user is refused."""
 
     # --- retries and deadlines (see mediagen.core.retry) -----------------------------------------------
     max_attempts: int = Field(5, ge=1, le=50)
@@ -220,16 +254,35 @@ class Settings(BaseSettings):
     @property
     def replicate_webhook_url(self) -> str | None:
         """Where Replicate POSTs predictions, when webhooks are on (else None)."""
-        base = (self.replicate_webhook_base_url or self.public_base_url).rstrip("/")
-        if not self.replicate_webhooks:
-            return None
-        if not base:
-            raise ValueError(
-                "MEDIAGEN_REPLICATE_WEBHOOKS needs MEDIAGEN_PUBLIC_BASE_URL (or MEDIAGEN_REPLICATE_WEBHOOK_BASE_URL)"
-            )
-        return f"{base}/webhooks/replicate"
+        return _webhook_url(
+            self.replicate_webhooks, self.replicate_webhook_base_url or self.public_base_url, "replicate"
+        )
 
-    @field_validator("webhook_secret", "daily_spend_cap_usd", "retention_days", mode="before")
+    @property
+    def fal_webhook_url(self) -> str | None:
+        """Where fal POSTs finished requests, when its webhooks are on (else None)."""
+        return _webhook_url(self.fal_webhooks, self.fal_webhook_base_url or self.public_base_url, "fal")
+
+    @property
+    def fal_configured(self) -> bool:
+        """fal has a key (the real fal) or a stand-in's URL (`make run` starts the fake fal without a key)."""
+        return bool(self.fal_key and self.fal_key.get_secret_value()) or bool(self.fal_base_url)
+
+    @property
+    def replicate_configured(self) -> bool:
+        """Replicate has a token, or a stand-in's URL."""
+        return not self.uses_fake_replicate or bool(self.replicate_base_url)
+
+    @field_validator(
+        "webhook_secret",
+        "daily_spend_cap_usd",
+        "retention_days",
+        "replicate_webhooks",
+        "fal_webhooks",
+        "fal_key",
+        "fal_base_url",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`MEDIAGEN_WEBHOOK_SECRET=` (as in .env.sample) means unset, not an empty secret."""
@@ -238,6 +291,19 @@ class Settings(BaseSettings):
     @property
     def uses_fake_replicate(self) -> bool:
         return self.replicate_api_token is None or not self.replicate_api_token.get_secret_value()
+
+
+def _webhook_url(on: bool | None, base: str, provider: str) -> str | None:
+    """`<base>/webhooks/<provider>` when on: explicitly, or (unset) because a base URL is set."""
+    base = base.rstrip("/")
+    if on is False or (on is None and not base):
+        return None
+    if not base:
+        raise ValueError(
+            f"MEDIAGEN_{provider.upper()}_WEBHOOKS needs MEDIAGEN_PUBLIC_BASE_URL "
+            f"(or MEDIAGEN_{provider.upper()}_WEBHOOK_BASE_URL)"
+        )
+    return f"{base}/webhooks/{provider}"
 
 
 @lru_cache

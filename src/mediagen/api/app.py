@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             prices=settings.price_table,
             webhook_verifier=services.webhook_verifier(settings),
         )
-        if settings.replicate_webhooks:
+        if settings.replicate_webhook_url is not None:
             # Fetched now, so the first webhook is answered within its budget too.
             app.state.secret_prefetch = asyncio.create_task(_prefetch_secret(state.webhook_verifier))
         policies = Policies(

@@ -1,4 +1,4 @@
-"""The Replicate account's circuit breaker, shared by every worker in Redis: an outage is a pause.
+"""A provider account's circuit breaker (Replicate's, fal's), shared by every worker in Redis: an outage is a pause.
 
 Consecutive failed calls to Replicate (a 5xx, a dropped or refused connection, a timeout), counted
 across jobs and processes, open the circuit for `open_seconds`: meanwhile no worker calls Replicate,
@@ -12,7 +12,8 @@ success and resets the count.
     await circuit.failed()                               # after a 5xx, a connection error, a timeout
     await circuit.succeeded()                            # after any other answer (free when all is well)
 
-State: one Redis hash per account, `<ns>:replicate-circuit` (`failures`, `opened_at`, `open_until`,
+Each provider's account has its own circuit (`provider`: "replicate", "fal"). State: one Redis hash per
+account, `<ns>:<provider>-circuit` (`failures`, `opened_at`, `open_until`,
 `probe_until`, `probe_by`; ms on Redis's clock, so hosts need not agree on the time). Reading it costs
 no round trip of its own: `FUNCTIONS` run inside the budget's reservation script
 (mediagen.providers.ratelimit), which answers the circuit's state with the slot, and refuses the slot
@@ -94,8 +95,11 @@ class Circuit:
         open_seconds: float,
         probe_seconds: float,
         memory_seconds: float = 600.0,
+        provider: str = "replicate",
     ) -> None:
-        self.key = f"{namespace}:replicate-circuit"
+        self.provider = provider
+        """Whose account this circuit guards (its Redis key, its metrics' and logs' `provider`)."""
+        self.key = f"{namespace}:{provider}-circuit"
         self.failures = failures
         self.open_seconds = open_seconds
         self.probe_ms = probe_seconds * 1000
@@ -121,7 +125,7 @@ class Circuit:
         self._show_open(state == "open")
         if state == "open":
             raise ProviderOutage(
-                "Replicate is unavailable to every worker (its circuit is open); no request was sent",
+                f"{self.provider} is unavailable to every worker (its circuit is open); no request was sent",
                 retry_after=max(open_ms, 50.0) / 1000,
             )
 
@@ -133,22 +137,22 @@ class Circuit:
                 keys=[self.key], args=["failure", self.failures, self.open_seconds * 1000, self.memory_ms]
             )
         except Exception as error:
-            log_event("replicate.circuit.unavailable", logging.WARNING, error=repr(error))
+            log_event("replicate.circuit.unavailable", logging.WARNING, provider=self.provider, error=repr(error))
             return
         transition, failures, open_ms = _text(raw[0]), int(raw[1]), float(raw[2])
         if transition == "opened":
-            metrics.replicate_circuit_transitions.labels("replicate", "opened").inc()
+            metrics.replicate_circuit_transitions.labels(self.provider, "opened").inc()
             self._show_open(True)
             log_event(
                 "provider.circuit.opened",
                 logging.WARNING,
-                provider="replicate",
+                provider=self.provider,
                 failures=failures,
                 open_seconds=round(open_ms / 1000, 3),
             )
         elif transition == "reopened":
             self._show_open(True)
-            log_event("provider.circuit.probe_failed", logging.WARNING, provider="replicate", failures=failures)
+            log_event("provider.circuit.probe_failed", logging.WARNING, provider=self.provider, failures=failures)
 
     async def succeeded(self) -> None:
         """A call was answered: after failures this process saw, reset the count and close the circuit."""
@@ -159,16 +163,18 @@ class Circuit:
             raw = await self._outcome(keys=[self.key], args=["success", self.failures, 0, 0])
         except Exception as error:
             self.suspect = True
-            log_event("replicate.circuit.unavailable", logging.WARNING, error=repr(error))
+            log_event("replicate.circuit.unavailable", logging.WARNING, provider=self.provider, error=repr(error))
             return
         self._show_open(False)
         if _text(raw[0]) == "closed":
-            metrics.replicate_circuit_transitions.labels("replicate", "closed").inc()
-            log_event("provider.circuit.closed", provider="replicate", open_for_seconds=round(float(raw[3]) / 1000, 3))
+            metrics.replicate_circuit_transitions.labels(self.provider, "closed").inc()
+            log_event(
+                "provider.circuit.closed", provider=self.provider, open_for_seconds=round(float(raw[3]) / 1000, 3)
+            )
 
     def _show_open(self, is_open: bool) -> None:
         self._shown_open = is_open
-        metrics.replicate_circuit_open.labels("replicate").set(1 if is_open else 0)
+        metrics.replicate_circuit_open.labels(self.provider).set(1 if is_open else 0)
 
 
 def _text(value: bytes | str) -> str:

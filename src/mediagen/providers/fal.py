@@ -23,6 +23,12 @@ What this adapter does that the client does not (read in `fal_client/client.py`,
   ``failed`` with fal's error (``retryable`` when the runner, not the input, failed), or ``canceled``.
   Images fal's safety checker flagged are dropped from the output, as Replicate's flux drops them;
   all flagged is a failure.
+* **fal's budgets and circuit** (`limiter`, mediagen.providers.ratelimit with ``provider="fal"``): a
+  submit waits for a token of fal's `create` budget before it is sent, every other request for one of
+  its `other` budget (the client's own retries included), a 429 pauses that budget, and fal's own
+  circuit, shared by every worker, keeps everyone off fal while it is down (ProviderOutage, nothing sent).
+  fal publishes no per-minute limit on its queue (its limit is concurrency: requests beyond it wait
+  ``IN_QUEUE``, never refused); the budgets keep a burst of ours from becoming 429s.
 * **Reconciling an unknown submit** has nothing to read: fal's queue API lists no requests, so
   `find_recent` answers `PermanentProviderError` and the worker submits again (at worst one extra
   paid request per unknown outcome).
@@ -46,6 +52,7 @@ from mediagen.core.errors import (
     UnknownCreateOutcome,
 )
 from mediagen.providers.base import Prediction
+from mediagen.providers.ratelimit import Budget, RateLimiter
 
 T = TypeVar("T")
 _TRANSIENT_STATUS: Final = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -80,18 +87,50 @@ def _retry_after(response: httpx.Response) -> float | None:
 class _FalTransport(httpx.AsyncBaseTransport):
     """Under fal-client's httpx client: to the stand-in when `base_url` is set, and no blind retry of a submit."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, base_url: str | None) -> None:
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        base_url: str | None,
+        limiter: RateLimiter | None = None,
+        default_pause: float = 1.0,
+    ) -> None:
         self._inner = inner
         self._base = httpx.URL(base_url) if base_url else None
+        self._limiter = limiter
+        self._default_pause = default_pause
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        """One request, told to fal's circuit (a 5xx or a lost connection fails, any other answer succeeds)."""
+        circuit = self._limiter.circuit if self._limiter is not None else None
+        try:
+            response = await self._inner.handle_async_request(request)
+        except httpx.PoolTimeout:
+            raise  # our own pool was full: no sign of fal's health
+        except httpx.TransportError:
+            if circuit is not None:
+                await circuit.failed()
+            raise
+        if circuit is not None:
+            await (circuit.failed() if response.status_code >= 500 else circuit.succeeded())
+        if response.status_code == 429 and self._limiter is not None:
+            seconds = _retry_after(response)
+            budget: Budget = "create" if request.method == "POST" else "other"
+            self._limiter.pause(budget, self._default_pause if seconds is None else seconds)
+        return response
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._base is not None and request.url.scheme == "https":
             request.url = request.url.copy_with(scheme=self._base.scheme, host=self._base.host, port=self._base.port)
             request.headers["host"] = self._base.netloc.decode("ascii")
         if request.method != "POST":
-            return await self._inner.handle_async_request(request)
+            if self._limiter is not None:
+                # Each read (the client's own retries included) waits for a token; ProviderOutage while
+                # fal's circuit is open, nothing sent.
+                await self._limiter.acquire("other")
+            return await self._send(request)
+        # A submit's token was taken by FalProvider.create, outside the call's time bound.
         try:
-            response = await self._inner.handle_async_request(request)
+            response = await self._send(request)
             # Read here: a connection dropped mid-answer must not reach the client, which would submit again.
             body = await response.aread()
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
@@ -136,6 +175,20 @@ class _Client(fal_client.AsyncClient):
             return self.http
 
         return ready()
+
+
+async def _until(deadline: datetime | None, wait: Awaitable[T]) -> T:
+    """`wait`, given up at the job's deadline (a wait for a token sends nothing: no outcome to doubt)."""
+    if deadline is None:
+        return await wait
+    left = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
+    try:
+        async with asyncio.timeout(left):
+            return await wait
+    except TimeoutError as error:
+        raise TransientProviderError(
+            "no fal submit token before the job's deadline", error_class="ProviderTimeout"
+        ) from error
 
 
 def _error_text(error: fal_client.FalClientHTTPError) -> str:
@@ -193,10 +246,16 @@ class FalProvider:
         base_url: str | None = None,
         timeout_seconds: float = 30.0,
         max_connections: int = 200,
+        limiter: RateLimiter | None = None,
+        default_throttle_seconds: float = 1.0,
     ) -> None:
         self.timeout_seconds = timeout_seconds
+        self._limiter = limiter
+        """fal's budgets and circuit (`provider="fal"`), shared by every worker through Redis."""
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        transport = _FalTransport(httpx.AsyncHTTPTransport(limits=limits), base_url)
+        transport = _FalTransport(
+            httpx.AsyncHTTPTransport(limits=limits), base_url, limiter, default_pause=default_throttle_seconds
+        )
         self._http = httpx.AsyncClient(
             transport=transport,
             headers={"Authorization": f"Key {key}", "User-Agent": USER_AGENT},
@@ -224,6 +283,9 @@ class FalProvider:
         except fal_client.FalClientHTTPError as error:
             raise _mapped(error, creating=creating) from error
         except TimeoutError as error:
+            if bound >= self.timeout_seconds and self._limiter is not None and self._limiter.circuit is not None:
+                # fal kept a whole call's time without an answer: the transport saw no end to tell the circuit.
+                await self._limiter.circuit.failed()
             kind = UnknownCreateOutcome if creating else TransientProviderError
             raise kind(f"fal did not answer within {bound:.1f}s", error_class="FalTimeout") from error
         except httpx.TransportError as error:
@@ -238,6 +300,10 @@ class FalProvider:
 
         With a `deadline`, fal gives the request up if it has not started by then (`start_timeout`, fal's
         `X-Fal-Request-Timeout`; only when more than MIN_START_TIMEOUT s are left, fal-client's least)."""
+        if self._limiter is not None:
+            # The token first, outside the submit's own time bound (only the job's deadline bounds the
+            # wait); ProviderOutage while fal's circuit is open, nothing sent.
+            await _until(deadline, self._limiter.reserve("create"))
         start_timeout = None
         if deadline is not None:
             left = (deadline - datetime.now(UTC)).total_seconds()

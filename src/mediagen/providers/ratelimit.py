@@ -1,4 +1,5 @@
-"""Replicate's rate limits, shared by every worker process on every machine: two GCRA budgets in Redis.
+"""A provider account's rate limits, shared by every worker process on every machine: two GCRA budgets in
+Redis per provider (`provider`: Replicate's at `<ns>:replicate-budget:*`, fal's at `<ns>:fal-budget:*`).
 
 Replicate allows an account 600 prediction creates a minute and 3,000 other requests a minute, with
 short bursts above that (shared/replicate-api.md §1.6). Each budget here is one Redis key holding a
@@ -79,8 +80,11 @@ class RateLimiter:
         create_burst: int = 10,
         request_burst: int = 50,
         circuit: Circuit | None = None,
+        provider: str = "replicate",
     ) -> None:
         self.redis = redis
+        self.provider = provider
+        """Whose account these budgets are (their Redis keys; every provider has its own)."""
         self.circuit = circuit
         """The account's circuit breaker, read in the same call as each reservation."""
         self.namespace = namespace
@@ -93,10 +97,10 @@ class RateLimiter:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def key(self, budget: Budget) -> str:
-        return f"{self.namespace}:replicate-budget:{budget}"
+        return f"{self.namespace}:{self.provider}-budget:{budget}"
 
     def _keys(self, budget: Budget) -> list[str]:
-        circuit_key = self.circuit.key if self.circuit is not None else f"{self.namespace}:replicate-circuit"
+        circuit_key = self.circuit.key if self.circuit is not None else f"{self.namespace}:{self.provider}-circuit"
         return [self.key(budget), f"{self.key(budget)}:paused", circuit_key]
 
     async def _run(self, budget: Budget, interval: float, burst: int, *, pause: float = 0.0, caller: str = "") -> float:
@@ -142,7 +146,13 @@ class RateLimiter:
                 except ProviderOutage:
                     raise
                 except Exception as error:
-                    log_event("replicate.budget.unavailable", logging.WARNING, budget=budget, error=repr(error))
+                    log_event(
+                        "replicate.budget.unavailable",
+                        logging.WARNING,
+                        provider=self.provider,
+                        budget=budget,
+                        error=repr(error),
+                    )
             return started
         interval = 60.0 / per_minute
         slot = started
@@ -166,21 +176,27 @@ class RateLimiter:
                 raise
             except Exception as error:
                 # Better a 429 (which pauses us) than a worker stuck because Redis blinked.
-                log_event("replicate.budget.unavailable", logging.WARNING, budget=budget, error=repr(error))
+                log_event(
+                    "replicate.budget.unavailable",
+                    logging.WARNING,
+                    provider=self.provider,
+                    budget=budget,
+                    error=repr(error),
+                )
                 break
             if not self.late(budget, slot):
                 break
-            metrics.replicate_tokens_late.labels(budget).inc()
-        metrics.replicate_tokens.labels(budget).inc()
-        metrics.replicate_token_wait.labels(budget).observe(time.monotonic() - started)
+            metrics.replicate_tokens_late.labels(self._label(budget)).inc()
+        metrics.replicate_tokens.labels(self._label(budget)).inc()
+        metrics.replicate_token_wait.labels(self._label(budget)).observe(time.monotonic() - started)
         return slot
 
     def pause(self, budget: Budget, seconds: float) -> None:
         """Nobody spends `budget` for `seconds` (a 429 said so); never blocks, never raises."""
-        metrics.replicate_throttled.labels(budget).inc()
+        metrics.replicate_throttled.labels(self._label(budget)).inc()
         seconds = max(seconds, 0.05)
         self._paused_until[budget] = max(self._paused_until[budget], time.monotonic() + seconds)
-        log_event("replicate.throttled", logging.WARNING, budget=budget, retry_after=seconds)
+        log_event("replicate.throttled", logging.WARNING, provider=self.provider, budget=budget, retry_after=seconds)
         per_minute, burst = self._rates[budget]
         if per_minute <= 0:
             return
@@ -191,6 +207,10 @@ class RateLimiter:
     async def _pause(self, budget: Budget, seconds: float, per_minute: int, burst: int) -> None:
         with contextlib.suppress(Exception):
             await self._run(budget, 60.0 / per_minute, burst, pause=seconds)
+
+    def _label(self, budget: Budget) -> str:
+        """The budget metrics' label: Replicate's budgets keep their names, another provider's are prefixed."""
+        return budget if self.provider == "replicate" else f"{self.provider}-{budget}"
 
     def _circuit_suspect(self) -> bool:
         return self.circuit is not None and self.circuit.suspect
