@@ -71,3 +71,14 @@ async def test_usage_matches_the_images_replicate_made_and_each_job_shows_its_co
     assert cli.returncode == 0, cli.stderr
     total = next(line for line in cli.stdout.splitlines() if line.startswith("total"))
     assert total.split()[1:3] == ["4", "5"] and "0.0150" in total
+
+
+async def test_usage_looks_back_a_year_at_most(api: httpx.AsyncClient) -> None:
+    year = await api.get("/usage", params={"since": "366d"})
+    in_hours = await api.get("/usage", params={"since": f"{366 * 24}h"})
+    longer = [await api.get("/usage", params={"since": since}) for since in ("367d", "8785h", "9000h", "99999d")]
+
+    assert year.status_code == in_hours.status_code == 200
+    for refused in longer:
+        assert refused.status_code == 422
+        assert [field["field"] for field in refused.json()["detail"]["fields"]] == ["query.since"]
