@@ -5,7 +5,7 @@ Constant defaults and nullable columns: a change of the catalogue only, nothing 
 11+ keeps a constant default in the catalogue). Rows from before are Replicate's.
 
 Revision ID: 1500_attempt_provider
-Revises: 1400_waiting_for
+Revises: 1410_api_keys
 Create Date: 2026-12-08 15:00:00
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision: str = "1500_attempt_provider"
-down_revision: str | None = "1400_waiting_for"
+down_revision: str | None = "1410_api_keys"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
