@@ -53,7 +53,7 @@ bench: install ## the benchmark suite (under 5 minutes); writes docs/benchmarks.
 	$(PY) bench/run.py
 	$(PY) bench/limits.py
 
-chaos: install ## 1,000 jobs through a faulty Replicate while a worker is SIGKILLed; writes docs/reliability.md
+chaos: install ## jobs through a faulty Replicate: workers SIGKILLed, a 150 s outage, 30% ambiguous creates; writes docs/reliability.md
 	$(PY) bench/chaos.py
 
 hosts: install ## as root: 2 API and 3 worker hosts in network namespaces while hosts die, lose PostgreSQL or Redis, or run 30 s ahead; writes docs/reliability.md
