@@ -37,6 +37,7 @@ import chaos_provider
 from chaoskit import (
     Verdict,
     attempt_counts,
+    attempt_endings,
     attempts_per_job,
     failure_reasons,
     job_counts,
@@ -121,6 +122,7 @@ def kill(args: argparse.Namespace) -> Verdict:
         attempts, finished = attempt_counts(stack.database_url)
         mean, most = attempts_per_job(stack.database_url)
         reasons = failure_reasons(stack.database_url)
+        endings = attempt_endings(stack.database_url)
         events = log_events(stack.workdir, (b'"job.attempt.',))
         stats = stack.fake_stats()
 
@@ -150,6 +152,7 @@ def kill(args: argparse.Namespace) -> Verdict:
         ("jobs with more than one succeeded prediction", paid_twice, "must be 0"),
         ("predictions created at the fake", stats["predictions"], f"{stats['creates']} create requests"),
         ("attempts per job", f"{mean:.2f} mean, {most} most", "30% of creates and 10% of GETs fail, and the kills"),
+        ("attempts not succeeded", endings, "`WorkerLost`: the victim's, taken over once their lease ran out"),
         ("worker SIGKILLs", kills, f"each {args.kill_every:g} s after the victim came up"),
         (
             "attempt rows / job.attempt.started lines",

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from mediagen import metrics
 from mediagen.core.errors import ProviderOutage, TransientProviderError
 from mediagen.core.retry import RetryPolicy
 from mediagen.providers.circuit import Circuit
@@ -82,6 +83,24 @@ async def test_failures_in_a_row_across_hosts_open_the_circuit_for_every_host(
             await each.limiter.acquire("create")
         assert 0 < (outage.value.retry_after or 0) <= OPEN_SECONDS
     assert len(logged("provider.circuit.opened")) == 1
+
+
+async def test_the_metrics_say_when_the_circuit_opens_and_closes(two_hosts: tuple[Host, Host]) -> None:
+    first, second = two_hosts
+    transitions = metrics.replicate_circuit_transitions
+    before = {change: transitions.labels("replicate", change)._value.get() for change in ("opened", "closed")}
+
+    await open_it(first, second)
+    with pytest.raises(ProviderOutage):
+        await first.limiter.acquire("create")
+    assert metrics.replicate_circuit_open.labels("replicate")._value.get() == 1
+    await asyncio.sleep(OPEN_SECONDS + 0.05)
+    await first.limiter.acquire("create")  # the probe
+    await first.circuit.succeeded()
+
+    assert metrics.replicate_circuit_open.labels("replicate")._value.get() == 0
+    after = {change: transitions.labels("replicate", change)._value.get() for change in ("opened", "closed")}
+    assert (after["opened"] - before["opened"], after["closed"] - before["closed"]) == (1, 1)
 
 
 async def test_an_open_circuit_takes_no_slot_of_the_budget(two_hosts: tuple[Host, Host], redis_url: str) -> None:

@@ -93,6 +93,26 @@ async def test_the_deadline_still_ends_a_job_waiting_on_the_provider(world: Worl
     assert (row.status, row.error_class, row.attempts) == ("failed", "JobDeadlineExceeded", 1)
 
 
+async def test_a_cancel_during_an_outage_wait_ends_the_job_at_once_and_cancels_its_prediction(world: World) -> None:
+    job_id = await world.job()
+    made = world.provider.nth(1)
+    world.provider.answers[made] = [processing(made), outage(30)]
+    running = asyncio.create_task(world.run(job_id))
+    while world.provider.named("get") != [made, made]:  # the second look met the open circuit: 30 s to wait
+        await asyncio.sleep(0.01)
+
+    async with world.ctx.db.transaction() as conn:
+        await jobs.request_cancel(conn, job_id)
+    await world.ctx.leases.watch_cancels()  # what the lease keeper does every second
+    await asyncio.wait_for(running, 2)  # not 30 s: the wait ends with the cancel
+    await asyncio.wait_for(asyncio.gather(*world.ctx.cancels), 5)
+
+    assert world.provider.canceled == [made]
+    view = await jobs.get_status(world.ctx.db, job_id)
+    assert view is not None
+    assert (view.status, view.attempts, jobs.shown_waiting_for(view.status, view.waiting_for)) == ("canceled", 1, None)
+
+
 # --- the whole stack, through the fake's outage ---------------------------------------------------------
 
 
