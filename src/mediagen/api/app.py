@@ -18,7 +18,7 @@ from mediagen.api import web
 from mediagen.api.auth import KeyRing
 from mediagen.api.http import BodySizeLimit, install_error_handlers
 from mediagen.api.limits import Limits, Policies, Policy, RateLimitHeaders
-from mediagen.api.routes import ROUTERS
+from mediagen.api.routes import ROUTERS, fal_webhooks
 from mediagen.api.state import ApiState
 from mediagen.api.submissions import Submissions
 from mediagen.catalog.catalog import Catalog
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             catalog=catalog,
             prices=settings.price_table,
             webhook_verifier=services.webhook_verifier(settings),
+            fal_webhook_verifier=services.fal_webhook_verifier(settings),
         )
         if settings.replicate_webhook_url is not None:
             # Fetched now, so the first webhook is answered within its budget too.
@@ -158,6 +159,10 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         )
     # Always: a key made with `mediagen keys create` turns limits on without a restart.
     app.add_middleware(RateLimitHeaders)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        per_path={fal_webhooks.PATH: fal_webhooks.MAX_BODY_BYTES},
+    )
     app.add_middleware(RequestMetrics)
     return app

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -143,20 +143,22 @@ class BodySizeLimit:
     """Answers 413 to a body over `max_bytes`, declared or streamed, as soon as a route reads it.
 
     The request is routed first (a declared length too large fails the first read, before a byte is
-    read), so the 413 is counted under its route in the request metrics.
+    read), so the 413 is counted under its route in the request metrics. A path of `per_path` has its
+    own limit (a provider's webhook carries more than a client's request).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = dict(per_path or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        max_bytes = self.per_path.get(scope["path"], self.max_bytes)
         declared_too_large = any(
-            name == b"content-length" and value.isdigit() and int(value) > self.max_bytes
-            for name, value in scope["headers"]
+            name == b"content-length" and value.isdigit() and int(value) > max_bytes for name, value in scope["headers"]
         )
         seen = 0
         exceeded = False
@@ -169,7 +171,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     exceeded = True
                     raise _TooLarge
             return message
@@ -182,7 +184,7 @@ class BodySizeLimit:
         with contextlib.suppress(_TooLarge):
             await self.app(scope, limited, unless_exceeded)
         if exceeded:
-            response = error(413, "request_too_large", f"the body must be at most {self.max_bytes} bytes")
+            response = error(413, "request_too_large", f"the body must be at most {max_bytes} bytes")
             await response(scope, receive, send)
 
 

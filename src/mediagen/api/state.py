@@ -18,6 +18,7 @@ from mediagen.catalog.catalog import Catalog
 from mediagen.core.db import Database
 from mediagen.core.pricing import Price
 from mediagen.notify import Notifier
+from mediagen.providers.fal_webhooks import FalWebhookVerifier
 from mediagen.providers.replicate_signatures import WebhookVerifier
 from mediagen.settings import Settings
 from mediagen.storage import Storage
@@ -36,6 +37,7 @@ class ApiState:
     catalog: Catalog
     prices: dict[str, Price | None]
     webhook_verifier: WebhookVerifier
+    fal_webhook_verifier: FalWebhookVerifier
     limits: Limits | None = None
 
 

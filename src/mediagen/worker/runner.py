@@ -418,7 +418,7 @@ async def _await_webhook(
         give_up_at = time.monotonic() + min(ctx.webhook_poll_seconds, _left(claim))
         while (left := give_up_at - time.monotonic()) > 0:
             event = await _next_event(events, hold, left)
-            if event is None or event.get("type") != "prediction" or event.get("prediction_id") != prediction.id:
+            if event is None or event.get("type") != "prediction" or not _about(event, prediction):
                 continue
             if event.get("status") in TERMINAL_PREDICTION:
                 break
@@ -427,6 +427,13 @@ async def _await_webhook(
         look = partial(ctx.provider.get, prediction.id, deadline=claim.deadline_at)
         prediction = flight.prediction = await _unthrottled(ctx, claim, hold, _read(hold, look))
     ctx.polls.observe(claim.model, prediction)
+
+
+def _about(event: Event, prediction: Prediction) -> bool:
+    """Is a webhook's event about this prediction? A webhook names it by the provider's own id: Replicate's
+    is the prediction's, fal's the request id that ends ours (``fal-ai/flux/<request id>``)."""
+    named = event.get("prediction_id")
+    return isinstance(named, str) and (named == prediction.id or prediction.id.endswith(f"/{named}"))
 
 
 async def _next_event(events: Subscription, hold: Hold, within: float) -> Event | None:

@@ -6,12 +6,20 @@ answers with the model it declares (built by mediagen.api.presentation).
 - `media`: an output's bytes, with byte ranges, from local disk or S3
 - `ops`: health, readiness, metrics, the allowed models, usage and cost
 - `replicate_webhooks`: Replicate's signed webhooks, relayed to the worker waiting on the prediction
+- `fal_webhooks`: fal's signed webhooks, relayed likewise
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from mediagen.api.routes import events, jobs, media, ops, replicate_webhooks
+from mediagen.api.routes import events, fal_webhooks, jobs, media, ops, replicate_webhooks
 
-ROUTERS: tuple[APIRouter, ...] = (jobs.router, events.router, media.router, ops.router, replicate_webhooks.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    jobs.router,
+    events.router,
+    media.router,
+    ops.router,
+    replicate_webhooks.router,
+    fal_webhooks.router,
+)
