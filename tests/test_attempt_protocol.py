@@ -28,7 +28,7 @@ from mediagen.core import jobs
 from mediagen.core.db import Database
 from mediagen.core.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
 from mediagen.core.retry import RetryPolicy
-from mediagen.providers.base import Prediction
+from mediagen.providers.base import Prediction, unsent
 from mediagen.storage.local import LocalStorage
 from mediagen.worker.context import WorkerContext
 from mediagen.worker.leases import LeaseKeeper
@@ -73,6 +73,8 @@ class StubProvider:
     deadlines: list[datetime | None] = field(default_factory=list)
     windows: list[datetime] = field(default_factory=list)
     cancel_errors: list[Exception] = field(default_factory=list)
+    token: asyncio.Event | None = None
+    """When set: each create first waits for it, unsent (a rate-limit token that has not come)."""
     """Raised by the first cancels, in order (the provider in an outage)."""
     got: asyncio.Event = field(default_factory=asyncio.Event)
     prefix: str = field(default_factory=lambda: f"p{uuid.uuid4().hex[:8]}")
@@ -89,6 +91,9 @@ class StubProvider:
     ) -> Prediction:
         self.calls.append(("create", model))
         self.deadlines.append(deadline)
+        if self.token is not None:
+            with unsent():  # as the Replicate adapter waits for its rate-limit token: nothing sent yet
+                await self.token.wait()
         self.inputs.append(input)
         answer = self.creates.pop(0) if len(self.creates) > 1 else self.creates[0]
         if isinstance(answer, Exception) and not isinstance(answer, UnknownCreateOutcome):
@@ -607,6 +612,44 @@ async def test_a_cancel_the_provider_cannot_take_during_an_outage_is_tried_again
 
     assert world.provider.named("cancel") == [made] * 3
     assert world.provider.canceled == [made]
+
+
+async def test_a_cancel_while_the_create_waits_for_its_rate_limit_token_ends_the_job_with_nothing_made(
+    world: World,
+) -> None:
+    job_id = await world.job()
+    world.provider.token = asyncio.Event()  # never comes
+    running = asyncio.create_task(world.run(job_id))
+    while not world.provider.named("create"):
+        await asyncio.sleep(0.01)
+
+    async with world.ctx.db.transaction() as conn:
+        await jobs.request_cancel(conn, job_id)
+    await world.ctx.leases.watch_cancels()
+    await asyncio.wait_for(running, 2)
+
+    assert world.provider.made == [] and world.provider.canceled == []
+    assert (await job_row(world.ctx.db, job_id)).status == "canceled"
+
+
+async def test_a_cancel_while_the_create_is_out_lets_it_end_then_cancels_its_prediction(world: World) -> None:
+    job_id = await world.job()
+
+    async def canceled_meanwhile() -> None:
+        async with world.ctx.db.transaction() as conn:
+            await jobs.request_cancel(conn, job_id)
+        await world.ctx.leases.watch_cancels()  # told while the request is out: not given up
+        await asyncio.sleep(0.05)
+
+    world.provider.on_create = canceled_meanwhile
+
+    await world.run(job_id)
+
+    [made] = world.provider.made
+    [attempt] = await attempt_rows(world.ctx.db, job_id)
+    assert attempt.prediction_id == made  # recorded, not lost to the cancel
+    assert world.provider.canceled == [made]
+    assert (await job_row(world.ctx.db, job_id)).status == "canceled"
 
 
 # --- a lost lease ---------------------------------------------------------------------------------

@@ -3,6 +3,9 @@ raises, so that a route answers every provider's webhooks alike."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -10,6 +13,34 @@ from typing import Any, Protocol
 from mediagen.core.errors import MediagenError
 
 TERMINAL_PREDICTION = frozenset({"succeeded", "failed", "canceled", "aborted"})
+
+_unsent_marker: ContextVar[Callable[[bool], None] | None] = ContextVar("provider_unsent", default=None)
+
+
+@contextmanager
+def unsent() -> Iterator[None]:
+    """An adapter's create waits in here for what comes before its request goes out (a rate-limit
+    token): nothing is sent yet, so its caller may give the create up meanwhile. Outside it a create
+    is never given up, as it may have made a paid prediction (see `giving_up`)."""
+    mark = _unsent_marker.get()
+    if mark is None:
+        yield
+        return
+    mark(True)
+    try:
+        yield
+    finally:
+        mark(False)
+
+
+@contextmanager
+def giving_up(mark: Callable[[bool], None]) -> Iterator[None]:
+    """The caller's side of `unsent`: `mark(True)` when a create begins to wait unsent, `mark(False)` after."""
+    token = _unsent_marker.set(mark)
+    try:
+        yield
+    finally:
+        _unsent_marker.reset(token)
 
 
 @dataclass(frozen=True)

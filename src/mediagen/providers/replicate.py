@@ -43,7 +43,7 @@ from replicate.exceptions import ReplicateError
 
 from mediagen import metrics
 from mediagen.core.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
-from mediagen.providers.base import TERMINAL_PREDICTION, Prediction
+from mediagen.providers.base import TERMINAL_PREDICTION, Prediction, unsent
 from mediagen.providers.ratelimit import Budget, RateLimiter
 from mediagen.providers.transport import LeanTransport
 
@@ -297,7 +297,8 @@ class ReplicateProvider:
         if self._limiter is not None:
             # The token first, outside the create's own time bound: a long wait for it is no timeout
             # (only the job's deadline bounds it), and a create that waits for it has not been sent.
-            slot = await _until(deadline, self._limiter.reserve("create"), "a create token")
+            with unsent():  # the caller may give the create up while it waits for its token
+                slot = await _until(deadline, self._limiter.reserve("create"), "a create token")
         taken = _create_slot.set(slot)
         try:
             return await self._read(

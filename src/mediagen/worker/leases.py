@@ -26,6 +26,7 @@ from mediagen.core import jobs
 from mediagen.core.db import Database, is_unreachable
 from mediagen.core.errors import JobCanceled, LeaseExpired, LeaseLost, MediagenError
 from mediagen.logging import log_event
+from mediagen.providers.base import giving_up
 
 T = TypeVar("T")
 
@@ -73,6 +74,29 @@ class Hold:
             raise self.stop from None
         finally:
             self.reader = None
+
+    async def create(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, a create: given up when told to stop only while the provider waits before sending
+        (mediagen.providers.base.unsent, e.g. for a rate-limit token), never once its request may
+        have gone out."""
+        self.check()
+        task = asyncio.current_task()
+
+        def mark(waiting: bool) -> None:
+            if waiting:
+                self.check()  # told already: give up before waiting at all
+            self.reader = task if waiting else None
+
+        with giving_up(mark):
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                if self.stop is None or task is None:
+                    raise
+                task.uncancel()
+                raise self.stop from None
+            finally:
+                self.reader = None
 
 
 class LeaseKeeper:

@@ -251,11 +251,10 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, fl
     webhook = None
     if ctx.webhook_url is not None:
         webhook = f"{ctx.webhook_url}?job={claim.job_id}&attempt={claim.attempt}"
-    # Not raced against a cancel as reads are: a create cut off after it went out would leave a paid
-    # prediction unknown. It ends by its own bound, and a cancel is seen right after.
-    prediction = await _unthrottled(
-        ctx, claim, hold, lambda: ctx.provider.create(claim.model, data, webhook=webhook, deadline=claim.deadline_at)
-    )
+    # Given up on a cancel only while it waits before sending (Hold.create): a create cut off after it
+    # went out would leave a paid prediction unknown. It ends by its own bound, and a cancel is seen next.
+    create = partial(ctx.provider.create, claim.model, data, webhook=webhook, deadline=claim.deadline_at)
+    prediction = await _unthrottled(ctx, claim, hold, partial(hold.create, create))
     if not await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status):
         # We lost the job while creating: its new holder may create a prediction of its own. Unless it
         # adopted ours, cancel ours, so the job is not paid for twice.
