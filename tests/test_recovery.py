@@ -261,6 +261,36 @@ async def test_a_job_past_its_deadline_is_canceled_at_replicate_and_fails(
     assert prediction["status"] == "canceled"
 
 
+async def test_with_every_worker_dead_replicate_itself_ends_the_prediction_at_the_jobs_deadline(
+    make_stack: Any, client: Any, fake_replicate: FakeReplicate
+) -> None:
+    """Given a job whose prediction waits in Replicate's queue and whose only worker was SIGKILLed, when its
+    deadline passes with no worker alive, then Replicate has ended the prediction by itself (`aborted`, not
+    billed: the create's Cancel-After), and a worker started later ends the job failed, past its deadline."""
+    stack: Stack = make_stack(MEDIAGEN_JOB_DEADLINE_SECONDS="5", **FAST)
+    api = client(stack.start_api())
+    doomed = stack.start_worker()
+    prompt = unique("queued for ever [[starting=60]]")
+    job_id = await submit(api, prompt, width=512, height=512)
+    await wait_running_with_prediction(stack, job_id)
+    kill_group(doomed.proc, signal.SIGKILL)
+    [attempt] = await attempts_of(stack, job_id)
+
+    seen: dict[str, Any] = {}
+    give_up = time.monotonic() + 15
+    while seen.get("status") != "aborted" and time.monotonic() < give_up:
+        await asyncio.sleep(0.5)
+        seen = httpx.get(
+            f"{fake_replicate.url}/v1/predictions/{attempt.prediction_id}", headers={"Authorization": "Bearer t"}
+        ).json()
+    assert (seen["status"], seen["started_at"]) == ("aborted", None)
+
+    stack.start_worker()
+    status = await wait_for_job(api, job_id, timeout=20)
+    assert status["status"] == "failed" and "deadline" in status["error"]
+    assert fake_replicate.predictions_for(prompt) == 1
+
+
 class TcpProxy:
     """A loopback TCP proxy to PostgreSQL that a test can take down and bring back."""
 
