@@ -3,7 +3,6 @@ tampered, replayed or oversized one changes nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +18,7 @@ from redis.asyncio import Redis
 
 from conftest import start_api, stop
 from fake_fal.config import FakeFalConfig
-from fal_live import LiveFake, live_fake
+from fal_live import LiveFake, captured, live_fake
 from mediagen.notify import Notifier, Subscription
 from mediagen.providers.fal import FalProvider
 from mediagen.providers.fal_webhooks import message
@@ -50,34 +49,6 @@ async def listener(redis_url: str, namespace: str) -> AsyncIterator[Notifier]:
     await client.aclose()
 
 
-async def captured(fake: LiveFake, prompt: str) -> Delivery:
-    """One webhook the fake fal sent for a request submitted through the adapter, caught before the API."""
-    received: list[Delivery] = []
-
-    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        lines = (line.partition(":") for line in head.split("\r\n")[1:] if line)
-        headers = {name.strip().lower(): value.strip() for name, _, value in lines}
-        received.append((headers, await reader.readexactly(int(headers["content-length"]))))
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(receive, "127.0.0.1", 0)
-    fal = FalProvider(key="test", base_url=fake.url)
-    try:
-        hook = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/webhooks/fal"
-        await fal.create("fal-ai/flux/schnell", {"prompt": prompt}, webhook=hook)
-        deadline = time.monotonic() + 10
-        while not received:
-            assert time.monotonic() < deadline, "no webhook came"
-            await asyncio.sleep(0.02)
-        return received[0]
-    finally:
-        await fal.aclose()
-        server.close()
-
-
 def forwarded(headers: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.startswith("x-fal-") or k == "content-type"}
 
@@ -92,7 +63,7 @@ async def heard(events: Subscription, within: float = 0.5) -> list[dict[str, Any
 async def test_a_signed_delivery_wakes_the_job_once_and_its_replay_does_nothing(
     fake: LiveFake, api_url: str, listener: Notifier
 ) -> None:
-    headers, body = await captured(fake, f"hooked {uuid.uuid4()}")
+    headers, body = await captured(fake.url, f"hooked {uuid.uuid4()}")
     request_id = orjson.loads(body)["request_id"]
     job = uuid.uuid4()
     async with httpx.AsyncClient(base_url=api_url) as api, listener.listen(job) as events:
@@ -109,7 +80,7 @@ async def test_a_signed_delivery_wakes_the_job_once_and_its_replay_does_nothing(
 async def test_forged_tampered_or_oversized_deliveries_are_refused_and_wake_nobody(
     fake: LiveFake, api_url: str, listener: Notifier
 ) -> None:
-    headers, body = await captured(fake, f"hooked {uuid.uuid4()}")
+    headers, body = await captured(fake.url, f"hooked {uuid.uuid4()}")
     job = uuid.uuid4()
     names = ("x-fal-webhook-request-id", "x-fal-webhook-user-id", "x-fal-webhook-timestamp")
     signed_by_another = eddsa.new(ECC.generate(curve="Ed25519"), "rfc8032").sign(

@@ -28,6 +28,7 @@ import orjson
 import pytest
 
 from conftest import RUN_ID, create_database, drop_database
+from fal_live import captured
 from mediagen.devtools.embedded import free_port, pid_alive, port_open
 from mediagen.devtools.launcher import Child, GiveUp, Supervisor
 from mediagen.settings import Settings
@@ -233,6 +234,24 @@ def test_a_killed_worker_is_restarted_and_the_api_answers_throughout(session: La
     poller.done.set()
     poller.join()
     assert poller.failures == [] and poller.answers > 20
+
+
+async def test_without_fal_key_the_fake_fal_runs_keeps_its_requests_and_the_service_trusts_its_webhooks(
+    session: Launched,
+) -> None:
+    """make run starts the fake fal (its URL in `dev.fake_fal`, its data in the data folder), and the API
+    checks fal's webhooks against that fake's JWKS, which only MEDIAGEN_FAL_BASE_URL can have told it."""
+    started = session.wait_for("dev.fake_fal")
+    fake_url = started["url"]
+    assert httpx.get(f"{fake_url}/_fake/health", timeout=5).status_code == 200
+    headers, body = await captured(fake_url, f"from make run #{uuid.uuid4().hex[:8]}")
+    assert (Path(started["data_dir"]) / "requests.jsonl").exists()
+    headers = {k: v for k, v in headers.items() if k.startswith("x-fal-") or k == "content-type"}
+    async with httpx.AsyncClient(base_url=session.url, timeout=10) as api:
+        genuine = await api.post("/webhooks/fal", content=body, headers=headers)
+        tampered = await api.post("/webhooks/fal", content=body + b" ", headers=headers)
+    assert genuine.status_code == 200, genuine.text
+    assert tampered.status_code == 401
 
 
 def test_every_line_of_a_make_run_session_is_json_and_the_readme_jq_line_tells_a_story(

@@ -218,6 +218,8 @@ class Settings(BaseSettings):
     embedded_redis_port: int = Field(6390, ge=1, le=65535)
     fake_replicate_port: int = Field(0, ge=0, le=65535, validation_alias=_env("FAKE_REPLICATE_PORT"))
     """The fake Replicate `make run` starts (0: a free port)."""
+    fake_fal_port: int = Field(0, ge=0, le=65535, validation_alias=_env("FAKE_FAL_PORT"))
+    """The fake fal `make run` starts without `FAL_KEY` (0: a free port)."""
     dev_restart_cap_seconds: float = Field(30.0, gt=0)
     """A child of `make run` that exits is restarted after 1 s, 2 s, 4 s, ... at most this."""
     dev_restart_limit: int = Field(5, ge=0)

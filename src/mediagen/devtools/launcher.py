@@ -1,8 +1,9 @@
 """`python -m mediagen.devtools` (what `make run` runs): the whole service on one machine, no setup, supervised.
 
 Starts what is not configured: embedded PostgreSQL unless DATABASE_URL is set, embedded Redis unless
-REDIS_URL is set, the fake Replicate unless REPLICATE_API_TOKEN is set; migrates; then runs the API
-(port 8000) and a worker. Data stays in `.mediagen/` and `media/`.
+REDIS_URL is set, the fake Replicate unless REPLICATE_API_TOKEN is set, the fake fal unless FAL_KEY (or
+MEDIAGEN_FAL_BASE_URL) is set; migrates; then runs the API (port 8000) and a worker. Data stays in
+`.mediagen/` and `media/`.
 
 - A child (API, worker, fake) that exits is restarted after 1 s, 2 s, 4 s, ... (at most
   MEDIAGEN_DEV_RESTART_CAP_SECONDS; the count starts over once it has stayed up
@@ -530,6 +531,17 @@ def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], N
         env.setdefault("MEDIAGEN_REPLICATE_WEBHOOKS", "true")
         env.setdefault("MEDIAGEN_REPLICATE_WEBHOOK_BASE_URL", f"http://{settings.host}:{settings.port}")
         log_event("dev.fake_replicate", url=env["REPLICATE_BASE_URL"])
+    if not settings.fal_configured:
+        fal_port = settings.fake_fal_port or free_port()
+        fake = [sys.executable, "-m", "fake_fal", "--host", "127.0.0.1", "--port", str(fal_port)]
+        fal_data = settings.data_dir / "fake_fal"
+        fake += ["--data-dir", str(fal_data)]  # a restart resumes its requests
+        supervisor.add(Child("fake_fal", fake, dict(env), serves_the_others=True))
+        env["MEDIAGEN_FAL_BASE_URL"] = f"http://127.0.0.1:{fal_port}"
+        # Its webhooks come to this API (signed with the key its own JWKS serves).
+        env.setdefault("MEDIAGEN_FAL_WEBHOOKS", "true")
+        env.setdefault("MEDIAGEN_FAL_WEBHOOK_BASE_URL", f"http://{settings.host}:{settings.port}")
+        log_event("dev.fake_fal", url=env["MEDIAGEN_FAL_BASE_URL"], data_dir=str(fal_data.resolve()))
     _webhooks_for_a_local_receiver(env, settings.data_dir)
     migrate(env["DATABASE_URL"])
     log_event("dev.migrated")
