@@ -195,9 +195,11 @@ def webhook_verifier(settings: Settings) -> WebhookVerifier:
 
 
 def downloader(settings: Settings) -> Downloader:
-    hosts = [REPLICATE_DELIVERY, *settings.download_allowed_hosts]
-    if settings.replicate_base_url:
-        base_host = urlsplit(settings.replicate_base_url).hostname
+    """Outputs from Replicate's and fal's delivery hosts, and from the stand-ins configured; Replicate's
+    token only over HTTPS to Replicate's delivery hosts, or to the configured fake Replicate."""
+    hosts = [REPLICATE_DELIVERY, FAL_MEDIA, *settings.download_allowed_hosts]
+    for base_url in (settings.replicate_base_url, settings.fal_base_url):
+        base_host = urlsplit(base_url).hostname if base_url else None
         if base_host:
             hosts.append(base_host)
     token = settings.replicate_api_token.get_secret_value() if settings.replicate_api_token else None
@@ -205,5 +207,7 @@ def downloader(settings: Settings) -> Downloader:
         allowed_hosts=hosts,
         max_bytes=settings.max_output_bytes,
         auth_token=token,
+        token_hosts=[REPLICATE_DELIVERY],
+        token_origins=[settings.replicate_base_url] if settings.replicate_base_url else [],
         max_connections=settings.replicate_max_connections,
     )

@@ -1,10 +1,15 @@
 """Fetching a prediction's output files from the provider's delivery hosts, safely.
 
-Only from hosts we trust (`replicate.delivery` and its subdomains, the provider's own host, and the
-`MEDIAGEN_DOWNLOAD_ALLOWED_HOSTS`), no redirects, at most `max_bytes`, over the lean transport
+Only from hosts we trust (`replicate.delivery`, fal's `fal.media`, their subdomains, the stand-ins' own
+hosts, and the `MEDIAGEN_DOWNLOAD_ALLOWED_HOSTS`), no redirects, at most `max_bytes`, over the lean transport
 (mediagen.providers.transport) or httpx's own when a proxy is configured. A `data:` URL (some models
 answer inline) is decoded under the same size bound. What the bytes are, and where they are stored,
 is the worker's business (mediagen.worker.outputs).
+
+The provider's token (Replicate's delivery URLs may ask for it) goes only where it belongs: over HTTPS to
+the `token_hosts` (Replicate's delivery hosts and their subdomains), or to one of the `token_origins`
+exactly (scheme, host and port: the configured stand-in). Never over plain HTTP to a real host, never to
+fal's hosts or any other allowed host.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ class Downloader:
         max_bytes: int,
         timeout_seconds: float = 30.0,
         auth_token: str | None = None,
+        token_hosts: Sequence[str] = (),
+        token_origins: Sequence[str] = (),
         max_connections: int = 200,
     ) -> None:
         self.allowed_hosts = [host.lower() for host in allowed_hosts]
         self.max_bytes = max_bytes
         self._auth_token = auth_token
+        self._token_hosts = [host.lower() for host in token_hosts]
+        self._token_origins = {_origin(origin) for origin in token_origins}
         timeout = httpx.Timeout(timeout_seconds, connect=5.0)
         if proxies_configured():
             # httpx's own transport honours HTTP(S)_PROXY and NO_PROXY (a given transport would not).
@@ -47,6 +56,16 @@ class Downloader:
         host = host.lower()
         return any(host == allowed or host.endswith("." + allowed) for allowed in self.allowed_hosts)
 
+    def sends_token(self, url: str) -> bool:
+        """Would the token go with a GET of `url`? HTTPS to a token host, or exactly a token origin."""
+        if not self._auth_token:
+            return False
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if parts.scheme == "https" and any(host == h or host.endswith("." + h) for h in self._token_hosts):
+            return True
+        return _origin(url) in self._token_origins
+
     async def fetch(self, url: str) -> bytes:
         if url.startswith("data:"):
             return self._decode_data_url(url)
@@ -56,7 +75,7 @@ class Downloader:
         if not self.host_allowed(parts.hostname):
             raise OutputRejected(f"output host not allowed: {parts.hostname}")
         headers = {}
-        if self._auth_token and parts.hostname.endswith("replicate.delivery"):
+        if self.sends_token(url):
             headers["Authorization"] = f"Bearer {self._auth_token}"
         try:
             async with self.client.stream("GET", url, headers=headers) as response:
@@ -96,3 +115,12 @@ class Downloader:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return ("", "", None)
+    return (parts.scheme, (parts.hostname or "").lower(), port)

@@ -51,7 +51,7 @@ from mediagen.core.errors import (
     TransientProviderError,
     UnknownCreateOutcome,
 )
-from mediagen.providers.base import Prediction
+from mediagen.providers.base import Prediction, unsent
 from mediagen.providers.ratelimit import Budget, RateLimiter
 
 T = TypeVar("T")
@@ -303,7 +303,8 @@ class FalProvider:
         if self._limiter is not None:
             # The token first, outside the submit's own time bound (only the job's deadline bounds the
             # wait); ProviderOutage while fal's circuit is open, nothing sent.
-            await _until(deadline, self._limiter.reserve("create"))
+            with unsent():  # the caller may give the submit up while it waits for its token
+                await _until(deadline, self._limiter.reserve("create"))
         start_timeout = None
         if deadline is not None:
             left = (deadline - datetime.now(UTC)).total_seconds()
