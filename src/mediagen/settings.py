@@ -283,6 +283,8 @@ class Settings(BaseSettings):
         "fal_webhooks",
         "fal_key",
         "fal_base_url",
+        "fal_jwks_url",
+        "fal_webhook_user_id",
         mode="before",
     )
     @classmethod
