@@ -39,9 +39,7 @@ def upgrade() -> None:
         sa.Column("webhook_secret", sa.Text(), nullable=False),
         sa.Column("previous_webhook_secret", sa.Text(), nullable=True),
         sa.Column("previous_webhook_secret_until", sa.DateTime(timezone=True), nullable=True),
-        sa.CheckConstraint(
-            "rate_per_minute IS NULL OR rate_per_minute >= 0", name=op.f("ck_api_keys_rate_per_minute")
-        ),
+        sa.CheckConstraint("rate_per_minute IS NULL OR rate_per_minute >= 0", name=op.f("ck_api_keys_rate_per_minute")),
         sa.CheckConstraint(
             "max_unfinished_jobs IS NULL OR max_unfinished_jobs >= 0", name=op.f("ck_api_keys_max_unfinished_jobs")
         ),

@@ -58,9 +58,18 @@ replicate_circuit_transitions = Counter(
     ["provider", "to"],
 )
 spend_usd = Counter(
-    "mediagen_spend_usd_total", "USD spent on predictions (by the price table; unknown prices count nothing)", ["model"]
+    "mediagen_spend_usd_total",
+    "USD spent on predictions (by the price table; unknown prices count nothing)",
+    ["model", "provider"],
 )
-images_made = Counter("mediagen_prediction_images_total", "Images the predictions made (what is billed)", ["model"])
+images_made = Counter(
+    "mediagen_prediction_images_total", "Images the predictions made (what is billed)", ["model", "provider"]
+)
+failovers = Counter(
+    "mediagen_failovers_total",
+    "Jobs moved to the next provider (its circuit open, or it refused for capacity)",
+    ["from_provider", "to_provider", "reason"],
+)
 in_flight = Gauge("mediagen_predictions_in_flight", "Jobs this worker process is running")
 
 

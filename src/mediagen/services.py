@@ -6,6 +6,7 @@ circuit in Redis (mediagen.providers.ratelimit and .circuit, keyed by the provid
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -145,14 +146,13 @@ def fal_provider(settings: Settings, redis: Redis | None = None) -> FalProvider:
 
 
 def providers(settings: Settings, redis: Redis | None = None) -> dict[str, Provider]:
-    """One adapter per configured provider, by name ("replicate", "fal"); Replicate's whenever fal is not
-    configured (as before fal: the service always had it)."""
-    built: dict[str, Provider] = {}
-    if settings.replicate_configured or not settings.fal_configured:
-        built["replicate"] = provider(settings, redis)
-    if settings.fal_configured:
-        built["fal"] = fal_provider(settings, redis)
-    return built
+    """One adapter per provider of the order of preference (`settings.provider_order`: by default those
+    configured, Replicate whenever fal is not, as before fal the service always had it), by name."""
+    builders: dict[str, Callable[[Settings, Redis | None], Provider]] = {
+        "replicate": provider,
+        "fal": fal_provider,
+    }
+    return {name: builders[name](settings, redis) for name in settings.provider_order}
 
 
 def fal_webhook_verifier(settings: Settings) -> FalWebhookVerifier:

@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mediagen.core.pricing import Price, parse_prices
 
+PROVIDERS = ("replicate", "fal")
+"""Every provider mediagen has an adapter for (mediagen.core.routing names them too)."""
+
 DEFAULT_MODELS = (
     "black-forest-labs/flux-schnell",
     "black-forest-labs/flux-dev",
@@ -123,6 +126,14 @@ class Settings(BaseSettings):
     for a stand-in."""
     fal_webhook_user_id: str | None = None
     """When set, a fal webhook signed for another fal user is refused."""
+
+    # --- routing (mediagen.catalog.routes) ----------------------------------------------------------
+    providers: Annotated[list[str], NoDecode] = []
+    """The providers in order of preference, e.g. `replicate,fal`. Empty: those configured, Replicate first
+    (Replicate with its token or `REPLICATE_BASE_URL`, or the fake when fal is not configured either; fal
+    with `FAL_KEY` or `MEDIAGEN_FAL_BASE_URL`)."""
+    model_providers: dict[str, list[str]] = {}
+    """JSON: a model's own order, over `providers`: `{"black-forest-labs/flux-dev": ["fal", "replicate"]}`."""
 
     # --- retries and deadlines (see mediagen.core.retry) -----------------------------------------------
     max_attempts: int = Field(5, ge=1, le=50)
@@ -235,6 +246,7 @@ class Settings(BaseSettings):
         "api_keys",
         "webhook_allowed_networks",
         "replicate_webhook_events",
+        "providers",
         mode="before",
     )
     @classmethod
@@ -248,6 +260,31 @@ class Settings(BaseSettings):
     def _prices_parse(cls, value: dict[str, Any]) -> dict[str, Any]:
         parse_prices(value)  # fail at startup, not at the first GET /models
         return value
+
+    @field_validator("providers")
+    @classmethod
+    def _providers_known(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in PROVIDERS]
+        if unknown:
+            raise ValueError(f"unknown providers {unknown}: use {', '.join(PROVIDERS)}")
+        return value
+
+    @field_validator("model_providers")
+    @classmethod
+    def _model_providers_known(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for model, names in value.items():
+            unknown = [name for name in names if name not in PROVIDERS]
+            if unknown or not names:
+                raise ValueError(f"{model}: a non-empty list of {', '.join(PROVIDERS)}, got {names}")
+        return value
+
+    @property
+    def provider_order(self) -> list[str]:
+        """The providers in order of preference (`providers`, or those configured, Replicate first)."""
+        if self.providers:
+            return list(dict.fromkeys(self.providers))
+        order = ["replicate"] if self.replicate_configured or not self.fal_configured else []
+        return [*order, "fal"] if self.fal_configured else order
 
     @property
     def price_table(self) -> dict[str, Price | None]:

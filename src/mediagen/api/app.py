@@ -22,6 +22,7 @@ from mediagen.api.routes import ROUTERS, fal_webhooks
 from mediagen.api.state import ApiState
 from mediagen.api.submissions import Submissions
 from mediagen.catalog.catalog import Catalog
+from mediagen.catalog.routes import Router
 from mediagen.logging import configure_logging, log_event
 from mediagen.metrics import RequestMetrics
 from mediagen.notify import Notifier
@@ -87,6 +88,12 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             keyring=KeyRing([key.get_secret_value() for key in settings.api_keys], db),
             notifier=Notifier(redis, namespace=settings.redis_namespace),
             catalog=catalog,
+            router=Router(
+                catalog,
+                settings.provider_order,
+                settings.model_providers,
+                default_output_format=settings.default_output_format,
+            ),
             prices=settings.price_table,
             webhook_verifier=services.webhook_verifier(settings),
             fal_webhook_verifier=services.fal_webhook_verifier(settings),

@@ -26,11 +26,12 @@ from mediagen.api.schemas import (
     ModelSize,
     ModelView,
     OutputView,
+    RouteView,
     UsageReport,
     WaitedJob,
     WebhookDeliveryView,
 )
-from mediagen.catalog.catalog import Catalog
+from mediagen.catalog.routes import Router
 from mediagen.core import jobs
 from mediagen.core.pricing import Price, price_for
 from mediagen.core.usage import Usage, job_cost
@@ -155,14 +156,32 @@ def job_page(
     )
 
 
-def model_list(settings: Settings, catalog: Catalog, prices: Mapping[str, Price | None]) -> ModelList:
+def model_list(settings: Settings, router: Router, prices: Mapping[str, Price | None]) -> ModelList:
     """The allowed models whose input schema is known (one not read from Replicate yet is left out:
-    a submit would get a 503 too)."""
+    a submit would get a 503 too), each with its routes."""
     listed = []
     for name in settings.allowed_models:
-        schema = catalog.get(name)
+        schema = router.catalog.get(name)
         if schema is None:
             continue
+        routes = []
+        for provider in router.providers(name):
+            at = router.schema(provider, name)
+            assert at is not None
+            formats = at.properties.get("output_format", {}).get("enum", [])
+            wanted = "jpeg" if provider == "fal" and settings.default_output_format == "jpg" else None
+            default_format = wanted or settings.default_output_format
+            route_price = price_for(at.model, prices)
+            routes.append(
+                RouteView(
+                    provider=provider,
+                    model=at.model,
+                    input_schema=at.input_schema,
+                    defaults=at.defaults(),
+                    service_defaults={"output_format": default_format} if default_format in formats else {},
+                    price=route_price.as_json() if route_price else None,
+                )
+            )
         price = price_for(name, prices)
         service_defaults = {}
         if settings.default_output_format in schema.properties.get("output_format", {}).get("enum", []):
@@ -179,6 +198,7 @@ def model_list(settings: Settings, catalog: Catalog, prices: Mapping[str, Price 
                 sizes=[ModelSize.model_validate(size.as_json()) for size in schema.sizes],
                 output=ModelOutput(kind=schema.output_kind, multiple=schema.output_multiple),
                 price=price.as_json() if price else None,
+                routes=routes,
             )
         )
     return ModelList(models=listed)

@@ -269,6 +269,17 @@ class ModelSize(BaseModel):
     height: int
 
 
+class RouteView(BaseModel):
+    provider: str = Field(description="replicate or fal: the value of parameters.provider that pins a job there")
+    model: str = Field(description="The model's name at the provider (Replicate's owner/name, fal's endpoint id)")
+    input_schema: dict[str, Any] = Field(description="JSON Schema of the model's inputs at this provider")
+    defaults: dict[str, Any] = Field(description="The provider's own defaults")
+    service_defaults: dict[str, Any] = Field(description="What mediagen sends there when the client leaves it out")
+    price: dict[str, Any] | None = Field(
+        description='{"usd": "0.003", "per": "image" | "second" | "megapixel"}, null if unknown'
+    )
+
+
 class ModelView(BaseModel):
     model: str = Field(description="owner/name, the value of parameters.model")
     default: bool = Field(description="the model used when parameters.model is absent")
@@ -280,6 +291,12 @@ class ModelView(BaseModel):
     sizes: list[ModelSize] = Field(description="width x height this model makes, and the inputs that make each")
     output: ModelOutput
     price: dict[str, Any] | None = Field(description='{"usd": "0.003", "per": "image" | "second"}, null if unknown')
+    routes: list[RouteView] = Field(
+        default_factory=list,
+        description="The providers that serve the model, in order of preference: a job goes to the first and "
+        "fails over to the next. The portable width/height, num_outputs, seed and output_format map onto each; "
+        "a provider's own inputs need parameters.provider.",
+    )
 
 
 class ModelList(BaseModel):

@@ -15,6 +15,7 @@ from mediagen.api.limits import Limits
 from mediagen.api.submissions import Submissions
 from mediagen.broker import Dispatcher
 from mediagen.catalog.catalog import Catalog
+from mediagen.catalog.routes import Router
 from mediagen.core.db import Database
 from mediagen.core.pricing import Price
 from mediagen.notify import Notifier
@@ -35,6 +36,7 @@ class ApiState:
     submissions: Submissions
     notifier: Notifier
     catalog: Catalog
+    router: Router
     prices: dict[str, Price | None]
     webhook_verifier: WebhookVerifier
     fal_webhook_verifier: FalWebhookVerifier

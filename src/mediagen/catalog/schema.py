@@ -58,7 +58,7 @@ def _dereference(node: Any, components: Mapping[str, Any]) -> Any:
     return out
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     """JSON has one number type: 512.0 is the integer 512 (JSON Schema agrees), sent as 512."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
@@ -107,7 +107,7 @@ class ModelSchema:
         formats = set(enum_of(properties, "output_format"))
         video = bool(formats & VIDEO_FORMATS and not formats & {"png", "jpg", "webp"}) or "video" in model
         # The parameters are checked without the prompt (the API checks it, and the schema's own
-        # constraints on it, if any, separately): see _check.
+        # constraints on it, if any, separately): see check.
         strict = copy.deepcopy(schema)
         strict["additionalProperties"] = False
         strict.pop("title", None)
@@ -144,7 +144,7 @@ class ModelSchema:
     ) -> dict[str, Any]:
         """The exact Replicate `input` for this prompt and parameters; InvalidParameters naming each bad field."""
         # null is "not given" (the model's default applies), as the old portable parameters had it.
-        params = {key: _integral(value) for key, value in parameters.items() if value is not None}
+        params = {key: integral(value) for key, value in parameters.items() if value is not None}
         problems: list[FieldProblem] = []
         if "prompt" in params:
             problems.append(
@@ -154,7 +154,7 @@ class ModelSchema:
         self._map_size(params, problems)
         self._map_num_outputs(params, problems)
         if not problems:
-            problems = self._check(prompt, params)
+            problems = self.check(prompt, params)
         if problems:
             raise InvalidParameters(self.model, problems)
         data: dict[str, Any] = {"prompt": prompt, **params}
@@ -167,7 +167,7 @@ class ModelSchema:
             data["output_format"] = default_output_format
         return data
 
-    def _check(self, prompt: str, params: dict[str, Any]) -> list[FieldProblem]:
+    def check(self, prompt: str, params: dict[str, Any]) -> list[FieldProblem]:
         """The schema's verdict. Valid parameter sets are remembered (the submit path is hot, and most
         clients send the same few); the prompt is checked apart, and only when the schema constrains it."""
         assert self._validator is not None
@@ -197,23 +197,23 @@ class ModelSchema:
         width, height = params.pop("width", None), params.pop("height", None)
         for name, value in (("width", width), ("height", height)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                problems.append(_problem(name, "must be of type integer", "type"))
+                problems.append(problem(name, "must be of type integer", "type"))
                 return
         if width is None or height is None:
             missing = "height" if height is None else "width"
-            problems.append(_problem(missing, "give both width and height, or neither", "required"))
+            problems.append(problem(missing, "give both width and height, or neither", "required"))
             return
         if not self.sizes:
             ratios = enum_of(self.properties, "aspect_ratio")
             hint = f"; choose parameters.aspect_ratio: one of {_listing(ratios)}" if ratios else ""
             problems.append(
-                _problem("width", f"{self.model} takes no width/height and its pixel sizes are not known{hint}", "size")
+                problem("width", f"{self.model} takes no width/height and its pixel sizes are not known{hint}", "size")
             )
             return
         match = next((s for s in self.sizes if (s.width, s.height) == (width, height)), None)
         if match is None:
             problems.append(
-                _problem(
+                problem(
                     "width",
                     f"{self.model} cannot make {width}x{height}; it makes {_listing(self.sizes, 40)}",
                     "size",
@@ -223,7 +223,7 @@ class ModelSchema:
         for name, value in match.input.items():
             if name in params and params[name] != value:
                 problems.append(
-                    _problem(name, f"{value!r} is what {width}x{height} needs; leave it out or match it", "size")
+                    problem(name, f"{value!r} is what {width}x{height} needs; leave it out or match it", "size")
                 )
         params.update(match.input)
 
@@ -233,13 +233,13 @@ class ModelSchema:
             # flux-1.1-pro reads width/height only with aspect_ratio "custom": without it they'd be ignored.
             ratio = params.setdefault("aspect_ratio", "custom")
             if ratio != "custom":
-                problems.append(_problem("aspect_ratio", "must be custom when width and height are given", "size"))
+                problems.append(problem("aspect_ratio", "must be custom when width and height are given", "size"))
         step = SIZE_STEP.get(self.model)
         for name in ("width", "height"):
             value = params.get(name)
             if step and isinstance(value, int) and not isinstance(value, bool) and value % step:
                 problems.append(
-                    _problem(name, f"must be a multiple of {step} ({self.model} would round {value})", "size")
+                    problem(name, f"must be a multiple of {step} ({self.model} would round {value})", "size")
                 )
 
     def _map_num_outputs(self, params: dict[str, Any], problems: list[FieldProblem]) -> None:
@@ -247,7 +247,7 @@ class ModelSchema:
             return
         count = params.pop("num_outputs")
         if count != 1 or isinstance(count, bool):
-            problems.append(_problem("num_outputs", f"{self.model} makes one output per prediction", "num_outputs"))
+            problems.append(problem("num_outputs", f"{self.model} makes one output per prediction", "num_outputs"))
 
     # ------------------------------------------------------------------ messages
 
@@ -259,9 +259,9 @@ class ModelSchema:
         if kind == "additionalProperties":
             extra = sorted(set(instance) - set(self.properties))
             takes = _listing(n for n in self.properties if n != "prompt")
-            return [_problem(key, f"not an input of {self.model}; it takes {takes}", "unknown") for key in extra]
+            return [problem(key, f"not an input of {self.model}; it takes {takes}", "unknown") for key in extra]
         if kind == "required":
-            return [_problem(str(missing), "is required", "required") for missing in value if missing not in instance]
+            return [problem(str(missing), "is required", "required") for missing in value if missing not in instance]
         messages = {
             "enum": lambda: f"must be one of {_listing(value)}",
             "minimum": lambda: f"must be at least {value}",
@@ -273,9 +273,9 @@ class ModelSchema:
             "maxLength": lambda: f"must be at most {value} characters long",
         }
         message = messages[kind]() if kind in messages else error.message
-        return [_problem(name, message, kind)]
+        return [problem(name, message, kind)]
 
 
-def _problem(name: str, message: str, kind: str) -> FieldProblem:
+def problem(name: str, message: str, kind: str) -> FieldProblem:
     where = "prompt" if name == "prompt" else f"parameters.{name}" if name else "parameters"
     return {"field": where, "message": message, "type": kind}

@@ -34,7 +34,7 @@ from __future__ import annotations
 class MediagenError(Exception):
     transient: bool = False
     create_rejected: bool = False
-    """Set on a create whose answer proves refusal (400, 401, 402, 403, 404, 422, 429): it made no
+    """Set on a create whose answer proves refusal (400, 401, 402, 403, 404, 422, 429, 503): it made no
     prediction, so nothing is left to look for."""
 
     def __init__(

@@ -37,6 +37,7 @@ What this adapter does that the client does not (read in `fal_client/client.py`,
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
@@ -358,6 +359,11 @@ class FalProvider:
         flagged = result.get("has_nsfw_concepts") or []
         kept = [image["url"] for i, image in enumerate(images) if not (i < len(flagged) and flagged[i])]
         reported: dict[str, Any] = {"image_count": len(kept)}
+        sizes = [(image.get("width"), image.get("height")) for image in images]
+        known = [(w, h) for w, h in sizes if isinstance(w, int) and isinstance(h, int)]
+        if images and len(known) == len(sizes):
+            # What fal bills: each image made (flagged ones too), its megapixels rounded up.
+            reported["megapixels"] = sum(math.ceil(w * h / 1_000_000) for w, h in known)
         if isinstance(seconds, (int, float)):
             reported["predict_time"] = seconds
         if images and not kept:

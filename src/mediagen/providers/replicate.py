@@ -13,9 +13,10 @@ What this adapter does that the client does not (see shared/replicate-api.md):
 * keep the 429 hint: `ReplicateError` drops `Retry-After` and the body's `retry_after`, so a thin
   transport under the client's own `RetryTransport` notes them for the call in flight;
 * tell a create that surely made nothing from one whose outcome is unknown. Only an answer that
-  proves refusal (400, 401, 402, 403, 404, 422, 429) or a request that never left (connection refused)
-  made nothing; a 5xx, a 408, a timeout or a dropped connection after the request went out may have
-  started a paid prediction (`UnknownCreateOutcome`), which the next attempt looks for;
+  proves refusal (400, 401, 402, 403, 404, 422, 429, and 503: the service refuses for capacity, as the
+  fake's outage does before any route) or a request that never left (connection refused) made nothing;
+  another 5xx (a gateway's 502/504, a 500), a 408, a timeout or a dropped connection after the request
+  went out may have started a paid prediction (`UnknownCreateOutcome`), which the next attempt looks for;
 * find such a prediction in Replicate's list, page after page down to a point in time, however many
   pages that takes;
 * spend Replicate's rate limits from budgets shared by every worker (mediagen.providers.ratelimit): every
@@ -50,8 +51,10 @@ from mediagen.providers.transport import LeanTransport
 T = TypeVar("T")
 
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-REFUSED_CREATE = frozenset({400, 401, 402, 403, 404, 422, 429})
-"""Answers to a create that prove no prediction was made. Any other answer leaves it unknown."""
+REFUSED_CREATE = frozenset({400, 401, 402, 403, 404, 422, 429, 503})
+"""Answers to a create that prove no prediction was made. Any other answer leaves it unknown. A 503 is
+Service Unavailable: refused for capacity (RFC 9110 §15.6.4), not a gateway losing the answer (502, 504);
+a job may then fail over to another provider (mediagen.worker.failover) without waiting to look for one."""
 _STATUSES = frozenset({"starting", "processing", *TERMINAL_PREDICTION})
 _create_slot: contextvars.ContextVar[float | None] = contextvars.ContextVar("replicate_create_slot", default=None)
 _retry_hint: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(

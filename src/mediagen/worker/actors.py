@@ -124,9 +124,11 @@ class WorkerResources(Middleware):
         self.redis = services.redis_client(s)
         dispatcher = services.dispatcher(s, self.redis)
         leases = LeaseKeeper(db, lease_seconds=s.lease_seconds)
+        adapters = services.providers(s, self.redis)
         _context = WorkerContext(
             db=db,
-            provider=services.provider(s, self.redis),
+            provider=next(iter(adapters.values())),
+            providers=adapters,
             storage=services.storage(s),
             downloader=services.downloader(s),
             dispatcher=dispatcher,
@@ -142,6 +144,7 @@ class WorkerResources(Middleware):
             notifier=Notifier(self.redis, namespace=s.redis_namespace),
             prices=s.price_table,
             webhook_url=s.replicate_webhook_url,
+            webhook_urls={"replicate": s.replicate_webhook_url, "fal": s.fal_webhook_url},
             webhook_poll_seconds=s.replicate_webhook_poll_seconds,
         )
         leases.start()
@@ -153,6 +156,7 @@ class WorkerResources(Middleware):
             stale_seconds=s.stale_dispatch_seconds,
             lease_seconds=s.lease_seconds,
             notifier=_context.notifier,
+            providers=_context.providers,
         )
         self.sweeper.start()
         if s.retention_days is not None:
@@ -207,7 +211,8 @@ class WorkerResources(Middleware):
         for retrying in list(_context.cancels):  # left to the predictions' Cancel-After
             retrying.cancel()
         await _context.notifier.aclose()
-        await _context.provider.aclose()
+        for adapter in _context.providers.values():
+            await adapter.aclose()
         await _context.downloader.aclose()
         await _context.db.dispose()
         await self.redis.aclose()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from mediagen.broker import Dispatcher
 from mediagen.core import pricing
 from mediagen.core.db import Database
+from mediagen.core.errors import PermanentProviderError
 from mediagen.core.pricing import Price
 from mediagen.core.retry import RetryPolicy
 from mediagen.notify import Notifier
@@ -44,3 +45,25 @@ class WorkerContext:
     cancels: set[asyncio.Task[None]] = field(default_factory=set)
     """Cancels of predictions the provider could not take yet (an outage), tried again in the background
     (mediagen.worker.endings)."""
+    providers: Mapping[str, Provider] = field(default_factory=dict)
+    """Every configured provider's adapter, by name (`provider` is the first); empty: `provider` only."""
+    webhook_urls: Mapping[str, str | None] | None = None
+    """Each provider's webhook route, when its webhooks are on; None: `webhook_url` for every provider."""
+
+    def provider_for(self, name: str) -> Provider:
+        """The adapter of the provider that runs an attempt (`Claim.provider`)."""
+        if not self.providers:
+            return self.provider
+        try:
+            return self.providers[name]
+        except KeyError:
+            raise PermanentProviderError(
+                f"{name} is not configured on this worker (MEDIAGEN_PROVIDERS, FAL_KEY, ...)",
+                error_class="ProviderNotConfigured",
+            ) from None
+
+    def webhook_for(self, name: str) -> str | None:
+        """Where the provider `name` POSTs our predictions, when its webhooks are on."""
+        if self.webhook_urls is None:
+            return self.webhook_url
+        return self.webhook_urls.get(name)

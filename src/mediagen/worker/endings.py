@@ -20,6 +20,7 @@ from mediagen import metrics
 from mediagen.core import jobs, pricing
 from mediagen.core.db import is_unreachable
 from mediagen.core.errors import LeaseExpired, MediagenError
+from mediagen.core.routing import Route
 from mediagen.logging import log_event
 from mediagen.providers.base import Prediction
 from mediagen.worker.context import WorkerContext
@@ -90,6 +91,42 @@ async def fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | N
         announce(ctx, claim, "failed", error_class=failure.error_class, error=failure.message)
 
 
+async def fail_over(ctx: WorkerContext, claim: jobs.Claim, to: Route, cause: MediagenError) -> bool:
+    """The attempt's provider cannot take the job (its circuit open, or a create refused for capacity) and
+    the job holds no prediction anywhere: end this attempt and move the job to its next route, due now.
+    True when the move was recorded (the caller claims the job again at once)."""
+    failure = jobs.Failure(cause.error_class, f"failed over to {to.provider}: {cause.message}", cause.http_status)
+    try:
+        held = await jobs.fail_over(ctx.db, claim, to, failure)
+    except Exception:
+        log_event("job.attempt.unrecorded", logging.WARNING, job_id=str(claim.job_id), attempt=claim.attempt)
+        return False
+    if not held:
+        log_lost(claim)
+        return False
+    attempt_closed(
+        claim.job_id,
+        claim.attempt,
+        "failed",
+        failure.error_class,
+        error=failure.message,
+        http_status=failure.http_status,
+        provider=claim.provider,
+    )
+    metrics.failovers.labels(claim.provider, to.provider, cause.error_class).inc()
+    log_event(
+        "job.failover",
+        job_id=str(claim.job_id),
+        attempt=claim.attempt,
+        from_provider=claim.provider,
+        to_provider=to.provider,
+        error_class=cause.error_class,
+        reason=cause.message,
+    )
+    announce(ctx, claim, "retrying", delay_seconds=0.0, error_class=cause.error_class, failover_to=to.provider)
+    return True
+
+
 async def cancel_prediction(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction) -> str | None:
     """Stop paying for a prediction we no longer want; its status if that worked.
 
@@ -97,7 +134,7 @@ async def cancel_prediction(ctx: WorkerContext, claim: jobs.Claim, prediction: P
     until it is taken or the job's deadline passes, when the provider ends the prediction itself (it was
     created with the deadline as `Cancel-After`). The job's end is not held up meanwhile."""
     try:
-        await ctx.provider.cancel(prediction.id)
+        await ctx.provider_for(claim.provider).cancel(prediction.id)
     except MediagenError as error:
         log_event(
             "job.prediction.cancel_failed",
@@ -123,7 +160,7 @@ async def _keep_canceling(ctx: WorkerContext, claim: jobs.Claim, prediction_id: 
         if ctx.stopping or datetime.now(UTC) >= claim.deadline_at:
             return  # the provider ends it by the deadline (Cancel-After)
         try:
-            await ctx.provider.cancel(prediction_id)
+            await ctx.provider_for(claim.provider).cancel(prediction_id)
         except MediagenError as again:
             if not again.transient:
                 return
@@ -195,14 +232,18 @@ def spend_of(
     count = reported.get("image_count")
     predict_time = float(seconds) if isinstance(seconds, int | float) and not isinstance(seconds, bool) else None
     image_count = count if isinstance(count, int) and not isinstance(count, bool) else images
-    return jobs.Spend(predict_time, image_count, pricing.cost(claim.model, image_count, predict_time, ctx.prices))
+    made = reported.get("megapixels")
+    megapixels = made if isinstance(made, int) and not isinstance(made, bool) else None
+    # Priced by the model's name at the provider that ran it (a fal endpoint has fal's price).
+    cost = pricing.cost(claim.route.model, image_count, predict_time, ctx.prices, megapixels)
+    return jobs.Spend(predict_time, image_count, cost)
 
 
 def count_spend(claim: jobs.Claim, spend: jobs.Spend) -> None:
     if spend.image_count:
-        metrics.images_made.labels(claim.model).inc(spend.image_count)
+        metrics.images_made.labels(claim.model, claim.provider).inc(spend.image_count)
     if spend.cost_usd is not None:
-        metrics.spend_usd.labels(claim.model).inc(float(spend.cost_usd))
+        metrics.spend_usd.labels(claim.model, claim.provider).inc(float(spend.cost_usd))
 
 
 def announce(ctx: WorkerContext, claim: jobs.Claim, status: str, **fields: Any) -> None:

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Literal
 
 from mediagen import metrics
@@ -64,13 +65,26 @@ async def cancel_prediction(provider: Provider, job_id: uuid.UUID, prediction_id
     return "canceled"
 
 
+def _of(providers: Mapping[str, Provider] | None, name: str | None, default: Provider) -> Provider:
+    """The adapter of the provider a prediction runs at (`default` when unknown or not configured here)."""
+    return (providers or {}).get(name or "", default)
+
+
 async def end_unheld(
-    db: Database, provider: Provider, *, lease_seconds: float, batch: int, notifier: Notifier | None = None
+    db: Database,
+    provider: Provider,
+    *,
+    lease_seconds: float,
+    batch: int,
+    notifier: Notifier | None = None,
+    providers: Mapping[str, Provider] | None = None,
 ) -> int:
     """End the running jobs whose worker is gone and that must not run again (canceled, or past their
     deadline), after canceling their prediction at the provider. Returns how many ended."""
     taken = await jobs.take_unheld(db, lease_seconds=lease_seconds, batch=batch)
-    ended = await asyncio.gather(*(_end(db, provider, job, lease_seconds, notifier) for job in taken))
+    ended = await asyncio.gather(
+        *(_end(db, _of(providers, job.provider, provider), job, lease_seconds, notifier) for job in taken)
+    )
     return sum(ended)
 
 
@@ -120,10 +134,13 @@ class Sweeper:
         notifier: Notifier | None = None,
         batch: int = 500,
         end_batch: int = 50,
+        providers: Mapping[str, Provider] | None = None,
     ) -> None:
         self.db = db
         self.dispatcher = dispatcher
         self.provider = provider
+        self.providers = providers
+        """Every configured provider's adapter: a prediction is canceled where it runs (`provider`: the default)."""
         self.interval = interval
         self.stale_seconds = stale_seconds
         self.lease_seconds = lease_seconds
@@ -153,13 +170,23 @@ class Sweeper:
         # Best effort: the job has ended either way (and Cancel-After bounds the prediction).
         await asyncio.gather(
             *(
-                cancel_prediction(self.provider, o.job_id, o.prediction_id, within=self.lease_seconds / 2)
+                cancel_prediction(
+                    _of(self.providers, o.provider, self.provider),
+                    o.job_id,
+                    o.prediction_id,
+                    within=self.lease_seconds / 2,
+                )
                 for o in expired
                 if o.prediction_id is not None
             )
         )
         ended = await end_unheld(
-            self.db, self.provider, lease_seconds=self.lease_seconds, batch=self.end_batch, notifier=self.notifier
+            self.db,
+            self.provider,
+            lease_seconds=self.lease_seconds,
+            batch=self.end_batch,
+            notifier=self.notifier,
+            providers=self.providers,
         )
         stale = await jobs.take_stale(self.db, stale_seconds=self.stale_seconds, batch=self.batch)
         waiting = [s.job_id for s in stale if s.status != "running"]

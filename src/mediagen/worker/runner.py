@@ -56,6 +56,7 @@ from mediagen.notify import Event, Subscription
 from mediagen.providers.base import TERMINAL_PREDICTION, Prediction
 from mediagen.worker import endings
 from mediagen.worker.context import WorkerContext
+from mediagen.worker.failover import FailingOver, failover_route
 from mediagen.worker.leases import Hold
 from mediagen.worker.outputs import store_outputs
 from mediagen.worker.progress import ProgressReporter
@@ -69,7 +70,10 @@ more pages of Replicate's list at its 600 creates a minute."""
 
 
 def model_input(claim: jobs.Claim) -> dict[str, Any]:
-    """The input decided at submit; for a job from before it was recorded, the old portable five."""
+    """The input decided at submit for the attempt's provider; for a job from before it was recorded, the
+    old portable five."""
+    if claim.routes:
+        return claim.route.input
     if claim.input is not None:
         return claim.input
     params = claim.parameters
@@ -122,13 +126,17 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
     hold = ctx.leases.hold(job_id, claim.token)
     metrics.in_flight.inc()
     try:
-        await _attempt(ctx, claim, hold)
+        moved = await _attempt(ctx, claim, hold)
     finally:
         metrics.in_flight.dec()
         ctx.leases.drop(hold)
+    if moved:
+        # Failed over: the next attempt, at the next provider, now (the sweep re-sends it should we die).
+        await run_job(ctx, job_id)
 
 
-async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
+async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> bool:
+    """One attempt to its end; True when the job failed over to another provider, to be claimed again now."""
     started = time.monotonic()
     flight = _Flight()
     if claim.resume_prediction_id is not None:
@@ -140,7 +148,7 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
                 f"gave up after {claim.max_attempts} attempts", error_class="AttemptsExhausted"
             )
         _check_deadline(claim)
-        if ctx.webhook_url is None:
+        if ctx.webhook_for(claim.provider) is None:
             created = await _start_or_resume(ctx, claim, hold, flight)
             await _poll(ctx, claim, hold, flight, fresh=created)
         else:
@@ -176,6 +184,8 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
             endings.announce(ctx, claim, "succeeded")
         else:
             endings.log_lost(claim)
+    except FailingOver as moving:
+        return await endings.fail_over(ctx, claim, moving.to, moving.cause)
     except LeaseExpired as expired:
         await endings.explain_lost(ctx, claim, expired)
     except LeaseLost:
@@ -193,6 +203,7 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> None:
             await endings.release(ctx, claim, f"the worker stopped: {error}")
         else:
             await endings.fail(ctx, claim, flight.prediction, _past_deadline(claim, error))
+    return False
 
 
 async def _recorded(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, write: Callable[[], Awaitable[T]]) -> T:
@@ -249,12 +260,15 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, fl
         if flight.prediction is not None:
             return False
     webhook = None
-    if ctx.webhook_url is not None:
-        webhook = f"{ctx.webhook_url}?job={claim.job_id}&attempt={claim.attempt}"
+    if (base := ctx.webhook_for(claim.provider)) is not None:
+        webhook = f"{base}?job={claim.job_id}&attempt={claim.attempt}"
+    provider = ctx.provider_for(claim.provider)
     # Given up on a cancel only while it waits before sending (Hold.create): a create cut off after it
     # went out would leave a paid prediction unknown. It ends by its own bound, and a cancel is seen next.
-    create = partial(ctx.provider.create, claim.model, data, webhook=webhook, deadline=claim.deadline_at)
-    prediction = await _unthrottled(ctx, claim, hold, partial(hold.create, create))
+    # No prediction of the job lives anywhere now (none to resume, none found): it may move to the next
+    # provider (mediagen.worker.failover).
+    create = partial(provider.create, claim.route.model, data, webhook=webhook, deadline=claim.deadline_at)
+    prediction = await _unthrottled(ctx, claim, hold, partial(hold.create, create), may_move=True)
     if not await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status):
         # We lost the job while creating: its new holder may create a prediction of its own. Unless it
         # adopted ours, cancel ours, so the job is not paid for twice.
@@ -275,7 +289,10 @@ async def _resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction_
     """
     try:
         return await _unthrottled(
-            ctx, claim, hold, _read(hold, partial(ctx.provider.get, prediction_id, deadline=claim.deadline_at))
+            ctx,
+            claim,
+            hold,
+            _read(hold, partial(ctx.provider_for(claim.provider).get, prediction_id, deadline=claim.deadline_at)),
         )
     except PermanentProviderError as error:
         if error.http_status != 404:
@@ -310,7 +327,12 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, data: di
             ctx,
             claim,
             hold,
-            _read(hold, lambda: ctx.provider.find_recent(claim.model, data, since, deadline=claim.deadline_at)),
+            _read(
+                hold,
+                lambda: ctx.provider_for(claim.provider).find_recent(
+                    claim.route.model, data, since, deadline=claim.deadline_at
+                ),
+            ),
         )
     except PermanentProviderError as error:
         # A provider without a list of predictions (some stand-ins): nothing to reconcile against.
@@ -349,15 +371,22 @@ def _webhook_of(prediction: Prediction, claim: jobs.Claim) -> bool:
     return parse_qs(urlsplit(prediction.webhook).query).get("job") == [str(claim.job_id)]
 
 
-async def _unthrottled(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: Callable[[], Awaitable[T]]) -> T:
+async def _unthrottled(
+    ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: Callable[[], Awaitable[T]], *, may_move: bool = False
+) -> T:
     """`call()`, again after each 429 or open circuit for as long as it asks: being throttled, or waiting out
     an outage (the job's status says `waiting_for: provider` meanwhile), is no failed attempt. The wait
-    ends early when the job must stop (canceled, taken over) or reaches its deadline."""
+    ends early when the job must stop (canceled, taken over) or reaches its deadline.
+
+    `may_move`: the job holds no prediction anywhere, so when this provider is down (its circuit open) or
+    refuses for capacity, a job not pinned to it moves to its next route instead (`FailingOver`)."""
     outage = False
     while True:
         try:
             result = await call()
         except TransientProviderError as error:
+            if may_move and (to := failover_route(claim, error)) is not None:
+                raise FailingOver(to, error) from error
             wait = ctx.policy.throttle_wait(error)
             if wait is None:
                 raise
@@ -397,7 +426,7 @@ async def _poll(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: _Flig
         hold.check()
         _check_deadline(claim)
         await hold.sleep(max(0.0, min(next(delays), _left(claim))))
-        look = partial(ctx.provider.get, flight.prediction.id, deadline=claim.deadline_at)
+        look = partial(ctx.provider_for(claim.provider).get, flight.prediction.id, deadline=claim.deadline_at)
         flight.prediction = await _unthrottled(ctx, claim, hold, _read(hold, look))
         await progress.seen(flight.prediction)
     ctx.polls.observe(claim.model, flight.prediction)
@@ -423,7 +452,7 @@ async def _await_webhook(
                 break
             if event.get("progress"):  # a `logs` webhook: its tqdm bar, parsed by the receiver
                 await progress.report(event["progress"]["percentage"])
-        look = partial(ctx.provider.get, prediction.id, deadline=claim.deadline_at)
+        look = partial(ctx.provider_for(claim.provider).get, prediction.id, deadline=claim.deadline_at)
         prediction = flight.prediction = await _unthrottled(ctx, claim, hold, _read(hold, look))
     ctx.polls.observe(claim.model, prediction)
 

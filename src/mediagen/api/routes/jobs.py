@@ -29,7 +29,7 @@ from mediagen.api.schemas import (
 from mediagen.api.state import Api, ApiState
 from mediagen.api.waiting import prefer_wait, wait_for_end
 from mediagen.core import deliveries, jobs
-from mediagen.core.errors import JobNotFound, ModelSchemaUnknown
+from mediagen.core.errors import JobNotFound
 from mediagen.core.models import JobStatus
 from mediagen.logging import log_event
 
@@ -92,10 +92,7 @@ async def generate(
             summary=f"parameters.model: {model!r} is not allowed; use one of {settings.allowed_models}",
             kind="model",
         )
-    schema = state.catalog.get(model)
-    if schema is None:
-        raise ModelSchemaUnknown(f"the input schema of {model} has not been read from Replicate yet; try again shortly")
-    model_input = schema.build_input(body.prompt, params, default_output_format=settings.default_output_format)
+    routes = state.router.routes(model, body.prompt, params)
     if body.webhook_url is not None:
         refused = (
             "webhooks are off on this server (MEDIAGEN_WEBHOOK_SECRET is not set)"
@@ -108,7 +105,9 @@ async def generate(
         id=uuid.uuid4(),
         prompt=body.prompt,
         parameters=params,
-        input=model_input,
+        input=routes[0].input,
+        provider=routes[0].provider,
+        routes=tuple(routes),
         model=model,
         max_attempts=settings.max_attempts,
         deadline_seconds=settings.job_deadline_seconds,

@@ -85,7 +85,7 @@ async def metrics(_: Owner) -> Response:
     summary="The allowed models: each one's input schema, defaults, sizes, output kind and price",
 )
 async def models(state: Api, _: LimitedOwner) -> ModelList:
-    return presentation.model_list(state.settings, state.catalog, state.prices)
+    return presentation.model_list(state.settings, state.router, state.prices)
 
 
 @router.get(

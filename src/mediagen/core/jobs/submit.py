@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mediagen.core.errors import JobConflict, JobNotFound
+from mediagen.core.routing import REPLICATE, Route
 
 
 @dataclass(frozen=True)
@@ -36,19 +37,26 @@ class NewJob:
     webhook_url: str | None = None
     webhook_events: tuple[str, ...] = ()
     input: dict[str, Any] | None = None
-    """The exact model input to send to Replicate (None: built from `parameters` by the worker)."""
+    """The exact model input to send to the first route's provider (None: built from `parameters` by the worker)."""
+    provider: str = REPLICATE
+    """The first route's provider: where the job runs unless it fails over."""
+    routes: tuple[Route, ...] = ()
+    """Every provider that may run the job, in order, with its exact input (mediagen.core.routing)."""
 
 
 _CREATE_SQL = text(
     """
     INSERT INTO jobs (id, status, prompt, parameters, input, model, owner, idempotency_key, request_hash,
-                      max_attempts, deadline_at, dispatched_at)
+                      max_attempts, deadline_at, dispatched_at, provider, routes)
     SELECT n.id, 'queued', n.prompt, CAST(n.parameters AS jsonb), CAST(n.input AS jsonb), n.model, n.owner,
-           n.idempotency_key, n.request_hash, n.max_attempts, now() + make_interval(secs => n.deadline), now()
+           n.idempotency_key, n.request_hash, n.max_attempts, now() + make_interval(secs => n.deadline), now(),
+           n.provider, CAST(n.routes AS jsonb)
     FROM unnest(CAST(:ids AS uuid[]), CAST(:prompts AS text[]), CAST(:parameters AS text[]),
                 CAST(:inputs AS text[]), CAST(:models AS text[]), CAST(:owners AS text[]), CAST(:keys AS text[]),
-                CAST(:hashes AS text[]), CAST(:max_attempts AS int[]), CAST(:deadlines AS float8[]))
-         AS n(id, prompt, parameters, input, model, owner, idempotency_key, request_hash, max_attempts, deadline)
+                CAST(:hashes AS text[]), CAST(:max_attempts AS int[]), CAST(:deadlines AS float8[]),
+                CAST(:providers AS text[]), CAST(:routes AS text[]))
+         AS n(id, prompt, parameters, input, model, owner, idempotency_key, request_hash, max_attempts, deadline,
+              provider, routes)
     ON CONFLICT (owner, idempotency_key) DO NOTHING
     RETURNING id
     """
@@ -73,6 +81,10 @@ async def create_jobs(conn: AsyncConnection, jobs: Sequence[NewJob]) -> set[uuid
             "hashes": [job.request_hash for job in jobs],
             "max_attempts": [job.max_attempts for job in jobs],
             "deadlines": [float(job.deadline_seconds) for job in jobs],
+            "providers": [job.provider for job in jobs],
+            "routes": [
+                orjson.dumps([route.as_json() for route in job.routes]).decode() if job.routes else None for job in jobs
+            ],
         },
     )
     return {row.id for row in result}

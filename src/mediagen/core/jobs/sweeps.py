@@ -14,7 +14,7 @@ interval per process, not per job, so the statement pool's saving does not matte
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
@@ -26,7 +26,7 @@ _LIVE_PREDICTION = """
          THEN a.prediction_id END
 """
 _LAST_ATTEMPT = """
-    LEFT JOIN LATERAL (SELECT id, number, prediction_id, prediction_status FROM attempts
+    LEFT JOIN LATERAL (SELECT id, number, prediction_id, prediction_status, provider FROM attempts
                        WHERE job_id = t.id ORDER BY number DESC LIMIT 1) a ON true
 """
 
@@ -41,7 +41,7 @@ _EXPIRE_SQL = text(
                      LIMIT :batch FOR UPDATE SKIP LOCKED)
         RETURNING id
     )
-    SELECT t.id, {_LIVE_PREDICTION} AS prediction_id FROM t {_LAST_ATTEMPT}
+    SELECT t.id, {_LIVE_PREDICTION} AS prediction_id, a.provider FROM t {_LAST_ATTEMPT}
     """
 )
 
@@ -52,6 +52,8 @@ class Overdue:
 
     job_id: uuid.UUID
     prediction_id: str | None
+    provider: str | None = field(default=None, compare=False)
+    """Who runs that prediction."""
 
 
 async def fail_overdue(db: Database, *, batch: int) -> list[Overdue]:
@@ -60,7 +62,7 @@ async def fail_overdue(db: Database, *, batch: int) -> list[Overdue]:
     running, if any (a retry waits to resume it), which the caller cancels at the provider."""
     async with db.transaction() as conn:
         rows = await conn.execute(_EXPIRE_SQL, {"batch": batch})
-        return [Overdue(row.id, row.prediction_id) for row in rows]
+        return [Overdue(row.id, row.prediction_id, row.provider) for row in rows]
 
 
 _STALE_SQL = text(
@@ -113,7 +115,7 @@ _TAKE_UNHELD_SQL = text(
         RETURNING id, status, cancel_requested
     )
     SELECT t.id, t.status, t.cancel_requested, a.id AS attempt_id, a.number AS attempt,
-           {_LIVE_PREDICTION} AS prediction_id
+           {_LIVE_PREDICTION} AS prediction_id, a.provider
     FROM t {_LAST_ATTEMPT}
     """
 )
@@ -134,6 +136,8 @@ class Unheld:
     attempt: int | None
     prediction_id: str | None
     """The prediction its last attempt started and that may still run: to cancel at the provider."""
+    provider: str | None = field(default=None, compare=False)
+    """Who runs that prediction."""
 
 
 async def take_unheld(db: Database, *, lease_seconds: float, batch: int) -> list[Unheld]:
@@ -146,7 +150,16 @@ async def take_unheld(db: Database, *, lease_seconds: float, batch: int) -> list
     async with db.transaction() as conn:
         rows = await conn.execute(_TAKE_UNHELD_SQL, {"token": token, "lease": lease_seconds, "batch": batch})
         return [
-            Unheld(row.id, token, row.status, row.cancel_requested, row.attempt_id, row.attempt, row.prediction_id)
+            Unheld(
+                row.id,
+                token,
+                row.status,
+                row.cancel_requested,
+                row.attempt_id,
+                row.attempt,
+                row.prediction_id,
+                row.provider,
+            )
             for row in rows
         ]
 
