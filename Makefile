@@ -52,6 +52,7 @@ fmt: install
 bench: install ## the benchmark suite (under 5 minutes); writes docs/benchmarks.md
 	$(PY) bench/run.py
 	$(PY) bench/limits.py
+	$(PY) bench/failover.py
 
 chaos: install ## jobs through a faulty Replicate: workers SIGKILLed, a 150 s outage, 30% ambiguous creates; writes docs/reliability.md
 	$(PY) bench/chaos.py

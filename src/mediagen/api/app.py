@@ -77,7 +77,10 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         dispatcher = services.dispatcher(settings, redis)
         catalog = Catalog(settings.allowed_models, redis=redis, namespace=settings.redis_namespace)
         provider = services.provider(settings)
-        refresher = await _start_refresh(catalog, provider, settings)
+        # Replicate's schemas are read from Replicate only when it is a provider here (fal alone: snapshots).
+        refresher = (
+            await _start_refresh(catalog, provider, settings) if "replicate" in settings.provider_order else None
+        )
         state = ApiState(
             settings=settings,
             db=db,
@@ -133,8 +136,9 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         try:
             yield
         finally:
-            refresher.cancel()
-            await asyncio.gather(refresher, return_exceptions=True)
+            if refresher is not None:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
             await state.keyring.aclose()
             await provider.aclose()
             await state.notifier.aclose()

@@ -280,7 +280,8 @@ async function loadTimeline(jobId) {
   if (status !== 200 || shown !== jobId) return;
   const items = [`Submitted ${time(body.created_at)} (model ${body.model})`];
   for (const a of body.attempt_history) {
-    let line = `Attempt ${a.number} ${time(a.started_at)}: ${a.outcome || "running"}`;
+    if (a.failover_from) items.push(`Failed over from ${a.failover_from} to ${a.provider}`);
+    let line = `Attempt ${a.number} ${time(a.started_at)} at ${a.provider || "replicate"}: ${a.outcome || "running"}`;
     if (a.resumed) line += " (resumed its prediction)";
     if (a.error_class) line += ` — ${a.error_class}: ${a.error_message}${a.http_status ? ` (HTTP ${a.http_status})` : ""}`;
     items.push(line);
