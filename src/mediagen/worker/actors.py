@@ -146,6 +146,7 @@ class WorkerResources(Middleware):
             webhook_url=s.replicate_webhook_url,
             webhook_urls={"replicate": s.replicate_webhook_url, "fal": s.fal_webhook_url},
             webhook_poll_seconds=s.replicate_webhook_poll_seconds,
+            webhook_polls={"replicate": s.replicate_webhook_poll_seconds, "fal": s.fal_webhook_poll_seconds},
         )
         leases.start()
         self.sweeper = Sweeper(

@@ -49,6 +49,8 @@ class WorkerContext:
     """Every configured provider's adapter, by name (`provider` is the first); empty: `provider` only."""
     webhook_urls: Mapping[str, str | None] | None = None
     """Each provider's webhook route, when its webhooks are on; None: `webhook_url` for every provider."""
+    webhook_polls: Mapping[str, float] = field(default_factory=dict)
+    """Each provider's safety-net look with webhooks on; a provider not named: `webhook_poll_seconds`."""
 
     def provider_for(self, name: str) -> Provider:
         """The adapter of the provider that runs an attempt (`Claim.provider`)."""
@@ -61,6 +63,10 @@ class WorkerContext:
                 f"{name} is not configured on this worker (MEDIAGEN_PROVIDERS, FAL_KEY, ...)",
                 error_class="ProviderNotConfigured",
             ) from None
+
+    def webhook_poll_for(self, name: str) -> float:
+        """With the provider `name`'s webhooks on: how long to wait for one before looking anyway."""
+        return self.webhook_polls.get(name, self.webhook_poll_seconds)
 
     def webhook_for(self, name: str) -> str | None:
         """Where the provider `name` POSTs our predictions, when its webhooks are on."""

@@ -443,7 +443,7 @@ async def _await_webhook(
     progress = ProgressReporter(ctx.db, ctx.notifier, claim)
     while not prediction.done:
         _check_deadline(claim)
-        give_up_at = time.monotonic() + min(ctx.webhook_poll_seconds, _left(claim))
+        give_up_at = time.monotonic() + min(ctx.webhook_poll_for(claim.provider), _left(claim))
         while (left := give_up_at - time.monotonic()) > 0:
             event = await _next_event(events, hold, left)
             if event is None or event.get("type") != "prediction" or not _about(event, prediction):
