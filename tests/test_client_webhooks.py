@@ -224,7 +224,7 @@ def test_a_delivery_carries_the_job_as_it_was_at_its_event() -> None:
 
     assert body(retrying, []) == (
         '{"job_id":"00000000-0000-4000-8000-000000000001","status":"retrying","attempts":2,"error":null,'
-        '"result_urls":[],"progress":null,"waiting_for":null,"event":"retrying"}'
+        '"result_urls":[],"progress":null,"waiting_for":null,"queue_position":null,"event":"retrying"}'
     )
     assert json.loads(body(failed, []))["error"] == "HTTP 503"
     assert json.loads(body(failed, ["/media/a/0.png"]))["result_urls"] == ["/media/a/0.png"]

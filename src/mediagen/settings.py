@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     """Requests a minute per API key, across every API process (0: no limit)."""
     max_unfinished_jobs: int = Field(100, ge=0)
     """Jobs per API key queued, running or retrying at once (0: no limit)."""
+    max_interactive_jobs: int = Field(10, ge=0)
+    """Of those, how many may ask for the `interactive` lane (ahead of `batch` for the provider's
+    budget; 0: no limit)."""
     sse_heartbeat_seconds: float = Field(15.0, gt=0)
     """A comment line on every event stream this often, so proxies and clients know it is alive."""
     daily_spend_cap_usd: Decimal | None = Field(None, gt=0)

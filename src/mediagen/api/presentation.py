@@ -63,6 +63,7 @@ def _status_fields(settings: Settings, view: jobs.JobStatusView) -> dict[str, An
         "result_urls": [media_url(settings, key) for key in view.output_keys],
         "progress": jobs.shown_progress(view.status, view.progress),
         "waiting_for": jobs.shown_waiting_for(view.status, view.waiting_for),
+        "queue_position": jobs.shown_queue_position(view.status, view.queue_position),
     }
 
 

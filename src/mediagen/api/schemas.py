@@ -105,6 +105,11 @@ class GenerationParameters(BaseModel):
         description="Pin the job to this provider (see `GET /models`: each model's routes): it never fails over, "
         "and it may take that provider's own inputs. Absent: the order of preference, portable inputs only.",
     )
+    lane: Literal["interactive", "batch"] | None = Field(
+        None,
+        description="When the account's budget of creates is the bottleneck: `interactive` jobs are created "
+        "before `batch` ones (the default); a key may have a few interactive jobs unfinished at once (429 beyond).",
+    )
 
     @model_validator(mode="after")
     def _extras_storable(self) -> GenerationParameters:
@@ -148,6 +153,11 @@ class JobStatusResponse(BaseModel):
         None,
         description="while running: what the job waits for besides its prediction; `provider`: Replicate is "
         "down for every worker (an outage), and the job waits, spending no attempt, until it is back",
+    )
+    queue_position: int | None = Field(
+        None,
+        description="while running and waiting for the account's budget of creates (shared fairly by API keys): "
+        "how many creates go before this job's (0: it is next); null when it does not wait there or is not known",
     )
 
 

@@ -106,6 +106,9 @@ class Job(Base):
     waiting_for: Mapped[str | None] = mapped_column(Text)
     """While running: what the attempt waits for besides its prediction (`provider`: an outage, the
     account's circuit is open). Cleared by the next claim; shown only while the job is running."""
+    queue_position: Mapped[int | None] = mapped_column(Integer)
+    """While its create waits in the fair queue of the provider's budget (mediagen.providers.fairshare):
+    how many creates go before it. Cleared once created, and by the next claim."""
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_statuses(JobStatus)})", name="status"),

@@ -5,10 +5,11 @@ Replicate allows an account 600 prediction creates a minute and 3,000 other requ
 short bursts above that (shared/replicate-api.md §1.6). Each budget here is one Redis key holding a
 "theoretical arrival time" (GCRA, mediagen.gcra: the same maths as the API's per-key limits). A caller
 *reserves* the next free slot in one script call (Redis's own clock, so hosts need not agree on the
-time) and sleeps until it: no polling, no thundering herd when a window opens, and waiters are served
-in the order they asked. The script is ours (about fifteen lines) because the libraries that do async
-Redis (`limits`, `pyrate-limiter`) answer "allowed or not now", which leaves the waiting to a retry
-loop, and neither can hold a budget shut for a 429's `retry_after`.
+time) and sleeps until it: no thundering herd when a window opens. Other requests are served in the
+order they asked; creates that must wait are served by key in turn (mediagen.providers.fairshare: one
+key's backlog does not hold every slot ahead of another key's job). The script is ours because the
+libraries that do async Redis (`limits`, `pyrate-limiter`) answer "allowed or not now", which leaves
+the waiting to a retry loop, and neither can hold a budget shut for a 429's `retry_after`.
 
     limiter = RateLimiter(redis, namespace="mediagen", creates_per_minute=600, requests_per_minute=3000)
     waited = await limiter.acquire("create")     # seconds slept for the token
@@ -25,48 +26,67 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Literal
+import uuid
+from collections.abc import Coroutine
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 
 from mediagen import gcra, metrics
 from mediagen.core.errors import ProviderOutage
 from mediagen.logging import log_event
-from mediagen.providers import circuit
+from mediagen.providers import circuit, fairshare
 from mediagen.providers.circuit import Circuit
 
 Budget = Literal["create", "other"]
 
 # KEYS[1]: the budget's theoretical arrival time (mediagen.gcra); KEYS[2]: set while it is paused;
-# KEYS[3]: the account's circuit (mediagen.providers.circuit). ARGV: interval ms (0: no budget, the
-# circuit alone), burst, pause ms, probe ms (-1: no circuit), the caller's id (for the probe).
-# Reserve (pause 0): {ms to wait for the reserved slot, circuit state, failures, ms the circuit stays
-# open}; an open circuit reserves no slot. Pause (> 0): no slot before now + pause, and KEYS[2] lives
-# that long (slots reserved before it see it).
+# KEYS[3]: the account's circuit (mediagen.providers.circuit); KEYS[4..6]: the fair queue's (mediagen.
+# providers.fairshare). ARGV: interval ms (0: no budget, the circuit alone), burst, pause ms, probe ms
+# (-1: no circuit), the caller's id (for the probe), the waiter's id ('': first come, first served),
+# its owner, lane (0 interactive, 1 batch), weight, grace ms, and 'leave' to take the waiter out.
+# Reserve (pause 0): {ms to wait, circuit state, failures, ms the circuit stays open, the waiter's rank
+# (-1: not queued)}; an open circuit reserves no slot, nor does a fair waiter told to wait (it asks
+# again then). Pause (> 0): no slot before now + pause, and KEYS[2] lives that long (slots reserved
+# before it see it).
 _RESERVE = gcra.script(
     circuit.FUNCTIONS
+    + fairshare.FUNCTIONS
     + """
+if ARGV[11] == 'leave' then
+  fair_forget(KEYS[4], KEYS[5], KEYS[6], ARGV[6])
+  return {'0', 'closed', 0, '0', '-1'}
+end
 local now = gcra_clock()
 local interval, burst, pause = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local probe_ms = tonumber(ARGV[4])
 local state, open_ms, failures = 'closed', 0, 0
 if pause == 0 and probe_ms >= 0 then
   state, open_ms, failures = circuit_admit(KEYS[3], now, probe_ms, ARGV[5])
-  if state == 'open' or interval == 0 then return {'0', state, failures, tostring(open_ms)} end
+  if state == 'open' or interval == 0 then return {'0', state, failures, tostring(open_ms), '-1'} end
 end
 local tat = gcra_tat(KEYS[1], now)
-local wait = 0
+local wait, rank = 0, -1
 if pause > 0 then
   tat = gcra_hold(tat, now, interval, burst, pause)
   if redis.call('PTTL', KEYS[2]) < pause then redis.call('SET', KEYS[2], '1', 'PX', math.ceil(pause)) end
-else
+elseif ARGV[6] == '' then
   wait = gcra_wait(tat, now, interval, burst)
+  tat = tat + interval
+else
+  wait, rank = fair_turn(KEYS[4], KEYS[5], KEYS[6], now, tat, interval, burst, ARGV[6], ARGV[7],
+                         tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]))
+  if wait > 0 then return {tostring(wait), state, failures, '0', tostring(rank)} end
   tat = tat + interval
 end
 gcra_store(KEYS[1], tat, now)
-return {tostring(wait), state, failures, '0'}
+return {tostring(wait), state, failures, '0', tostring(rank)}
 """
 )
+
+_NAP = 5.0
+"""The longest a fair waiter sleeps before asking again: places ahead of it freed by waiters that left
+or died are used within this."""
 
 
 class RateLimiter:
@@ -101,17 +121,72 @@ class RateLimiter:
 
     def _keys(self, budget: Budget) -> list[str]:
         circuit_key = self.circuit.key if self.circuit is not None else f"{self.namespace}:{self.provider}-circuit"
-        return [self.key(budget), f"{self.key(budget)}:paused", circuit_key]
+        fair = f"{self.key(budget)}:fair"
+        return [
+            self.key(budget),
+            f"{self.key(budget)}:paused",
+            circuit_key,
+            f"{fair}:queue",
+            f"{fair}:seen",
+            f"{fair}:tags",
+        ]
 
-    async def _run(self, budget: Budget, interval: float, burst: int, *, pause: float = 0.0, caller: str = "") -> float:
-        """One call of the script: the seconds to wait for the reserved slot (pause 0). Reads the circuit
-        too, unless pausing, and raises ProviderOutage when it is open (no slot reserved then)."""
+    async def _run(
+        self,
+        budget: Budget,
+        interval: float,
+        burst: int,
+        *,
+        pause: float = 0.0,
+        caller: str = "",
+        fair: list[str | float] | None = None,
+    ) -> tuple[float, int]:
+        """One call of the script: the seconds to wait (pause 0) and the fair waiter's rank (-1: none).
+        Without `fair` the wait is for the slot it reserved; with it (mediagen.providers.fairshare: the
+        waiter's id, owner, lane, weight, grace ms), a wait of 0 is a slot granted, and a longer one is
+        when to ask again. Reads the circuit too, unless pausing, and raises ProviderOutage when it is
+        open (no slot reserved then)."""
         probe_ms = self.circuit.probe_ms if self.circuit is not None else -1
-        raw = await self._script(keys=self._keys(budget), args=[interval * 1000, burst, pause * 1000, probe_ms, caller])
-        wait, state, failures, open_ms = raw
+        queued = fair or ["", "", 0, 1, 0]
+        raw = await self._script(
+            keys=self._keys(budget), args=[interval * 1000, burst, pause * 1000, probe_ms, caller, *queued, ""]
+        )
+        wait, state, failures, open_ms, rank = raw
         if self.circuit is not None and not pause:
             self.circuit.seen(_text(state), int(failures), float(open_ms))
-        return float(wait) / 1000
+        return float(wait) / 1000, int(rank)
+
+    async def _wait_turn(
+        self, budget: Budget, interval: float, burst: int, caller: str, share: fairshare.Share
+    ) -> None:
+        """Wait in the fair queue until a slot is granted (taken in the same call that grants it)."""
+        waiter = uuid.uuid4().hex
+        fair: list[str | float] = [waiter, share.owner, fairshare.LANES.index(share.lane), share.weight]
+        fair.append(max(2.0, 2 * interval) * 1000)  # the grace before a silent waiter is taken for dead
+        told = -1
+        try:
+            while True:
+                wait, rank = await self._run(budget, interval, burst, caller=caller, fair=fair)
+                if wait <= 0:
+                    return
+                if share.placed is not None and rank != told:
+                    told = rank
+                    await share.placed(rank)
+                await asyncio.sleep(min(wait, _NAP))
+        except BaseException:
+            # Canceled (the job's cancel or deadline), or Redis failed: give the place up at once, not
+            # when it would expire, so that those behind move up now.
+            self._background(self._leave(budget, waiter))
+            raise
+
+    async def _leave(self, budget: Budget, waiter: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._script(keys=self._keys(budget), args=[0, 1, 0, -1, "", waiter, "", 0, 1, 0, "leave"])
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def enabled(self, budget: Budget) -> bool:
         return self._rates[budget][0] > 0
@@ -155,11 +230,17 @@ class RateLimiter:
                     )
             return started
         interval = 60.0 / per_minute
+        # Creates carry the job's key (mediagen.providers.fairshare): served in turn when they must wait.
+        share = fairshare.current.get() if budget == "create" else None
         slot = started
         while True:
             asked_at = time.monotonic()
             try:
-                wait = await self._run(budget, interval, burst, caller=caller)
+                if share is None:
+                    wait, _ = await self._run(budget, interval, burst, caller=caller)
+                else:
+                    await self._wait_turn(budget, interval, burst, caller, share)
+                    asked_at, wait = time.monotonic(), 0.0
                 # The slot is `wait` after Redis answered, which was no later than now. A pause this
                 # process learned of after the slot was reserved elsewhere still holds.
                 slot = max(asked_at + wait, self._paused_until[budget])
@@ -200,9 +281,7 @@ class RateLimiter:
         per_minute, burst = self._rates[budget]
         if per_minute <= 0:
             return
-        task = asyncio.get_running_loop().create_task(self._pause(budget, seconds, per_minute, burst))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._pause(budget, seconds, per_minute, burst))
 
     async def _pause(self, budget: Budget, seconds: float, per_minute: int, burst: int) -> None:
         with contextlib.suppress(Exception):

@@ -53,6 +53,7 @@ def body(due: deliveries.Due, urls: list[str]) -> str:
             # An event is a change of status or of progress: at either the job waits for nothing else (a
             # claim clears `waiting_for`, and progress moves only once the provider answers again).
             "waiting_for": None,
+            "queue_position": None,
             "event": due.event,
         }
     ).decode()

@@ -53,6 +53,7 @@ from mediagen.core.errors import (
 from mediagen.core.retry import prediction_failure_is_transient
 from mediagen.logging import log_event
 from mediagen.notify import Event, Subscription
+from mediagen.providers import fairshare
 from mediagen.providers.base import TERMINAL_PREDICTION, Prediction
 from mediagen.worker import endings
 from mediagen.worker.context import WorkerContext
@@ -268,7 +269,14 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, fl
     # No prediction of the job lives anywhere now (none to resume, none found): it may move to the next
     # provider (mediagen.worker.failover).
     create = partial(provider.create, claim.route.model, data, webhook=webhook, deadline=claim.deadline_at)
-    prediction = await _unthrottled(ctx, claim, hold, partial(hold.create, create), may_move=True)
+    place = _Place(ctx, claim)
+    share = fairshare.current.set(fairshare.Share(claim.owner, lane(claim.parameters), placed=place.told))
+    try:
+        prediction = await _unthrottled(ctx, claim, hold, partial(hold.create, create), may_move=True)
+    finally:
+        fairshare.current.reset(share)
+    if place.shown:
+        await place.told(None)
     if not await jobs.record_prediction(ctx.db, claim, prediction.id, prediction.status):
         # We lost the job while creating: its new holder may create a prediction of its own. Unless it
         # adopted ours, cancel ours, so the job is not paid for twice.
@@ -278,6 +286,29 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, fl
         raise LeaseLost("the job was taken over while its prediction was being created")
     flight.prediction = prediction
     return True
+
+
+def lane(parameters: dict[str, Any]) -> fairshare.Lane:
+    """The job's lane for the provider's budget: `interactive` when it asked for it, else `batch`."""
+    return "interactive" if parameters.get("lane") == "interactive" else "batch"
+
+
+class _Place:
+    """The job's place in the fair queue of the provider's create budget, shown in its status while it
+    waits there; only shown, so a database blip just skips it."""
+
+    def __init__(self, ctx: WorkerContext, claim: jobs.Claim) -> None:
+        self.ctx = ctx
+        self.claim = claim
+        self.shown = False
+
+    async def told(self, place: int | None) -> None:
+        self.shown = place is not None
+        try:
+            await jobs.record_queue_position(self.ctx.db, self.claim, place)
+        except Exception as error:
+            if not is_unreachable(error):
+                raise
 
 
 async def _resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction_id: str) -> Prediction | None:

@@ -15,7 +15,7 @@ from mediagen.api import cursors, presentation
 from mediagen.api.auth import Owner, visible_to
 from mediagen.api.http import InvalidField, JSONBodyRoute, ModelResponse
 from mediagen.api.idempotency import earlier_job, request_hash
-from mediagen.api.limits import LimitedOwner
+from mediagen.api.limits import LimitedOwner, RateLimited
 from mediagen.api.schemas import (
     ERRORS,
     ErrorResponse,
@@ -92,7 +92,12 @@ async def generate(
             summary=f"parameters.model: {model!r} is not allowed; use one of {settings.allowed_models}",
             kind="model",
         )
+    lane = params.pop("lane", None)
     routes = state.router.routes(model, body.prompt, params)
+    if lane is not None:
+        params["lane"] = lane  # stored with the job's parameters, never sent to the model
+        if lane == "interactive":
+            await _interactive_allowed(state, owner)
     if body.webhook_url is not None:
         refused = (
             "webhooks are off on this server (MEDIAGEN_WEBHOOK_SECRET is not set)"
@@ -133,6 +138,19 @@ async def generate(
         presentation.waited_job(settings, view),
         headers={"Location": presentation.status_url(job.id), "Preference-Applied": f"wait={wait}"},
     )
+
+
+async def _interactive_allowed(state: ApiState, owner: str) -> None:
+    """Raises RateLimited when the key has `MEDIAGEN_MAX_INTERACTIVE_JOBS` interactive jobs unfinished.
+    Read from PostgreSQL, so submits racing each other may pass it by the few in flight."""
+    limit = state.settings.max_interactive_jobs
+    if not limit:
+        return
+    async with state.db.connect() as conn:
+        unfinished = await jobs.unfinished_in_lane(conn, owner, "interactive")
+    if unfinished >= limit:
+        message = f"{limit} interactive jobs are unfinished already; wait for one to end, or submit as batch"
+        raise RateLimited("interactive_jobs", message, {"Retry-After": "1"})
 
 
 async def _submit(state: ApiState, job: jobs.NewJob) -> Response:

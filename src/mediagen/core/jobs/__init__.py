@@ -43,13 +43,22 @@ from mediagen.core.jobs.attempts import (
     prediction_owners,
     record_prediction,
     record_progress,
+    record_queue_position,
     record_waiting,
     release,
     succeed,
 )
 from mediagen.core.jobs.claim import Claim, claim, due_in
 from mediagen.core.jobs.leases import cancel_requested, renew_leases
-from mediagen.core.jobs.queries import JobDetail, get_detail, left_running, list_jobs, output_keys, statuses
+from mediagen.core.jobs.queries import (
+    JobDetail,
+    get_detail,
+    left_running,
+    list_jobs,
+    output_keys,
+    statuses,
+    unfinished_in_lane,
+)
 from mediagen.core.jobs.retention import Pruned, prune, prune_batch
 from mediagen.core.jobs.status import (
     STATUS_SQL,
@@ -57,6 +66,7 @@ from mediagen.core.jobs.status import (
     get_status,
     shown_error,
     shown_progress,
+    shown_queue_position,
     shown_waiting_for,
 )
 from mediagen.core.jobs.submit import NewJob, create_jobs, find_by_idempotency_key, request_cancel, retry_finished
@@ -98,6 +108,7 @@ __all__ = [
     "prune_batch",
     "record_prediction",
     "record_progress",
+    "record_queue_position",
     "record_waiting",
     "release",
     "renew_leases",
@@ -105,9 +116,11 @@ __all__ = [
     "retry_finished",
     "shown_error",
     "shown_progress",
+    "shown_queue_position",
     "shown_waiting_for",
     "statuses",
     "succeed",
     "take_stale",
     "take_unheld",
+    "unfinished_in_lane",
 ]

@@ -291,6 +291,18 @@ async def record_waiting(db: Database, claim: Claim, waiting_for: str | None) ->
     await db.execute(_WAITING_SQL, claim.job_id, claim.token, waiting_for)
 
 
+_PLACE_SQL = """
+    UPDATE jobs SET queue_position = $3
+    WHERE id = $1 AND claim_token = $2 AND status = 'running' AND queue_position IS DISTINCT FROM $3
+"""
+
+
+async def record_queue_position(db: Database, claim: Claim, place: int | None) -> None:
+    """How many creates go before the attempt's in the fair queue of the provider's budget, or None once
+    it waits there no more: shown in the job's status. Changes nothing once the job is no longer ours."""
+    await db.execute(_PLACE_SQL, claim.job_id, claim.token, place)
+
+
 async def prediction_owners(db: Database, prediction_id: str) -> list[tuple[uuid.UUID, int]]:
     """(job id, attempt id) of every attempt that recorded this prediction."""
     rows = await db.fetch("SELECT job_id, id FROM attempts WHERE prediction_id = $1", prediction_id)

@@ -37,6 +37,8 @@ class Claim:
     """An earlier create's outcome is unknown: look for its prediction before creating again."""
     abandoned_attempt: int | None
     """The number of an earlier attempt whose worker vanished, closed by this claim."""
+    owner: str = ""
+    """The job's API key (its owner id; "" for the anonymous caller)."""
     provider: str = REPLICATE
     """Who runs this attempt: the job's route now (its first, or the one it failed over to)."""
     routes: tuple[Route, ...] = ()
@@ -72,13 +74,14 @@ _CLAIM_SQL = """
     WITH claimed AS (
         UPDATE jobs SET status = 'running', attempts = attempts + 1, claim_token = $2,
                lease_until = now() + make_interval(secs => $3), started_at = coalesce(started_at, now()),
-               next_attempt_at = NULL, waiting_for = NULL, updated_at = now()
+               next_attempt_at = NULL, waiting_for = NULL, queue_position = NULL,
+               updated_at = now()
         WHERE id = $1 AND NOT cancel_requested AND (
               status = 'queued'
            OR (status = 'retrying' AND next_attempt_at <= now() + interval '250 milliseconds')
            OR (status = 'running' AND lease_until < now()))
         RETURNING id, attempts, prompt, parameters, input, model, max_attempts, deadline_at, retried_at, provider,
-                  routes
+                  routes, owner
     ), last AS (
         SELECT a.id, a.number, a.prediction_id, a.prediction_status, a.create_sent_at, a.finished_at,
                a.started_at, a.provider
@@ -116,7 +119,7 @@ _CLAIM_SQL = """
     )
     SELECT c.attempts, c.prompt, c.parameters, c.input, c.model, c.max_attempts, c.deadline_at,
            o.id AS attempt_id, d.resume, d.reconcile_since, (SELECT number FROM abandoned) AS abandoned,
-           c.provider, c.routes, d.failover_from
+           c.provider, c.routes, d.failover_from, c.owner
     FROM claimed c, decided d, opened o
 """
 
@@ -148,6 +151,7 @@ async def claim(db: Database, job_id: uuid.UUID, *, lease_seconds: float) -> Cla
         provider=row["provider"],
         routes=tuple(Route.from_json(item) for item in row["routes"] or ()),
         failover_from=row["failover_from"],
+        owner=row["owner"],
     )
 
 

@@ -90,6 +90,21 @@ async def statuses(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> dict[
     return {row.id: row.status for row in rows}
 
 
+async def unfinished_in_lane(conn: AsyncConnection, owner: str, lane: str) -> int:
+    """How many of the key's jobs that asked for `lane` (`parameters.lane`) are queued, running or retrying
+    (read through the small index of active jobs)."""
+    query = (
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.status.in_(("queued", "running", "retrying")),
+            Job.owner == owner,
+            Job.parameters["lane"].astext == lane,
+        )
+    )
+    return int((await conn.execute(query)).scalar_one())
+
+
 FINAL_PREDICTION = ("succeeded", "failed", "canceled", "aborted")
 """A prediction's statuses after which it runs (and bills) no more."""
 

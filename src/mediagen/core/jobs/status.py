@@ -20,6 +20,7 @@ class JobStatusView:
     output_keys: list[str]
     progress: float | None = None
     waiting_for: str | None = None
+    queue_position: int | None = None
 
 
 def shown_progress(status: str, progress: float | None) -> float | None:
@@ -39,8 +40,15 @@ def shown_waiting_for(status: str, waiting_for: str | None) -> str | None:
     return waiting_for if status == "running" else None
 
 
+def shown_queue_position(status: str, queue_position: int | None) -> int | None:
+    """How many creates go before the job's in the fair queue of the provider's budget: only while it
+    runs and waits there (known only then; a queued job has not asked for a slot yet)."""
+    return queue_position if status == "running" else None
+
+
 STATUS_SQL = """
     SELECT j.id, j.status, j.attempts, j.error_class, j.error_message, j.progress, j.waiting_for,
+           j.queue_position,
            CASE WHEN j.status = 'succeeded' THEN
              ARRAY(SELECT o.storage_key FROM outputs o WHERE o.job_id = j.id ORDER BY o.index)
            END AS output_keys
@@ -62,4 +70,5 @@ async def get_status(db: Database, job_id: uuid.UUID, owner: str | None = None) 
         row["output_keys"] or [],
         row["progress"],
         row["waiting_for"],
+        row["queue_position"],
     )
