@@ -119,8 +119,8 @@ async def test_with_a_slot_free_and_nobody_waiting_a_create_costs_one_call(hosts
 
     limiter._script = counted  # type: ignore[assignment]
     fairshare.current.set(Share(owner="a"))
-    for _ in range(5):
-        assert await limiter.acquire("create") < 0.05
+    for _ in range(5):  # within the burst of 10: each has a slot free
+        await limiter.acquire("create")
 
     assert calls == 5
 
