@@ -30,7 +30,7 @@ import pytest
 from conftest import RUN_ID, create_database, drop_database
 from fal_live import captured
 from mediagen.devtools.embedded import free_port, pid_alive, port_open
-from mediagen.devtools.launcher import Child, GiveUp, Supervisor
+from mediagen.devtools.launcher import Child, GiveUp, Supervisor, fakes_to_start
 from mediagen.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,3 +415,24 @@ def test_the_launcher_exits_non_zero_when_it_gives_up(database_url: str, tmp_pat
     assert gave_up["error"].startswith(f"port {env['MEDIAGEN_EMBEDDED_REDIS_PORT']} is taken")
     assert events[-1] == {**events[-1], "event": "dev.stopped", "exit_code": 1}
     assert launched.child_pids() == []
+
+
+@pytest.mark.parametrize(
+    ("env", "fakes"),
+    [
+        ({}, ["replicate", "fal"]),
+        ({"REPLICATE_API_TOKEN": "r8_x"}, ["fal"]),
+        ({"FAL_KEY": "id:secret"}, ["replicate"]),
+        ({"FAL_KEY": "id:secret", "MEDIAGEN_PROVIDERS": "fal"}, []),
+        ({"MEDIAGEN_PROVIDERS": "fal"}, ["fal"]),
+        ({"MEDIAGEN_FAL_BASE_URL": "http://127.0.0.1:5056", "REPLICATE_API_TOKEN": "r8_x"}, []),
+    ],
+)
+def test_make_run_starts_a_fake_for_each_provider_without_credentials_that_is_wanted(
+    env: dict[str, str], fakes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("REPLICATE_API_TOKEN", "FAL_KEY", "MEDIAGEN_PROVIDERS", "MEDIAGEN_FAL_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert fakes_to_start(Settings(_env_file=None)) == fakes  # type: ignore[call-arg]

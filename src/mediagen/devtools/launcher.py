@@ -502,6 +502,17 @@ def gave_up(error: Exception) -> int:
     return GAVE_UP
 
 
+def fakes_to_start(settings: Settings) -> list[str]:
+    """The providers `make run` starts a fake for: each without credentials (nor a stand-in, for fal),
+    unless `MEDIAGEN_PROVIDERS` leaves it out (`FAL_KEY=... MEDIAGEN_PROVIDERS=fal`: fal alone, no fake)."""
+    fakes = []
+    if settings.uses_fake_replicate:
+        fakes.append("replicate")
+    if not settings.fal_configured:
+        fakes.append("fal")
+    return [name for name in fakes if not settings.providers or name in settings.providers]
+
+
 def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], None]], watchdog: Watchdog) -> None:
     env = dict(os.environ)
     if not settings.database_url:
@@ -521,7 +532,8 @@ def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], N
         moved = {"port_taken": wanted} if redis.port != wanted and not redis.adopted else {}
         log_event("dev.embedded_redis", url=redis.url, pid=redis.pid, adopted=redis.adopted, **moved)
         supervisor.check_stop()
-    if settings.uses_fake_replicate:
+    fakes = fakes_to_start(settings)
+    if "replicate" in fakes:
         fake_port = settings.fake_replicate_port or free_port()
         fake = [sys.executable, "-m", "fake_replicate", "--host", "127.0.0.1", "--port", str(fake_port)]
         fake += ["--data-dir", str(settings.data_dir / "fake_replicate")]  # a restart resumes its predictions
@@ -531,7 +543,7 @@ def start(settings: Settings, supervisor: Supervisor, stops: list[Callable[[], N
         env.setdefault("MEDIAGEN_REPLICATE_WEBHOOKS", "true")
         env.setdefault("MEDIAGEN_REPLICATE_WEBHOOK_BASE_URL", f"http://{settings.host}:{settings.port}")
         log_event("dev.fake_replicate", url=env["REPLICATE_BASE_URL"])
-    if not settings.fal_configured:
+    if "fal" in fakes:
         fal_port = settings.fake_fal_port or free_port()
         fake = [sys.executable, "-m", "fake_fal", "--host", "127.0.0.1", "--port", str(fal_port)]
         fal_data = settings.data_dir / "fake_fal"
