@@ -3,6 +3,12 @@
 For revisions (env.py puts this folder on the path): `create_index_concurrently` and
 `drop_index_concurrently` instead of `op.create_index` / `op.drop_index` on a table that already has
 rows. A table the same revision creates needs neither: nobody uses it yet.
+
+`alter_table_alone` changes one busy table in a transaction of its own. The service's transactions
+take `jobs` and `attempts` in both orders (a claim writes the job, then its attempt; a finish the
+attempt, then the job), so a revision that held `ACCESS EXCLUSIVE` on one of them while it waited for
+the other would deadlock with a request. `add_check_constraint` adds a check without scanning the
+table under that lock (`NOT VALID`, then `VALIDATE`, which lets reads and writes through).
 """
 
 from __future__ import annotations
@@ -43,3 +49,20 @@ def create_index_concurrently(name: str, table: str, definition: str) -> None:
 def drop_index_concurrently(name: str) -> None:
     with op.get_context().autocommit_block(), _lock_timeout_off():
         op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+
+
+def alter_table_alone(table: str, *actions: str) -> None:
+    """`ALTER TABLE table action, ...` committed on its own: the revision holds no other table's lock
+    while it waits for this one. Each action must be safe to repeat (`ADD COLUMN IF NOT EXISTS`), since
+    a revision stopped after it leaves it applied."""
+    with op.get_context().autocommit_block():
+        op.execute(f"ALTER TABLE {table} {', '.join(actions)}")
+
+
+def add_check_constraint(name: str, table: str, condition: str) -> None:
+    """A check on a table with rows: added `NOT VALID` (a brief lock, no scan), then validated under
+    SHARE UPDATE EXCLUSIVE, which blocks no request while it reads every row."""
+    with op.get_context().autocommit_block():
+        op.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}")
+        op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({condition}) NOT VALID")
+        op.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {name}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
 from alembic import op
+from online_ddl import add_check_constraint, alter_table_alone
 
 revision: str = "1400_waiting_for"
 down_revision: str | None = "0940_daily_usage"
@@ -19,9 +19,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Nullable, no default: a change of the catalogue only, nothing is rewritten.
-    op.add_column("jobs", sa.Column("waiting_for", sa.Text(), nullable=True))
-    op.create_check_constraint("waiting_for", "jobs", "waiting_for IN ('provider')")
+    # Nullable, no default: a change of the catalogue only, nothing is rewritten; the check is validated
+    # without holding up requests.
+    alter_table_alone("jobs", "ADD COLUMN IF NOT EXISTS waiting_for text")
+    add_check_constraint("ck_jobs_waiting_for", "jobs", "waiting_for IN ('provider')")
 
 
 def downgrade() -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects.postgresql import JSONB
+from online_ddl import alter_table_alone
 
 revision: str = "1500_attempt_provider"
 down_revision: str | None = "1410_api_keys"
@@ -24,10 +24,17 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("attempts", sa.Column("provider", sa.Text(), nullable=False, server_default="replicate"))
-    op.add_column("attempts", sa.Column("failover_from", sa.Text(), nullable=True))
-    op.add_column("jobs", sa.Column("provider", sa.Text(), nullable=False, server_default="replicate"))
-    op.add_column("jobs", sa.Column("routes", JSONB(), nullable=True))
+    # Each busy table in a transaction of its own (online_ddl.alter_table_alone says why).
+    alter_table_alone(
+        "jobs",
+        "ADD COLUMN IF NOT EXISTS provider text NOT NULL DEFAULT 'replicate'",
+        "ADD COLUMN IF NOT EXISTS routes jsonb",
+    )
+    alter_table_alone(
+        "attempts",
+        "ADD COLUMN IF NOT EXISTS provider text NOT NULL DEFAULT 'replicate'",
+        "ADD COLUMN IF NOT EXISTS failover_from text",
+    )
     op.add_column("daily_usage", sa.Column("provider", sa.Text(), nullable=False, server_default="replicate"))
     # One row per day, model, owner and provider: a small table (a row a day per group), rebuilt at once.
     op.drop_constraint("pk_daily_usage", "daily_usage", type_="primary")
