@@ -180,4 +180,4 @@ async def test_idempotency_keys_are_scoped_per_api_key(alice: httpx.AsyncClient,
 
 def test_without_api_keys_the_startup_log_says_so(api_url: str, workdir: Path) -> None:
     text = (workdir / "api.log").read_text()
-    assert "MEDIAGEN_API_KEYS is not set" in text
+    assert "no API key (MEDIAGEN_API_KEYS, mediagen keys create), every caller sees every job" in text
