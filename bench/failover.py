@@ -90,6 +90,15 @@ def run_mode(stack: Stack, fal_url: str, name: str, env: dict[str, str], jobs: i
             "count(DISTINCT prediction_id) FILTER (WHERE provider = 'fal'), "
             "count(*) FILTER (WHERE prediction_id IS NOT NULL) - count(DISTINCT prediction_id) FROM attempts",
         )
+        # The failover itself, per job: from the attempt that met Replicate down to the one started at fal.
+        steps = [
+            float(r[0])
+            for r in rows(
+                stack,
+                "SELECT extract(epoch FROM b.started_at - a.started_at) FROM attempts a JOIN attempts b "
+                "ON b.job_id = a.job_id AND b.number = a.number + 1 WHERE b.failover_from IS NOT NULL",
+            )
+        ]
         replicate = stack.fake_stats()
         fal = http("GET", f"{fal_url}/_fake/stats")
     finally:
@@ -105,6 +114,8 @@ def run_mode(stack: Stack, fal_url: str, name: str, env: dict[str, str], jobs: i
         "p50_s": statistics.median(seconds) if seconds else 0.0,
         "p95_s": quantiles[18],
         "attempts_per_job": job[1] or 0.0,
+        "step_p50_ms": 1000 * statistics.median(steps) if steps else None,
+        "step_p95_ms": 1000 * statistics.quantiles(steps, n=20)[18] if len(steps) > 1 else None,
         "failovers": attempt[0],
         "fal_predictions": attempt[1],
         "shared_predictions": attempt[2],
@@ -116,14 +127,15 @@ def run_mode(stack: Stack, fal_url: str, name: str, env: dict[str, str], jobs: i
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | jobs ok on fal | wall | job p50 | job p95 | attempts/job | failovers | Replicate 503s | "
-        "made at Replicate | fal requests |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | jobs ok on fal | wall | job p50 | job p95 | attempts/job | failovers | failover step p50 / p95 | "
+        "Replicate 503s | made at Replicate | fal requests |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        step = "-" if r["step_p50_ms"] is None else f"{r['step_p50_ms']:.0f} / {r['step_p95_ms']:.0f} ms"
         lines.append(
             f"| {r['mode']} | {r['on_fal']}/{r['jobs']} | {r['wall_s']:.1f} s | {r['p50_s']:.2f} s | "
-            f"{r['p95_s']:.2f} s | {r['attempts_per_job']:.2f} | {r['failovers']} | {r['replicate_503']} | "
+            f"{r['p95_s']:.2f} s | {r['attempts_per_job']:.2f} | {r['failovers']} | {step} | {r['replicate_503']} | "
             f"{r['replicate_made']} | {r['fal_requests']} |"
         )
     return "\n".join(lines)
@@ -134,8 +146,11 @@ def overhead(results: list[dict[str, Any]]) -> str:
         return ""
     base, moved = results
     return (
-        f"Failover overhead: wall {moved['wall_s'] - base['wall_s']:+.1f} s for {moved['jobs']} jobs, job p50 "
-        f"{moved['p50_s'] - base['p50_s']:+.2f} s, p95 {moved['p95_s'] - base['p95_s']:+.2f} s."
+        f"Failover overhead against fal alone: wall {moved['wall_s'] - base['wall_s']:+.1f} s for {moved['jobs']} "
+        f"jobs, job p50 {moved['p50_s'] - base['p50_s']:+.2f} s, p95 {moved['p95_s'] - base['p95_s']:+.2f} s. Both "
+        "runs are held to fal's submit budget (600 a minute, burst 10: 20 s for 200 jobs), which hides the "
+        "failover's own cost in the wall time: the failover step (from the attempt that met Replicate down to "
+        "the attempt started at fal) measures it per job."
     )
 
 

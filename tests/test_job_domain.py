@@ -585,7 +585,7 @@ async def test_a_retry_names_the_prediction_left_running_and_records_it_canceled
     assert await jobs.fail_attempt(domain_db, claim, jobs.Failure("Replicate401", "unauthorized"), retry_delay=None)
 
     async with domain_db.transaction() as conn:
-        assert await jobs.left_running(conn, claim.job_id) == "p-left"
+        assert await jobs.left_running(conn, claim.job_id) == ("p-left", "replicate")
         attempts = await jobs.retry_finished(
             conn, claim.job_id, budget=2, deadline_seconds=60, canceled_prediction="p-left"
         )

@@ -130,9 +130,9 @@ async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
         earlier = await jobs.left_running(conn, job_id)
     canceled = None
     if earlier is not None:
-        if not await _cancel_earlier(settings, job_id, earlier):
+        if not await _cancel_earlier(settings, job_id, *earlier):
             return 1
-        canceled = earlier
+        canceled = earlier[0]
     async with db.transaction() as conn:
         attempts = await jobs.retry_finished(
             conn,
@@ -163,13 +163,13 @@ async def retry_job(db: Database, settings: Settings, job_id: uuid.UUID) -> int:
     return 0
 
 
-async def _cancel_earlier(settings: Settings, job_id: uuid.UUID, prediction_id: str) -> bool:
-    """Cancel at Replicate the prediction the job's last attempt left running, so that the retry's fresh
-    one is not paid for on top of it. False: it may still run, so the job is not retried."""
+async def _cancel_earlier(settings: Settings, job_id: uuid.UUID, prediction_id: str, runs_at: str) -> bool:
+    """Cancel at its provider (`runs_at`) the prediction the job's last attempt left running, so that the
+    retry's fresh one is not paid for on top of it. False: it may still run, so the job is not retried."""
     from mediagen import services
     from mediagen.core.errors import MediagenError
 
-    provider = services.provider(settings)
+    provider = services.fal_provider(settings) if runs_at == "fal" else services.provider(settings)
     try:
         await provider.cancel(prediction_id)
     except MediagenError as error:

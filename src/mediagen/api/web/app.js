@@ -127,6 +127,12 @@ function parametersFromForm() {
     else if (input.dataset.kind === "integer" || input.dataset.kind === "number") parameters[input.name] = Number(value);
     else parameters[input.name] = value;
   }
+  // The form draws the model's Replicate schema: a field of Replicate's own (not one of the portable
+  // ones) pins the job there, or a job that may fail over to another provider would be refused (422).
+  const portable = ["model", "width", "height", "num_outputs", "seed", "output_format"];
+  const own = Object.keys(parameters).some((name) => !portable.includes(name));
+  const routes = (currentModel() || {}).routes || [];
+  if (own && routes.length > 1 && routes.some((r) => r.provider === "replicate")) parameters.provider = "replicate";
   return parameters;
 }
 

@@ -109,11 +109,12 @@ FINAL_PREDICTION = ("succeeded", "failed", "canceled", "aborted")
 """A prediction's statuses after which it runs (and bills) no more."""
 
 
-async def left_running(conn: AsyncConnection, job_id: uuid.UUID) -> str | None:
+async def left_running(conn: AsyncConnection, job_id: uuid.UUID) -> tuple[str, str] | None:
     """The prediction a failed or canceled job's last attempt started and that may still run at the
-    provider (its last status known to us is not final), if any: what `mediagen retry` cancels first."""
+    provider (its last status known to us is not final), if any, and who runs it: what `mediagen retry`
+    cancels first."""
     query = (
-        select(Attempt.prediction_id)
+        select(Attempt.prediction_id, Attempt.provider)
         .join(Job, and_(Attempt.job_id == Job.id, Attempt.number == Job.attempts))
         .where(
             Job.id == job_id,
@@ -122,5 +123,5 @@ async def left_running(conn: AsyncConnection, job_id: uuid.UUID) -> str | None:
             func.coalesce(Attempt.prediction_status, "").not_in(FINAL_PREDICTION),
         )
     )
-    prediction_id: str | None = (await conn.execute(query)).scalar()
-    return prediction_id
+    row = (await conn.execute(query)).first()
+    return (str(row.prediction_id), str(row.provider)) if row is not None else None
