@@ -313,7 +313,8 @@ def main() -> int:
             print(fair_table(fair), flush=True)
         facts = f"PostgreSQL {stack.facts.get('postgres_version')}, Redis {stack.facts.get('redis_version')}"
     rendered = table(results)
-    print(rendered)
+    if results:
+        print(rendered)
     if not args.no_write and results:
         write(
             f"{rendered}\n\n{args.jobs} jobs, {MODEL_SECONDS:.0f} s model time, {WORKERS} worker processes; the fake "
