@@ -132,6 +132,8 @@ async def test_flagged_images_are_dropped_and_all_flagged_fails(fal: FalProvider
         and some.metrics
         == {
             "image_count": 1,
+            # What fal bills: both images made, the flagged one too, each 1024x768 rounded up to 1 MP.
+            "megapixels": 2,
             "predict_time": some.metrics["predict_time"] if some.metrics else None,
         }
     )
