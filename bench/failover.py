@@ -150,7 +150,9 @@ def overhead(results: list[dict[str, Any]]) -> str:
         f"jobs, job p50 {moved['p50_s'] - base['p50_s']:+.2f} s, p95 {moved['p95_s'] - base['p95_s']:+.2f} s. Both "
         "runs are held to fal's submit budget (600 a minute, burst 10: 20 s for 200 jobs), which hides the "
         "failover's own cost in the wall time: the failover step (from the attempt that met Replicate down to "
-        "the attempt started at fal) measures it per job."
+        "the attempt started at fal) measures it per job. Most of that step is the wait for a Replicate "
+        "create token (600 a minute, burst 10) before the create that meets the 503 or the open circuit: a "
+        "reservation taken while the circuit was closed is slept out, not given up when it opens."
     )
 
 
