@@ -57,3 +57,23 @@ async def test_during_a_replicate_outage_new_jobs_succeed_on_fal_each_billed_onc
     assert list(by_provider) == ["fal"] and by_provider["fal"]["predictions"] == len(prompts)
     events = [line.get("event") for line in worker.log_lines()]
     assert events.count("job.failover") == len(prompts)
+
+
+async def test_with_fal_alone_the_walkthrough_makes_a_512_png_at_fal(make_stack: Any) -> None:
+    with live_fake(FakeFalConfig(latency=0.2, seed=4)) as fal:
+        stack = make_stack(MEDIAGEN_PROVIDERS="fal", MEDIAGEN_FAL_BASE_URL=fal.url)
+        stack.start_worker()
+        api_url = stack.start_api()
+        async with httpx.AsyncClient(base_url=api_url, timeout=20) as api:
+            job_id = await submit(api, "a ninja drinking coffee", width=512, height=512)
+            status = await wait_for_job(api, job_id, timeout=30)
+            view = (await api.get(f"/jobs/{job_id}")).json()
+            image = await api.get(status["result_urls"][0])
+
+    assert (status["status"], status["attempts"]) == ("succeeded", 1)
+    [attempt] = view["attempt_history"]
+    assert (attempt["provider"], attempt["failover_from"]) == ("fal", None)
+    assert view["input"]["image_size"] == {"width": 512, "height": 512} and view["input"]["output_format"] == "png"
+    assert image.headers["content-type"] == "image/png"
+    [output] = view["outputs"]
+    assert (output["width"], output["height"]) == (512, 512)
