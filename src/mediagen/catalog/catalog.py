@@ -91,6 +91,7 @@ class Catalog:
             current = self._schemas.get(model)
             if current is not None and current.fetched_at is not None and now - current.fetched_at < period:
                 continue
+            _stop_if_canceled()
             try:
                 version, openapi = await asyncio.wait_for(fetch(model), fetch_seconds)
             except Exception as error:
@@ -124,4 +125,13 @@ class Catalog:
             except Exception as error:  # never let the refresher die: the last good schema stays
                 log_event("catalog.refresh_failed", logging.WARNING, error=type(error).__name__)
                 ok = False
+            _stop_if_canceled()
             await asyncio.sleep(period if ok else min(retry, period))
+
+
+def _stop_if_canceled() -> None:
+    """Python 3.11's `wait_for` swallows a cancel that lands as its fetch ends with an error (gh-86296):
+    the refresher would go on forever, and the process's shutdown would wait for it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
