@@ -212,3 +212,30 @@ def test_an_open_circuit_is_a_wait_not_a_failure_of_the_attempt() -> None:
     policy = RetryPolicy(base_seconds=1.0, retry_after_cap_seconds=600)
     assert policy.throttle_wait(ProviderOutage("down", retry_after=4.5)) == 4.5
     assert policy.throttle_wait(TransientProviderError("503", http_status=503)) is None
+
+
+async def test_the_probe_is_a_call_of_its_own_so_no_job_pays_for_finding_out(two_hosts: tuple[Host, Host]) -> None:
+    first, second = two_hosts
+    answers = [False, True]
+    probes: list[bool] = []
+
+    async def answered() -> bool:
+        probes.append(answers.pop(0))
+        return probes[-1]
+
+    first.circuit.probe_with(answered)
+    await open_it(first, second)
+    await asyncio.sleep(OPEN_SECONDS + 0.05)
+
+    # Still down: the caller chosen as the probe sends nothing of its own, and waits like the others.
+    with pytest.raises(ProviderOutage) as outage:
+        await first.limiter.acquire("create")
+    assert (outage.value.retry_after or 0) >= OPEN_SECONDS
+    with pytest.raises(ProviderOutage):
+        await second.limiter.acquire("create")
+
+    # Back: the next probe closes the circuit, and its caller goes on with its own call.
+    await asyncio.sleep(OPEN_SECONDS + 0.05)
+    await first.limiter.acquire("create")
+    await second.limiter.acquire("create")
+    assert probes == [False, True]

@@ -116,10 +116,10 @@ async def test_a_cancel_during_an_outage_wait_ends_the_job_at_once_and_cancels_i
 # --- the whole stack, through the fake's outage ---------------------------------------------------------
 
 
-async def test_jobs_in_flight_during_an_outage_succeed_after_it_on_their_own_predictions(
+async def test_jobs_in_flight_or_submitted_during_an_outage_succeed_after_it_paying_once(
     make_stack: Any, workdir: Any
 ) -> None:
-    with private_fake(workdir, "outage-fake", latency=2.0) as fake:
+    with private_fake(workdir, "outage-fake", latency=5.0) as fake:
         stack = make_stack(
             REPLICATE_BASE_URL=fake.url,
             MEDIAGEN_REPLICATE_CIRCUIT_FAILURES="3",
@@ -131,13 +131,17 @@ async def test_jobs_in_flight_during_an_outage_succeed_after_it_on_their_own_pre
         async with httpx.AsyncClient(base_url=api_url, timeout=20) as api:
             ids = [await submit(api, prompt, width=512, height=512) for prompt in prompts]
             await _until_all(api, ids, lambda body: body["status"] == "running")
-            httpx.post(f"{fake.url}/_fake/outage", json={"seconds": 6}).raise_for_status()
+            httpx.post(f"{fake.url}/_fake/outage", json={"seconds": 8}).raise_for_status()
             started = time.monotonic()
 
             waiting = await _until_all(api, ids, lambda body: body.get("waiting_for") == "provider", at_least=1)
+            # submitted while the circuit is open: their creates wait too, sent only once Replicate is back
+            late = [unique(f"a late harbour {n}") for n in range(2)]
+            prompts += late
+            ids += [await submit(api, prompt, width=512, height=512) for prompt in late]
             finished = [await wait_for_job(api, job_id, timeout=60) for job_id in ids]
 
-        assert waiting and time.monotonic() - started >= 5.0
+        assert waiting and time.monotonic() - started >= 7.0
         assert [(body["status"], body["attempts"]) for body in finished] == [("succeeded", 1)] * len(ids)
         assert all(body.get("waiting_for") is None for body in finished)
         assert [fake.predictions_for(prompt) for prompt in prompts] == [1] * len(prompts)

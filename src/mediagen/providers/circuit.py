@@ -4,8 +4,10 @@ Consecutive failed calls to Replicate (a 5xx, a dropped or refused connection, a
 across jobs and processes, open the circuit for `open_seconds`: meanwhile no worker calls Replicate,
 and a call that would have raises `ProviderOutage` (no request sent), which the retry policy treats as
 a wait, not a failed attempt (mediagen.core.retry). Then one caller at a time is let through as the
-probe: a success closes the circuit for everyone, a failure opens it again. Any answer below 500 is a
-success and resets the count.
+probe: it first makes a cheap read of its own (`probe_with`: for Replicate, the first page of the
+list), so that no job's create is the call that finds out. Answered: the circuit closes for everyone
+and the caller goes on. Not: it opens again and the caller waits like the others. Any answer below 500
+is a success and resets the count.
 
     circuit = Circuit(redis, namespace="mediagen", failures=10, open_seconds=10, probe_seconds=35)
     limiter = RateLimiter(redis, ..., circuit=circuit)   # the budget's reservation reads the circuit
@@ -31,6 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from redis.asyncio import Redis
@@ -108,6 +111,7 @@ class Circuit:
         self._id = uuid.uuid4().hex[:12]
         self._calls = itertools.count()
         self._shown_open = False
+        self._probe: Callable[[], Awaitable[bool]] | None = None
         self.suspect = False
         """This process saw a failure or an open circuit since its last success: a success must be told,
         and with no budget to read the circuit with, each call reads it first."""
@@ -116,18 +120,33 @@ class Circuit:
         """An id for one reservation (the probe is the caller's until its call ends): cheap, unique."""
         return f"{self._id}-{next(self._calls)}"
 
-    def seen(self, state: str, failures: int, open_ms: float) -> None:
-        """What the budget's reservation read of the circuit; raises ProviderOutage when it is open."""
+    def probe_with(self, answers: Callable[[], Awaitable[bool]]) -> None:
+        """The probe: one cheap call of its own (the provider's), made by the caller the circuit lets
+        through once it was open long enough. Without one, that caller's own call is the probe."""
+        self._probe = answers
+
+    async def admit(self, state: str, failures: int, open_ms: float) -> None:
+        """What the budget's reservation read of the circuit. Raises ProviderOutage while it is open;
+        for the caller chosen as the probe, probes first, and raises unless the provider answered."""
         if state == "closed" and failures == 0 and not self._shown_open:
             return  # the happy path: nothing changed
         if state != "closed" or failures > 0:
             self.suspect = True
         self._show_open(state == "open")
         if state == "open":
-            raise ProviderOutage(
-                f"{self.provider} is unavailable to every worker (its circuit is open); no request was sent",
-                retry_after=max(open_ms, 50.0) / 1000,
-            )
+            raise self._outage(open_ms / 1000)
+        if state == "probe" and self._probe is not None:
+            if await self._probe():
+                await self.succeeded()
+            else:
+                await self.failed()
+                raise self._outage(self.open_seconds)
+
+    def _outage(self, seconds: float) -> ProviderOutage:
+        return ProviderOutage(
+            f"{self.provider} is unavailable to every worker (its circuit is open); no request was sent",
+            retry_after=max(seconds, 0.05),
+        )
 
     async def failed(self) -> None:
         """A call failed as an outage fails: count it; the failure that crosses the line opens the circuit."""

@@ -153,7 +153,7 @@ class RateLimiter:
         )
         wait, state, failures, open_ms, rank = raw
         if self.circuit is not None and not pause:
-            self.circuit.seen(_text(state), int(failures), float(open_ms))
+            await self.circuit.admit(_text(state), int(failures), float(open_ms))
         return float(wait) / 1000, int(rank)
 
     async def _wait_turn(

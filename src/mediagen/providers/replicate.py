@@ -216,16 +216,34 @@ class ReplicateProvider:
         self.webhook_events = webhook_events
         # Calls beyond `max_connections` wait for a free connection (at most the pool timeout).
         transport: httpx.AsyncBaseTransport = _HintingTransport(LeanTransport(max_connections=max_connections))
+        self._unlimited = transport
         if limiter is not None:
             transport = _LimitingTransport(transport, limiter, default_throttle_seconds)
+            if limiter.circuit is not None:
+                limiter.circuit.probe_with(self._answers)
         self._transport = transport
         self._limiter = limiter
+        self._probe_url = f"{(base_url or 'https://api.replicate.com').rstrip('/')}/v1/predictions"
+        self._probe_headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
         self.client = replicate.Client(  # type: ignore[attr-defined]
             api_token=api_token,
             base_url=base_url,
             timeout=httpx.Timeout(timeout_seconds, connect=5.0, pool=timeout_seconds),
             transport=self._transport,
         )
+
+    async def _answers(self) -> bool:
+        """The circuit's probe: does Replicate answer a cheap read again (the first page of the list)?
+        Sent past the budget and the circuit, so that no job's own call is the one that finds out."""
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                request = httpx.Request("GET", self._probe_url, headers=self._probe_headers)
+                response = await self._unlimited.handle_async_request(request)
+                await response.aread()
+                await response.aclose()
+        except (httpx.TransportError, TimeoutError):
+            return False
+        return response.status_code < 500
 
     def _bound(self, deadline: datetime | None) -> float:
         """Seconds this call may take: `timeout_seconds`, less when the job's deadline comes sooner."""
