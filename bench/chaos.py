@@ -16,7 +16,7 @@ jobs lost (accepted, not terminal at the end), billed twice (more than one predi
 for one job), failed (by the injected fault, where it must fail none), attempts spent per job. The kill
 scenario also holds the attempt rows against the workers' `job.attempt.*` log lines. Each table goes to
 docs/reliability.md between its own markers; the exit status is 0 only when every scenario passed.
-Everything runs on 127.0.0.1, bounded in count and time (about 5 minutes in all).
+Everything runs on 127.0.0.1, bounded in count and time (the outage alone takes 3 minutes).
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chaos_provider
@@ -43,12 +42,13 @@ from chaoskit import (
     job_counts,
     log_events,
     machine_note,
+    polled_terminal,
     predictions_by_prompt,
     sigkill_group,
     spawn_worker,
+    stop_worker,
     submit_all,
     succeeded_predictions_by_prompt,
-    terminal_count,
     write_block,
 )
 from stack import LOOPBACK, Stack
@@ -69,27 +69,22 @@ KILL_ENV = {
 SCENARIOS = ("kill", "outage", "ambiguous")
 
 
-def kill(args: argparse.Namespace) -> Verdict:
-    with Stack(log_level="INFO", keep=args.keep) as stack:
-        workdir = stack.workdir
-        stack.fake_config(latency=0.5, p_create_500=0.2, p_create_429=0.1, retry_after=1, p_get_503=0.1, seed=20261123)
-        stack.start_api(MEDIAGEN_DB_POOL_SIZE="10", MEDIAGEN_MAX_ATTEMPTS=KILL_ENV["MEDIAGEN_MAX_ATTEMPTS"])
-        api = f"http://{LOOPBACK}:{stack.api_port}"
-        steady = spawn_worker(stack, "worker-steady", KILL_ENV)
-        victim = spawn_worker(stack, "worker-victim", KILL_ENV)
-        run = uuid.uuid4().hex[:6]
-        prompts = [f"chaos {run} job {i}" for i in range(args.jobs)]
-
-        started = time.monotonic()
-        kills = 0
-        submit = asyncio.new_event_loop()
-        submitting = submit.create_task(submit_all(api, prompts))
-        deadline = started + args.timeout
-        # The victim is killed `kill_every` s after it came up (its `worker.started` line): on a busy
-        # machine a worker takes seconds to boot, and killing it before then would kill nothing at work.
-        boots = 0
-        next_kill: float | None = None
-        chaos_ends: float | None = None  # kills go on while jobs come in, and a while after
+def _chaos(
+    args: argparse.Namespace, stack: Stack, api: str, prompts: list[str], victim: list[Any]
+) -> tuple[int, float, int]:
+    """Submit `prompts` while killing `victim[0]` (replaced in place at each kill) until every job ended or
+    the time is up: (kills, wall time, jobs submitted or -1)."""
+    started = time.monotonic()
+    kills = 0
+    submit = asyncio.new_event_loop()
+    submitting = submit.create_task(submit_all(api, prompts))
+    deadline = started + args.timeout
+    # The victim is killed `kill_every` s after it came up (its `worker.started` line): on a busy
+    # machine a worker takes seconds to boot, and killing it before then would kill nothing at work.
+    boots = 0
+    next_kill: float | None = None
+    chaos_ends: float | None = None  # kills go on while jobs come in, and a while after
+    try:
         while time.monotonic() < deadline:
             submit.run_until_complete(asyncio.sleep(0.2))
             if submitting.done() and chaos_ends is None:
@@ -99,21 +94,32 @@ def kill(args: argparse.Namespace) -> Verdict:
                 next_kill = time.monotonic() + args.kill_every
             now = time.monotonic()
             if next_kill is not None and now >= next_kill and (chaos_ends is None or now < chaos_ends):
-                sigkill_group(victim)
+                sigkill_group(victim[0])
                 kills += 1
-                victim = spawn_worker(stack, "worker-victim", KILL_ENV)
+                victim[0] = spawn_worker(stack, "worker-victim", KILL_ENV)
                 next_kill = None
-            if submitting.done() and terminal_count(job_counts(stack.database_url)) >= args.jobs:
+            if submitting.done() and polled_terminal(stack.database_url) >= args.jobs:
                 break
-        wall = time.monotonic() - started
-        submitted = len(submitting.result()) if submitting.done() else -1
+        return kills, time.monotonic() - started, len(submitting.result()) if submitting.done() else -1
+    finally:
         submit.close()
-        sigkill_group(victim)
-        steady.send_signal(signal.SIGTERM)
+
+
+def kill(args: argparse.Namespace) -> Verdict:
+    with Stack(log_level="INFO", keep=args.keep) as stack:
+        workdir = stack.workdir
+        stack.fake_config(latency=0.5, p_create_500=0.2, p_create_429=0.1, retry_after=1, p_get_503=0.1, seed=20261123)
+        stack.start_api(MEDIAGEN_DB_POOL_SIZE="10", MEDIAGEN_MAX_ATTEMPTS=KILL_ENV["MEDIAGEN_MAX_ATTEMPTS"])
+        api = f"http://{LOOPBACK}:{stack.api_port}"
+        run = uuid.uuid4().hex[:6]
+        prompts = [f"chaos {run} job {i}" for i in range(args.jobs)]
+        steady = spawn_worker(stack, "worker-steady", KILL_ENV)
+        victim = [spawn_worker(stack, "worker-victim", KILL_ENV)]
         try:
-            steady.wait(30)
-        except subprocess.TimeoutExpired:
-            sigkill_group(steady)
+            kills, wall, submitted = _chaos(args, stack, api, prompts, victim)
+        finally:  # the workers are no part of the Stack: stopped here, whatever happened
+            sigkill_group(victim[0])
+            stop_worker(steady)
 
         counts = job_counts(stack.database_url)
         stack.fake_config(p_get_503=0, p_get_429=0)  # the count itself must not meet injected faults

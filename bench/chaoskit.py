@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -82,8 +83,21 @@ async def submit_all(api: str, prompts: list[str], concurrency: int = 32) -> lis
     return ids
 
 
+def connect(database_url: str, patience: float = 30.0) -> psycopg.Connection[tuple[Any, ...]]:
+    """A connection to the run's database; refused ones (a shared server out of connections) are tried
+    again for `patience` seconds."""
+    give_up = time.monotonic() + patience
+    while True:
+        try:
+            return psycopg.connect(libpq_url(database_url))
+        except psycopg.OperationalError:
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.5)
+
+
 def job_counts(database_url: str) -> dict[str, int]:
-    with psycopg.connect(libpq_url(database_url)) as conn:
+    with connect(database_url) as conn:
         rows = conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()
     return {status: count for status, count in rows}
 
@@ -93,7 +107,7 @@ def terminal_count(counts: dict[str, int]) -> int:
 
 
 def failure_reasons(database_url: str) -> str:
-    with psycopg.connect(libpq_url(database_url)) as conn:
+    with connect(database_url) as conn:
         rows = conn.execute(
             "SELECT error_class, count(*) FROM jobs WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC"
         ).fetchall()
@@ -102,14 +116,14 @@ def failure_reasons(database_url: str) -> str:
 
 def attempts_per_job(database_url: str) -> tuple[float, int]:
     """Mean and most attempts a job spent (`jobs.attempts`: claims that opened an attempt)."""
-    with psycopg.connect(libpq_url(database_url)) as conn:
+    with connect(database_url) as conn:
         mean, most = conn.execute("SELECT avg(attempts), max(attempts) FROM jobs").fetchone()  # type: ignore[misc]
     return float(mean or 0), int(most or 0)
 
 
 def attempt_endings(database_url: str) -> str:
     """Attempts that did not succeed, by outcome and error class (the attempt rows, the record)."""
-    with psycopg.connect(libpq_url(database_url)) as conn:
+    with connect(database_url) as conn:
         rows = conn.execute(
             "SELECT outcome, coalesce(error_class, ''), count(*) FROM attempts "
             "WHERE outcome IS DISTINCT FROM 'succeeded' GROUP BY 1, 2 ORDER BY 3 DESC"
@@ -118,14 +132,14 @@ def attempt_endings(database_url: str) -> str:
 
 
 def attempt_counts(database_url: str) -> tuple[int, int]:
-    with psycopg.connect(libpq_url(database_url)) as conn:
+    with connect(database_url) as conn:
         total, finished = conn.execute("SELECT count(*), count(finished_at) FROM attempts").fetchone()  # type: ignore[misc]
     return int(total), int(finished)
 
 
 def last_finished_at(database_url: str) -> float | None:
     """The latest `finished_at` of any job, as a Unix time."""
-    with psycopg.connect(libpq_url(database_url)) as conn:
+    with connect(database_url) as conn:
         (value,) = conn.execute("SELECT extract(epoch FROM max(finished_at)) FROM jobs").fetchone()  # type: ignore[misc]
     return float(value) if value is not None else None
 
@@ -163,11 +177,22 @@ def log_events(workdir: Path, prefixes: Iterable[bytes] = (b'"job.', b'"provider
     return events
 
 
+def polled_terminal(database_url: str) -> int:
+    """Terminal jobs now, or -1 when PostgreSQL refused the connection (a shared server out of
+    connections): a poll that tries again at its next turn rather than ending the run."""
+    try:
+        with connect(database_url, patience=0) as conn:
+            rows = conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()
+    except psycopg.OperationalError:
+        return -1
+    return terminal_count({status: count for status, count in rows})
+
+
 def wait_terminal(database_url: str, jobs: int, timeout: float, step: float = 0.5) -> float:
     """Wait until `jobs` jobs are terminal or `timeout` s pass; the seconds it took."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        if terminal_count(job_counts(database_url)) >= jobs:
+        if polled_terminal(database_url) >= jobs:
             break
         time.sleep(step)
     return time.monotonic() - started
