@@ -47,10 +47,14 @@ async def test_a_second_keys_job_succeeds_within_10_s_behind_a_first_keys_backlo
         MEDIAGEN_JOB_DEADLINE_SECONDS="600",
         MEDIAGEN_MAX_INTERACTIVE_JOBS="1",
     )
-    # One worker process (tests/test_fair_share.py has several hosts share the queue): starting more
-    # would cost the suite seconds each.
-    stack.start_worker(MEDIAGEN_WORKER_METRICS_PORT=str(free_port()), MEDIAGEN_WORKER_THREADS="128")
-    api_url = stack.start_api()
+    # One worker process (tests/test_fair_share.py has several hosts share the queue), started while the
+    # API starts: each start costs the suite seconds.
+    _, api_url = await asyncio.gather(
+        asyncio.to_thread(
+            stack.start_worker, MEDIAGEN_WORKER_METRICS_PORT=str(free_port()), MEDIAGEN_WORKER_THREADS="128"
+        ),
+        asyncio.to_thread(stack.start_api),
+    )
     async with httpx.AsyncClient(base_url=api_url, timeout=20) as api:
         prompt = unique("a's backlog")
         answers = await asyncio.gather(
