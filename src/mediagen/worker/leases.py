@@ -65,15 +65,7 @@ class Hold:
         self.check()
         task = asyncio.current_task()
         self.reader = task
-        try:
-            return await call()
-        except asyncio.CancelledError:
-            if self.stop is None or task is None:
-                raise
-            task.uncancel()
-            raise self.stop from None
-        finally:
-            self.reader = None
+        return await self._until_told(task, call)
 
     async def create(self, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, a create: given up when told to stop only while the provider waits before sending
@@ -88,15 +80,20 @@ class Hold:
             self.reader = task if waiting else None
 
         with giving_up(mark):
-            try:
-                return await call()
-            except asyncio.CancelledError:
-                if self.stop is None or task is None:
-                    raise
-                task.uncancel()
-                raise self.stop from None
-            finally:
-                self.reader = None
+            return await self._until_told(task, call)
+
+    async def _until_told(self, task: asyncio.Task[Any] | None, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()` on `task`: the cancel `tell` sent it is raised as the reason to stop, any other cancel
+        as itself; no reader is left behind."""
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            if self.stop is None or task is None:
+                raise
+            task.uncancel()
+            raise self.stop from None
+        finally:
+            self.reader = None
 
 
 class LeaseKeeper:
