@@ -69,22 +69,16 @@ def _common(steps: tuple[int, int, int] | None, guidance: tuple[float, float, fl
         "sync_mode": {"type": "boolean", "default": False, "x-order": 6},
     }
     if steps is not None:
-        properties["num_inference_steps"] = {
-            "type": "integer",
-            "default": steps[0],
-            "minimum": steps[1],
-            "maximum": steps[2],
-            "x-order": 7,
-        }
+        properties["num_inference_steps"] = _ranged("integer", steps, 7)
     if guidance is not None:
-        properties["guidance_scale"] = {
-            "type": "number",
-            "default": guidance[0],
-            "minimum": guidance[1],
-            "maximum": guidance[2],
-            "x-order": 8,
-        }
+        properties["guidance_scale"] = _ranged("number", guidance, 8)
     return properties
+
+
+def _ranged(kind: str, limits: tuple[float, float, float], order: int) -> dict[str, Any]:
+    """A number input's schema from its (default, minimum, maximum)."""
+    default, minimum, maximum = limits
+    return {"type": kind, "default": default, "minimum": minimum, "maximum": maximum, "x-order": order}
 
 
 _ACCELERATION: Final = {"enum": ["none", "regular", "high"], "default": "none", "x-order": 9}
