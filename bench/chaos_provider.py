@@ -143,7 +143,7 @@ def outage(args: argparse.Namespace) -> Verdict:
         ("lost", verdict.lost, "accepted, not terminal at the end; must be 0"),
         ("billed twice", twice, f"jobs with more than one prediction made; {made} predictions for {total} jobs"),
         ("failed by the outage", failed, f"must be 0 ({reasons}); {failed_during} seen failed during it"),
-        ("attempts per job", f"{mean:.2f} mean, {most} most", "an outage spends none; a failed probe may"),
+        ("attempts per job", f"{mean:.2f} mean, {most} most", "an outage spends none"),
         ("attempts not succeeded", endings, "by outcome and error class"),
         ("jobs seen `waiting_for: provider`", len(waiting), "GET /status of every job every 5 s during the outage"),
         (
