@@ -31,7 +31,8 @@ from starlette.responses import Response
 
 from mediagen.api.http import error
 from mediagen.api.schemas import ErrorResponse, WebhookIgnored, WebhookRelayed
-from mediagen.api.state import Api, ApiState
+from mediagen.api.state import Api
+from mediagen.api.webhook_hints import relay
 from mediagen.logging import log_event
 from mediagen.providers.base import WebhookRejected, WebhookSecretUnavailable
 
@@ -39,7 +40,6 @@ router = APIRouter()
 PATH: Final = "/webhooks/fal"
 MAX_BODY_BYTES: Final = 1024 * 1024
 ANSWER_WITHIN: Final = 0.3
-SEEN_TTL_SECONDS: Final = 3600
 STATUSES: Final = {"OK": "succeeded", "ERROR": "failed"}
 """fal's webhook `status` as the worker's prediction status (fal sends one webhook, when the request ends)."""
 
@@ -75,7 +75,8 @@ async def fal_webhook(
         return WebhookIgnored(ignored="not a fal result")
     seen = f"{request_id}:{hashlib.sha256(body).hexdigest()[:32]}"
     try:
-        outcome = await asyncio.wait_for(_relay(state, seen, job, request_id, status), ANSWER_WITHIN)
+        event = {"type": "prediction", "prediction_id": request_id, "status": status, "progress": None}
+        outcome = await asyncio.wait_for(relay(state, "fal", seen, job, lambda: event), ANSWER_WITHIN)
     except Exception as failure:  # incl. the timeout: the worker's safety-net look will see it
         log_event(
             "webhook.relay_failed", logging.WARNING, provider="fal", prediction_id=request_id, error=repr(failure)
@@ -85,14 +86,3 @@ async def fal_webhook(
         "webhook.received", provider="fal", prediction_id=request_id, status=status, job_id=str(job), outcome=outcome
     )
     return WebhookRelayed(relayed=True) if outcome == "relayed" else WebhookIgnored(ignored=outcome)
-
-
-async def _relay(state: ApiState, seen: str, job: uuid.UUID | None, request_id: str, status: str) -> str:
-    key = f"{state.settings.redis_namespace}:fal-webhook-seen:{seen}"
-    if not await state.redis.set(key, 1, nx=True, ex=SEEN_TTL_SECONDS):
-        return "duplicate"
-    if job is None:
-        return "no job"
-    event = {"type": "prediction", "prediction_id": request_id, "status": status, "progress": None}
-    listeners = await state.notifier.publish_now(job, event)
-    return "relayed" if listeners else "nobody waits on this job"

@@ -30,13 +30,14 @@ from starlette.responses import Response
 
 from mediagen.api.http import error
 from mediagen.api.schemas import ErrorResponse, WebhookIgnored, WebhookRelayed
-from mediagen.api.state import Api, ApiState
+from mediagen.api.state import Api
+from mediagen.api.webhook_hints import relay
 from mediagen.logging import log_event
+from mediagen.notify import Event
 from mediagen.providers.base import WebhookRejected, WebhookSecretUnavailable
 
 router = APIRouter()
 ANSWER_WITHIN = 0.3
-SEEN_TTL_SECONDS = 3600
 
 
 @router.post(
@@ -70,7 +71,14 @@ async def replicate_webhook(
         return WebhookIgnored(ignored="not a prediction")
     try:
         outcome = await asyncio.wait_for(
-            _relay(state, request.headers["webhook-id"], job, prediction_id, status, prediction), ANSWER_WITHIN
+            relay(
+                state,
+                "replicate",
+                request.headers["webhook-id"],
+                job,
+                lambda: _event(prediction_id, status, prediction),
+            ),
+            ANSWER_WITHIN,
         )
     except Exception as failure:  # incl. the timeout: the worker's safety-net poll will see it
         log_event("webhook.relay_failed", logging.WARNING, prediction_id=prediction_id, error=repr(failure))
@@ -79,24 +87,13 @@ async def replicate_webhook(
     return WebhookRelayed(relayed=True) if outcome == "relayed" else WebhookIgnored(ignored=outcome)
 
 
-async def _relay(
-    state: ApiState, webhook_id: str, job: uuid.UUID | None, prediction_id: str, status: str, prediction: Any
-) -> str:
-    key = f"{state.settings.redis_namespace}:replicate-webhook-seen:{webhook_id}"
-    if not await state.redis.set(key, 1, nx=True, ex=SEEN_TTL_SECONDS):
-        return "duplicate"
-    if job is None:
-        return "no job"
+def _event(prediction_id: str, status: str, prediction: Any) -> Event:
     progress = ClientPrediction.Progress.parse(prediction.get("logs") or "")
-    listeners = await state.notifier.publish_now(
-        job,
-        {
-            "type": "prediction",
-            "prediction_id": prediction_id,
-            "status": status,
-            "progress": None
-            if progress is None
-            else {"percentage": progress.percentage, "current": progress.current, "total": progress.total},
-        },
-    )
-    return "relayed" if listeners else "nobody waits on this job"
+    return {
+        "type": "prediction",
+        "prediction_id": prediction_id,
+        "status": status,
+        "progress": None
+        if progress is None
+        else {"percentage": progress.percentage, "current": progress.current, "total": progress.total},
+    }
