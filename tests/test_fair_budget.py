@@ -111,6 +111,7 @@ async def test_a_second_keys_job_succeeds_within_10_s_behind_a_first_keys_backlo
                 )
                 for lane in ("urgent", "interactive", "interactive")
             ]
+            interactive = (await api.get(f"/jobs/{lanes[1].json()['job_id']}", headers=auth(KEYS[1]))).json()
         finally:
             await db.dispose()
 
@@ -119,4 +120,6 @@ async def test_a_second_keys_job_succeeds_within_10_s_behind_a_first_keys_backlo
     assert done < BACKLOG / 2, done  # a's backlog was still there, b did not just come after it
     assert isinstance(shown["queue_position"], int) and shown["queue_position"] > 0, shown
     assert [answer.status_code for answer in lanes] == [422, 202, 429], [answer.text for answer in lanes]
+    # Stored with the job, never sent to the model.
+    assert interactive["parameters"]["lane"] == "interactive" and "lane" not in interactive["input"], interactive
     assert small_account.stats()["faults"].get("rate_limited_create", 0) == 0
