@@ -221,13 +221,7 @@ class RateLimiter:
                 except ProviderOutage:
                     raise
                 except Exception as error:
-                    log_event(
-                        "replicate.budget.unavailable",
-                        logging.WARNING,
-                        provider=self.provider,
-                        budget=budget,
-                        error=repr(error),
-                    )
+                    self._unavailable(budget, error)
             return started
         interval = 60.0 / per_minute
         # Creates carry the job's key (mediagen.providers.fairshare): served in turn when they must wait.
@@ -257,13 +251,7 @@ class RateLimiter:
                 raise
             except Exception as error:
                 # Better a 429 (which pauses us) than a worker stuck because Redis blinked.
-                log_event(
-                    "replicate.budget.unavailable",
-                    logging.WARNING,
-                    provider=self.provider,
-                    budget=budget,
-                    error=repr(error),
-                )
+                self._unavailable(budget, error)
                 break
             if not self.late(budget, slot):
                 break
@@ -286,6 +274,12 @@ class RateLimiter:
     async def _pause(self, budget: Budget, seconds: float, per_minute: int, burst: int) -> None:
         with contextlib.suppress(Exception):
             await self._run(budget, 60.0 / per_minute, burst, pause=seconds)
+
+    def _unavailable(self, budget: Budget, error: Exception) -> None:
+        """Redis could not be asked for a token of `budget`: the call goes on without one, and says so."""
+        log_event(
+            "replicate.budget.unavailable", logging.WARNING, provider=self.provider, budget=budget, error=repr(error)
+        )
 
     def _label(self, budget: Budget) -> str:
         """The budget metrics' label: Replicate's budgets keep their names, another provider's are prefixed."""
