@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
+import httpx
 from redis.asyncio import Redis
 
 from mediagen import metrics
@@ -194,6 +195,22 @@ class Circuit:
     def _show_open(self, is_open: bool) -> None:
         self._shown_open = is_open
         metrics.replicate_circuit_open.labels(self.provider).set(1 if is_open else 0)
+
+
+async def send_told(circuit: Circuit | None, send: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+    """`send()`, its outcome told to `circuit`: a 5xx or a lost connection fails, any other answer succeeds.
+    Our own connection pool being full says nothing of the provider's health, and is not told."""
+    try:
+        response = await send()
+    except httpx.PoolTimeout:
+        raise
+    except httpx.TransportError:
+        if circuit is not None:
+            await circuit.failed()
+        raise
+    if circuit is not None:
+        await (circuit.failed() if response.status_code >= 500 else circuit.succeeded())
+    return response
 
 
 def _text(value: bytes | str) -> str:

@@ -53,6 +53,7 @@ from mediagen.core.errors import (
     UnknownCreateOutcome,
 )
 from mediagen.providers.base import Prediction, unsent
+from mediagen.providers.circuit import send_told
 from mediagen.providers.ratelimit import Budget, RateLimiter
 
 T = TypeVar("T")
@@ -103,16 +104,7 @@ class _FalTransport(httpx.AsyncBaseTransport):
     async def _send(self, request: httpx.Request) -> httpx.Response:
         """One request, told to fal's circuit (a 5xx or a lost connection fails, any other answer succeeds)."""
         circuit = self._limiter.circuit if self._limiter is not None else None
-        try:
-            response = await self._inner.handle_async_request(request)
-        except httpx.PoolTimeout:
-            raise  # our own pool was full: no sign of fal's health
-        except httpx.TransportError:
-            if circuit is not None:
-                await circuit.failed()
-            raise
-        if circuit is not None:
-            await (circuit.failed() if response.status_code >= 500 else circuit.succeeded())
+        response = await send_told(circuit, lambda: self._inner.handle_async_request(request))
         if response.status_code == 429 and self._limiter is not None:
             seconds = _retry_after(response)
             budget: Budget = "create" if request.method == "POST" else "other"

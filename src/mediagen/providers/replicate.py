@@ -45,6 +45,7 @@ from replicate.exceptions import ReplicateError
 from mediagen import metrics
 from mediagen.core.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
 from mediagen.providers.base import TERMINAL_PREDICTION, Prediction, unsent
+from mediagen.providers.circuit import send_told
 from mediagen.providers.ratelimit import Budget, RateLimiter
 from mediagen.providers.transport import LeanTransport
 
@@ -136,17 +137,7 @@ class _LimitingTransport(httpx.AsyncBaseTransport):
         elif self._limiter.late(budget, slot):
             # The create's token was taken before a busy loop delayed its sending: take a fresh one.
             await self._limiter.reserve(budget)
-        circuit = self._limiter.circuit
-        try:
-            response = await self._inner.handle_async_request(request)
-        except httpx.PoolTimeout:
-            raise  # our own pool was full: no sign of Replicate's health
-        except httpx.TransportError:
-            if circuit is not None:
-                await circuit.failed()
-            raise
-        if circuit is not None:
-            await (circuit.failed() if response.status_code >= 500 else circuit.succeeded())
+        response = await send_told(self._limiter.circuit, lambda: self._inner.handle_async_request(request))
         if response.status_code == 429:
             seconds = await _retry_after(response)
             self._limiter.pause(budget, self._default_pause if seconds is None else seconds)
