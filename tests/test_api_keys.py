@@ -3,6 +3,7 @@ without a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -247,6 +248,31 @@ def test_the_table_keeps_a_digest_of_each_key_never_the_key(deployment: Deployme
     assert keys.digest(made.key) in row
     taken = mediagen(deployment.env, "keys", "create", "stored")
     assert taken.returncode == 1 and "named 'stored' already" in taken.stderr
+
+
+class CountingDatabase(Database):
+    """The real database, counting the single statements run through it."""
+
+    statements = 0
+
+    async def fetchrow(self, query: str, *args: object) -> Any:
+        self.statements += 1
+        return await super().fetchrow(query, *args)
+
+
+async def test_requests_presenting_one_key_at_once_share_one_lookup(deployment: Deployment) -> None:
+    db = CountingDatabase(deployment.database_url, pool_size=2)
+    keyring = KeyRing([], db)
+    try:
+        async with db.transaction() as conn:
+            issued = await keys.create(conn, "busy")
+        owners = await asyncio.gather(*(keyring.owner(f"Bearer {issued.key}") for _ in range(50)))
+        assert set(owners) == {issued.record.owner}
+        assert db.statements == 1
+        await keyring.owner(f"Bearer {issued.key}")
+        assert db.statements == 1, "a key looked up less than a second ago costs no statement"
+    finally:
+        await db.dispose()
 
 
 async def test_a_key_is_trusted_for_one_second_after_it_is_looked_up(deployment: Deployment) -> None:

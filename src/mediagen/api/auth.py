@@ -67,6 +67,7 @@ class KeyRing:
         """When the table was last found without a key (None: not yet known)."""
         self._cache: dict[bytes, tuple[float, keys.Caller | None]] = {}
         self._pending: dict[bytes, asyncio.Future[keys.Caller | None]] = {}
+        """Lookups on their way, shared by the requests presenting the same key meanwhile."""
         self._callers: dict[str, keys.Caller] = {}
         """owner -> the caller as last resolved: its limits, for mediagen.api.limits."""
         self._used: set[uuid.UUID] = set()
@@ -117,25 +118,23 @@ class KeyRing:
         return found.owner
 
     async def _lookup(self, key_digest: bytes) -> keys.Caller | None:
-        now = self._clock()
         cached = self._cache.get(key_digest)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > self._clock():
             return cached[1]
         pending = self._pending.get(key_digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[keys.Caller | None] = asyncio.get_running_loop().create_future()
-        self._pending[key_digest] = future
+        if pending is None:
+            # A task of its own: the requests that wait on it share it, and one of them going away
+            # (a client that hung up) cancels none of the others' answer.
+            pending = self._pending[key_digest] = asyncio.ensure_future(self._resolve(key_digest))
+            pending.add_done_callback(_retrieve)
+        return await asyncio.shield(pending)
+
+    async def _resolve(self, key_digest: bytes) -> keys.Caller | None:
         try:
             assert self._db is not None
             found = await keys.resolve(self._db, key_digest)
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # retrieved: nobody may be waiting
-            raise
         finally:
             del self._pending[key_digest]
-        future.set_result(found)
         if len(self._cache) >= MAX_CACHED:
             self._cache.clear()
         self._cache[key_digest] = (self._clock() + TTL_SECONDS, found)
@@ -166,6 +165,12 @@ class KeyRing:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self.flush()
+
+
+def _retrieve(task: asyncio.Future[keys.Caller | None]) -> None:
+    """A failed lookup every waiter left is no "exception never retrieved" warning."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def current_owner(request: Request) -> str:
