@@ -175,7 +175,8 @@ class Settings(BaseSettings):
     # --- API ---------------------------------------------------------------------------------------
     cors_origins: Annotated[list[str], NoDecode] = []
     api_keys: Annotated[list[SecretStr], NoDecode] = []
-    """When set, every route but health needs `Authorization: Bearer <one of these>`."""
+    """Keys beside those made with `mediagen keys create` (mediagen.core.keys); once any key exists, every
+    route but health needs `Authorization: Bearer <key>`."""
     max_body_bytes: int = 64 * 1024
     header_timeout_seconds: float = Field(10.0, gt=0)
     """A client whose request headers take longer gets a 408 and is disconnected (see mediagen.api.serving)."""
