@@ -3,14 +3,17 @@ raises, so that a route answers every provider's webhooks alike."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
 
-from mediagen.core.errors import MediagenError
+from mediagen.core.errors import MediagenError, TransientProviderError
+
+T = TypeVar("T")
 
 TERMINAL_PREDICTION = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
@@ -31,6 +34,19 @@ def unsent() -> Iterator[None]:
         yield
     finally:
         mark(False)
+
+
+async def by_deadline(deadline: datetime | None, wait: Awaitable[T], what: str) -> T:
+    """`wait` (for `what`, e.g. a rate-limit token), given up at the job's deadline: a transient
+    ProviderTimeout then (a wait for a token sends nothing: no outcome to doubt)."""
+    if deadline is None:
+        return await wait
+    left = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
+    try:
+        async with asyncio.timeout(left):
+            return await wait
+    except TimeoutError as error:
+        raise TransientProviderError(f"no {what} before the job's deadline", error_class="ProviderTimeout") from error
 
 
 @contextmanager

@@ -52,7 +52,7 @@ from mediagen.core.errors import (
     TransientProviderError,
     UnknownCreateOutcome,
 )
-from mediagen.providers.base import Prediction, unsent
+from mediagen.providers.base import Prediction, by_deadline, unsent
 from mediagen.providers.circuit import send_told
 from mediagen.providers.ratelimit import Budget, RateLimiter
 
@@ -170,20 +170,6 @@ class _Client(fal_client.AsyncClient):
         return ready()
 
 
-async def _until(deadline: datetime | None, wait: Awaitable[T]) -> T:
-    """`wait`, given up at the job's deadline (a wait for a token sends nothing: no outcome to doubt)."""
-    if deadline is None:
-        return await wait
-    left = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
-    try:
-        async with asyncio.timeout(left):
-            return await wait
-    except TimeoutError as error:
-        raise TransientProviderError(
-            "no fal submit token before the job's deadline", error_class="ProviderTimeout"
-        ) from error
-
-
 def _error_text(error: fal_client.FalClientHTTPError) -> str:
     """fal's `detail`: a string, or a list of `{loc, msg, type}` (a model's validation errors)."""
     detail: Any = error.message
@@ -297,7 +283,7 @@ class FalProvider:
             # The token first, outside the submit's own time bound (only the job's deadline bounds the
             # wait); ProviderOutage while fal's circuit is open, nothing sent.
             with unsent():  # the caller may give the submit up while it waits for its token
-                await _until(deadline, self._limiter.reserve("create"))
+                await by_deadline(deadline, self._limiter.reserve("create"), "fal submit token")
         start_timeout = None
         if deadline is not None:
             left = (deadline - datetime.now(UTC)).total_seconds()

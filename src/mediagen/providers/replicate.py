@@ -44,7 +44,7 @@ from replicate.exceptions import ReplicateError
 
 from mediagen import metrics
 from mediagen.core.errors import PermanentProviderError, TransientProviderError, UnknownCreateOutcome
-from mediagen.providers.base import TERMINAL_PREDICTION, Prediction, unsent
+from mediagen.providers.base import TERMINAL_PREDICTION, Prediction, by_deadline, unsent
 from mediagen.providers.circuit import send_told
 from mediagen.providers.ratelimit import Budget, RateLimiter
 from mediagen.providers.transport import LeanTransport
@@ -310,7 +310,7 @@ class ReplicateProvider:
             # The token first, outside the create's own time bound: a long wait for it is no timeout
             # (only the job's deadline bounds it), and a create that waits for it has not been sent.
             with unsent():  # the caller may give the create up while it waits for its token
-                slot = await _until(deadline, self._limiter.reserve("create"), "a create token")
+                slot = await by_deadline(deadline, self._limiter.reserve("create"), "a create token")
         taken = _create_slot.set(slot)
         try:
             return await self._read(
@@ -410,15 +410,3 @@ def _timed_out(hint: dict[str, float], bound: float, *, creating: bool) -> Trans
         retry_after=hint.get("retry_after"),
         error_class="ReadTimeout",
     )
-
-
-async def _until(deadline: datetime | None, wait: Awaitable[T], what: str) -> T:
-    """`wait`, given up at the job's deadline (a wait for a token sends nothing: no outcome to doubt)."""
-    if deadline is None:
-        return await wait
-    left = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
-    try:
-        async with asyncio.timeout(left):
-            return await wait
-    except TimeoutError as error:
-        raise TransientProviderError(f"no {what} before the job's deadline", error_class="ProviderTimeout") from error
