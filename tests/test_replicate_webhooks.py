@@ -112,6 +112,22 @@ async def test_a_webhook_for_an_unknown_or_finished_job_is_answered_and_ignored(
     assert await wait_for_job(api, finished) == before
 
 
+async def test_a_webhook_with_long_logs_is_taken_under_its_own_larger_body_limit(
+    api: httpx.AsyncClient, secret: str
+) -> None:
+    logs = "step\n" * 40_000  # ~200 KiB: over the public routes' 64 KiB
+    long = orjson.dumps({"id": "p-long-logs", "status": "processing", "logs": logs})
+    huge = orjson.dumps({"id": "p-huge", "status": "processing", "logs": "x" * (1024 * 1024)})
+
+    taken = await api.post(f"/webhooks/replicate?job={uuid.uuid4()}", content=long, headers=signed(secret, long))
+    refused = await api.post(f"/webhooks/replicate?job={uuid.uuid4()}", content=huge, headers=signed(secret, huge))
+    public = await api.post("/generate", content=long, headers={"content-type": "application/json"})
+
+    assert taken.status_code == 200 and taken.json() == {"ignored": "nobody waits on this job"}
+    assert refused.status_code == 413
+    assert public.status_code == 413
+
+
 async def _drain(events: Any) -> AsyncIterator[dict[str, Any]]:
     while (event := await events.next(timeout=0.5)) is not None:
         yield event

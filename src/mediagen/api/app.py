@@ -18,7 +18,7 @@ from mediagen.api import web
 from mediagen.api.auth import KeyRing
 from mediagen.api.http import BodySizeLimit, install_error_handlers
 from mediagen.api.limits import Limits, Policies, Policy, RateLimitHeaders
-from mediagen.api.routes import ROUTERS, fal_webhooks
+from mediagen.api.routes import ROUTERS, fal_webhooks, replicate_webhooks
 from mediagen.api.state import ApiState
 from mediagen.api.submissions import Submissions
 from mediagen.catalog.catalog import Catalog
@@ -173,7 +173,10 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        per_path={fal_webhooks.PATH: fal_webhooks.MAX_BODY_BYTES},
+        per_path={
+            fal_webhooks.PATH: fal_webhooks.MAX_BODY_BYTES,
+            replicate_webhooks.PATH: replicate_webhooks.MAX_BODY_BYTES,
+        },
     )
     app.add_middleware(RequestMetrics)
     return app

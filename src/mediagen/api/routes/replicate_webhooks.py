@@ -4,6 +4,9 @@ The webhook is a hint, never the truth: nothing here writes to the database. The
 wakes (mediagen.notify, whichever API replica took the webhook and whichever worker holds the job) and
 GETs the prediction itself. So the route:
 
+A body may be up to `MAX_BODY_BYTES` (1 MiB, not the public routes' limit: a prediction's `logs` can be
+long); over that it is a 413 before it is read. Then the route:
+
 1. verifies the signature on the raw body (mediagen.providers.replicate_signatures): anything else is a 401;
 2. keeps each `webhook-id` once (Redis `SET NX` with a TTL): a duplicate or retried delivery is a 200
    that does nothing;
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -38,10 +41,12 @@ from mediagen.providers.base import WebhookRejected, WebhookSecretUnavailable
 
 router = APIRouter()
 ANSWER_WITHIN = 0.3
+PATH: Final = "/webhooks/replicate"
+MAX_BODY_BYTES: Final = 1024 * 1024
 
 
 @router.post(
-    "/webhooks/replicate",
+    PATH,
     summary="Replicate reports on a prediction (signed; deduplicated; a hint to the worker waiting on it)",
     response_model=WebhookRelayed | WebhookIgnored,
     responses={
