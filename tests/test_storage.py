@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.server
+import os
 import socket
 import threading
 import time
@@ -523,3 +524,26 @@ async def test_deleted_objects_are_gone_and_one_already_gone_is_no_error(storage
 
     assert not await storage.exists(deleted)
     assert await storage.exists(kept)
+
+
+async def test_a_local_save_fsyncs_the_file_and_its_folder_before_it_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Durability itself needs a power cut to observe; the OS calls that give it can be watched.
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def watched_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    storage = LocalStorage(tmp_path)
+    key = new_key()
+    await storage.save(key, PNG, "image/png", sha256(PNG))
+
+    folder = tmp_path / key.split("/")[0]
+    assert synced[0].startswith(f"{folder}/.part-")  # the bytes, before the rename
+    assert synced[1:] == [str(folder), str(tmp_path)]  # the rename, then the new job folder
+    assert (tmp_path / key).read_bytes() == PNG
+    assert [path.name for path in folder.iterdir()] == ["0.png"]  # no temp file left behind

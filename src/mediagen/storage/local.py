@@ -1,4 +1,4 @@
-"""Images on local disk: atomic writes (temp file, then rename) done off the event loop."""
+"""Images on local disk: durable atomic writes (temp file, fsync, rename, fsync of the folder) off the event loop."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ from mediagen.core.errors import StorageMisconfigured, StorageUnavailable
 from mediagen.storage import CONTENT_TYPES, ByteRange, ObjectStream, StoredObject, require_key
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -22,15 +30,21 @@ class LocalStorage:
         return self.root / require_key(key)
 
     def _write(self, path: Path, data: bytes) -> None:
+        new_folder = not path.parent.is_dir()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())  # the bytes on disk before the name points at them
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(path.parent)  # the rename itself survives a power loss
+        if new_folder:
+            _fsync_dir(path.parent.parent)  # and so does the job's folder it is in
 
     async def save(self, key: str, data: bytes, content_type: str, sha256: str) -> StoredObject:
         try:
