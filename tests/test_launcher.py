@@ -30,7 +30,8 @@ import pytest
 from conftest import RUN_ID, create_database, drop_database
 from fal_live import captured
 from mediagen.devtools.embedded import free_port, pid_alive, port_open
-from mediagen.devtools.launcher import Child, GiveUp, Supervisor, fakes_to_start
+from mediagen.devtools.launcher import fakes_to_start
+from mediagen.devtools.supervisor import Child, GiveUp, Supervisor
 from mediagen.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
