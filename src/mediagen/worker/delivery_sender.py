@@ -19,7 +19,6 @@ short, and at most 64 KiB of the answer is read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -35,6 +34,7 @@ from mediagen.core import deliveries, jobs, keys
 from mediagen.core.db import Database
 from mediagen.core.retry import RetryPolicy
 from mediagen.logging import log_event
+from mediagen.worker.background import Background
 
 MAX_ANSWER_BYTES = 64 * 1024
 
@@ -63,7 +63,9 @@ class Refused(Exception):
     """The webhook points somewhere it may not go: retrying cannot help."""
 
 
-class WebhookSender:
+class WebhookSender(Background):
+    name = "webhook-sender"
+
     def __init__(
         self,
         db: Database,
@@ -95,16 +97,9 @@ class WebhookSender:
             trust_env=False,
             headers={"User-Agent": "mediagen-webhooks"},
         )
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="webhook-sender")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await super().stop()
         await self.client.aclose()
 
     async def _run(self) -> None:

@@ -27,6 +27,7 @@ from mediagen.core.db import Database, is_unreachable
 from mediagen.core.errors import JobCanceled, LeaseExpired, LeaseLost, MediagenError
 from mediagen.logging import log_event
 from mediagen.providers.base import giving_up
+from mediagen.worker.background import Background
 
 T = TypeVar("T")
 
@@ -96,12 +97,13 @@ class Hold:
             self.reader = None
 
 
-class LeaseKeeper:
+class LeaseKeeper(Background):
+    name = "lease-keeper"
+
     def __init__(self, db: Database, *, lease_seconds: float) -> None:
         self.db = db
         self.lease_seconds = lease_seconds
         self.holds: dict[uuid.UUID, Hold] = {}
-        self._task: asyncio.Task[None] | None = None
         self._renewed_at = time.monotonic()
         """When the last renewal that reached the database was sent."""
         self._outage: str | None = None
@@ -115,15 +117,6 @@ class LeaseKeeper:
     def drop(self, hold: Hold) -> None:
         if self.holds.get(hold.job_id) is hold:
             del self.holds[hold.job_id]
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="lease-keeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def tell_all(self, reason: MediagenError) -> None:
         for hold in list(self.holds.values()):

@@ -27,7 +27,6 @@ job). Each pass:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from mediagen.core.errors import MediagenError, PermanentProviderError
 from mediagen.logging import log_event
 from mediagen.notify import Notifier
 from mediagen.providers.base import Provider
+from mediagen.worker.background import Background
 
 Canceled = Literal["canceled", "refused", "unreachable"]
 """What became of a cancel at the provider: done; refused (a 4xx: nothing there to cancel); not done."""
@@ -121,7 +121,9 @@ async def _end(
     return True
 
 
-class Sweeper:
+class Sweeper(Background):
+    name = "recovery-sweep"
+
     def __init__(
         self,
         db: Database,
@@ -148,16 +150,6 @@ class Sweeper:
         self.batch = batch
         self.end_batch = end_batch
         """Jobs ended per pass with a call to the provider each (a pass waits for those calls)."""
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="recovery-sweep")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def sweep_once(self) -> dict[str, int]:
         """One pass; returns how many jobs it expired, ended and re-sent."""

@@ -7,7 +7,6 @@ Several processes may prune at once: each batch takes its jobs with SKIP LOCKED,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import timedelta
@@ -16,25 +15,18 @@ from mediagen.core import jobs
 from mediagen.core.db import Database
 from mediagen.logging import log_event
 from mediagen.storage import Storage
+from mediagen.worker.background import Background
 
 
-class RetentionSweep:
+class RetentionSweep(Background):
+    name = "retention-sweep"
+
     def __init__(self, db: Database, storage: Storage, *, days: float, interval: float, batch: int) -> None:
         self.db = db
         self.storage = storage
         self.older_than = timedelta(days=days)
         self.interval = interval
         self.batch = batch
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="retention-sweep")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def prune_once(self) -> jobs.Pruned:
         started = time.monotonic()
