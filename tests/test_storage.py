@@ -8,6 +8,7 @@ StorageUnavailable (transient). The media route serves either one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import http.server
 import os
@@ -28,10 +29,12 @@ from conftest import submit, unique, wait_for_job
 from mediagen.api.auth import KeyRing
 from mediagen.api.routes.media import router
 from mediagen.core.errors import StorageMisconfigured, StorageUnavailable
+from mediagen.providers.downloads import Downloader
 from mediagen.settings import Settings
 from mediagen.storage import ObjectStream, Storage
 from mediagen.storage.local import LocalStorage
 from mediagen.storage.s3 import S3Storage
+from mediagen.worker.outputs import store_outputs
 from s3server import S3Server, free_ports, start_s3_server
 
 # A fixed id keeps parametrised test ids the same in every test process (pytest-xdist compares them).
@@ -169,7 +172,7 @@ async def test_a_reader_never_sees_a_partial_object(storage: Storage) -> None:
         f"{SOME_JOB}/0.exe",
         f"{SOME_JOB}/../0.png",
         f"/{SOME_JOB}/0.png",
-        f"{SOME_JOB}/100.png",
+        f"{SOME_JOB}/1234567890.png",  # an index longer than any prediction makes
         "",
     ],
 )
@@ -547,3 +550,22 @@ async def test_a_local_save_fsyncs_the_file_and_its_folder_before_it_counts(
     assert synced[1:] == [str(folder), str(tmp_path)]  # the rename, then the new job folder
     assert (tmp_path / key).read_bytes() == PNG
     assert [path.name for path in folder.iterdir()] == ["0.png"]  # no temp file left behind
+
+
+async def test_a_prediction_with_over_a_hundred_outputs_stores_and_serves_them_all(
+    storage: Storage, media_client: httpx.AsyncClient
+) -> None:
+    job_id = uuid.uuid4()
+    images = [PNG[:1000] + index.to_bytes(2, "big") for index in range(101)]
+    output = [f"data:image/png;base64,{base64.b64encode(image).decode()}" for image in images]
+    downloader = Downloader(allowed_hosts=[], max_bytes=len(PNG))
+    try:
+        stored = await store_outputs(downloader, storage, job_id, output)
+    finally:
+        await downloader.aclose()
+
+    assert [item.storage_key for item in stored[99:]] == [f"{job_id}/99.png", f"{job_id}/100.png"]
+    for index in (0, 99, 100):
+        response = await media_client.get(f"/media/{job_id}/{index}.png")
+        assert response.status_code == 200
+        assert response.content == images[index]

@@ -15,9 +15,10 @@ from typing import Protocol
 
 from mediagen.core.errors import StorageUnavailable
 
-# Keys are ours alone: `<job uuid>/<index>.<ext>`. Anything else is refused (no path traversal).
+# Keys are ours alone: `<job uuid>/<index>.<ext>`, any index a prediction could make (up to 9 digits, so
+# a file name stays short). Anything else is refused (no path traversal).
 KEY_PATTERN = re.compile(
-    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/[0-9]{1,2}\.(png|jpg|webp|gif|mp4|webm)$"
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/[0-9]{1,9}\.(png|jpg|webp|gif|mp4|webm)$"
 )
 
 CONTENT_TYPES = {
