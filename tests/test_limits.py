@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import start_api, stop
+from conftest import free_port, start_api, stop
 
 KEYS = ("key-rate", "key-jobs", "key-other")
 PER_MINUTE = 60
@@ -129,3 +129,44 @@ def test_a_key_over_its_daily_spend_cap_gets_no_new_job(
         assert httpx.get(f"{url}/jobs/{job}").status_code == 200
     finally:
         stop(capped.proc)
+
+
+def test_with_keys_on_and_redis_unreachable_reads_and_submits_fail_open_never_500(make_stack: Any) -> None:
+    # Given an API with keys and limits whose Redis does not answer (nothing listens on its port)
+    stack = make_stack(
+        MEDIAGEN_API_KEYS="key-a",
+        MEDIAGEN_RATE_LIMIT_PER_MINUTE=str(PER_MINUTE),
+        MEDIAGEN_MAX_UNFINISHED_JOBS=str(MAX_UNFINISHED),
+        MEDIAGEN_DAILY_SPEND_CAP_USD="5",
+    )
+    url = stack.start_api(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    key = auth("key-a")
+
+    # When a job is submitted and read every way a client reads it
+    submitted = httpx.post(f"{url}/generate", json={"prompt": "a lighthouse while Redis is down"}, headers=key)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["job_id"]
+    reads = [
+        httpx.get(f"{url}/status/{job_id}", headers=key),
+        httpx.get(f"{url}/jobs/{job_id}", headers=key),
+        httpx.get(f"{url}/jobs", headers=key),
+        httpx.get(f"{url}/models", headers=key),
+        httpx.get(f"{url}/media/{job_id}/0", headers=key),
+    ]
+    with httpx.stream("GET", f"{url}/jobs/{job_id}/events", headers=key, timeout=5) as events:
+        events_status = events.status_code
+
+    # Then they are served from PostgreSQL (the media not yet made: 404), the limiter left out
+    assert [answer.status_code for answer in reads] == [200, 200, 200, 200, 404], [a.text for a in reads]
+    assert reads[0].json()["status"] == "queued"
+    assert events_status == 200
+    assert httpx.get(f"{url}/jobs", headers=auth("not-a-key")).status_code == 401
+    failed_open = [line for line in stack.api.log_lines() if line.get("event") == "limits.failed_open"]
+    assert len(failed_open) == 1  # once a minute, not once a request
+
+    # And the committed job is dispatched by the sweep once a worker reaches Redis
+    stack.start_worker()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/status/{job_id}", headers=key).json()["status"] != "succeeded":
+        assert time.monotonic() < deadline, "the job was never dispatched"
+        time.sleep(0.3)

@@ -70,6 +70,11 @@ failovers = Counter(
     "Jobs moved to the next provider (its circuit open, or it refused for capacity)",
     ["from_provider", "to_provider", "reason"],
 )
+rate_limit_failed_open = Counter(
+    "mediagen_rate_limit_failed_open_total",
+    "Requests let through unlimited because Redis, where the per-key limits live, was unreachable",
+    ["kind"],
+)
 in_flight = Gauge("mediagen_predictions_in_flight", "Jobs this worker process is running")
 
 

@@ -19,10 +19,17 @@ cost today (UTC; mediagen.core.usage). That sum is read from PostgreSQL at most 
 midnight UTC (jobs already running may take it a little over: costs are known once they end).
 A refusal is a `RateLimited` error: 429 with `Retry-After`, and the IETF draft's `RateLimit-Policy`
 and `RateLimit` headers, which every answer to a limited caller carries.
+
+Redis unreachable: the limits fail open, for reads and submits alike (PostgreSQL holds every answer,
+and a submit is committed and dispatched by the sweep once Redis is back, as it is without keys).
+Each request let through so counts in `mediagen_rate_limit_failed_open_total`, and `limits.failed_open`
+is logged at most once a minute. The daily spend cap still holds: its sum is then read from PostgreSQL.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 import uuid
@@ -35,18 +42,22 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mediagen import gcra
+from mediagen import gcra, metrics
 from mediagen.api.auth import ANONYMOUS, current_owner
 from mediagen.core import jobs, keys, usage
 from mediagen.core.db import Database
 from mediagen.core.errors import MediagenError
+from mediagen.logging import log_event
 
 WINDOW_SECONDS = 60
 SPEND_CACHE_SECONDS = 15
 # A job counted but not yet committed (its batch is being written) is not "finished" when unseen.
 UNCOMMITTED_GRACE_SECONDS = 30.0
+# Redis unreachable: `limits.failed_open` is logged at most this often per process.
+FAILED_OPEN_LOG_SECONDS = 60.0
 
 # KEYS: rate bucket, active set. ARGV: now ms, rate quota (0: none), window ms, job limit (0: none),
 # job id ("": a request that starts no job), active member lifetime ms.
@@ -183,6 +194,7 @@ class Limits:
         self.policy_of = policy_of
         self.job_lifetime_ms = int(job_lifetime_seconds * 1000) + 60_000
         self._script = redis.register_script(_ADMIT)
+        self._failed_open_logged = -math.inf
 
     def _keys(self, owner: str) -> list[str]:
         tag = owner or "anonymous"
@@ -214,7 +226,8 @@ class Limits:
         """Charge one request (and, with `job_id`, one unfinished job); the headers to answer with
         (none for a caller with no limits).
 
-        Raises RateLimited when a limit refuses: then nothing is charged.
+        Raises RateLimited when a limit refuses: then nothing is charged. Redis unreachable: the
+        request is let through (see the module's docstring).
         """
         policy = self.policy_of(owner)
         if policy is None or not policy.enabled:
@@ -223,9 +236,13 @@ class Limits:
             await self._check_spend(owner, policy)
         if not (policy.per_minute or (job_id is not None and policy.max_unfinished)):
             return {"RateLimit-Policy": policy.header}
-        verdict = await self._run(owner, policy, job_id)
-        if not verdict.allowed and verdict.refused == "jobs" and await self._prune(owner):
+        try:
             verdict = await self._run(owner, policy, job_id)
+            if not verdict.allowed and verdict.refused == "jobs" and await self._prune(owner):
+                verdict = await self._run(owner, policy, job_id)
+        except RedisError as error:
+            self._failed_open(error, submit=job_id is not None)
+            return {"RateLimit-Policy": policy.header}
         headers = self._headers(policy, verdict)
         if verdict.allowed:
             return headers
@@ -235,6 +252,13 @@ class Limits:
         else:
             message = f"{policy.max_unfinished} jobs are unfinished already; wait for one to end"
         raise RateLimited(_NAMES[verdict.refused], message, headers)
+
+    def _failed_open(self, error: RedisError, *, submit: bool) -> None:
+        metrics.rate_limit_failed_open.labels("submit" if submit else "read").inc()
+        now = time.monotonic()
+        if now - self._failed_open_logged >= FAILED_OPEN_LOG_SECONDS:
+            self._failed_open_logged = now
+            log_event("limits.failed_open", logging.WARNING, error=f"{type(error).__name__}: {error}")
 
     def _headers(self, policy: Policy, verdict: Verdict) -> dict[str, str]:
         items = []
@@ -253,10 +277,14 @@ class Limits:
         now = datetime.now(UTC)
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
         key = f"{self._keys(owner)[0].rsplit(':', 1)[0]}:spend:{midnight.date().isoformat()}"
-        cached = await self.redis.get(key)
+        try:
+            cached = await self.redis.get(key)
+        except RedisError:
+            cached = None
         if cached is None:
             spent = (await usage.usage(self.db, midnight, owner)).total.cost_usd
-            await self.redis.set(key, str(spent), ex=SPEND_CACHE_SECONDS)
+            with contextlib.suppress(RedisError):
+                await self.redis.set(key, str(spent), ex=SPEND_CACHE_SECONDS)
         else:
             spent = Decimal(cached.decode() if isinstance(cached, bytes) else cached)
         if spent < policy.daily_spend_cap:
@@ -273,7 +301,8 @@ class Limits:
     async def forget(self, owner: str, job_ids: Sequence[uuid.UUID]) -> None:
         """Jobs counted but never created (an idempotent replay, a failed insert)."""
         if job_ids:
-            await self.redis.zrem(self._keys(owner)[1], *(str(job_id) for job_id in job_ids))
+            with contextlib.suppress(RedisError):  # unreachable: the member expires on its own
+                await self.redis.zrem(self._keys(owner)[1], *(str(job_id) for job_id in job_ids))
 
     async def _prune(self, owner: str) -> bool:
         """Drop the key's finished jobs from its set (PostgreSQL is the truth); True if any left."""
