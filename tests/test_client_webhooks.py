@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +25,7 @@ from standardwebhooks.webhooks import Webhook
 
 from conftest import Process, kill_group, start_api, start_worker, stop, unique, wait_http
 from mediagen.core.deliveries import Due, networks, refusal
-from mediagen.worker.delivery_sender import Refused, WebhookSender, body
+from mediagen.worker.delivery_sender import RESOLVER_THREADS, Refused, WebhookSender, body
 
 SECRET = "whsec_" + base64.b64encode(b"mediagen-test-webhook-secret-32b").decode()
 
@@ -200,7 +202,18 @@ def test_a_worker_killed_mid_delivery_loses_none(
 
 
 @pytest.mark.parametrize(
-    "url", ["http://169.254.169.254/latest", "http://10.1.2.3/hook", "http://[::1]:8080/", "ftp://example.com/"]
+    "url",
+    [
+        "http://169.254.169.254/latest",
+        "http://10.1.2.3/hook",
+        "http://[::1]:8080/",
+        "ftp://example.com/",
+        "http://a..b/",
+        "http://-a.example.com/",
+        "http://[::7f00:1]/",
+        "http://[64:ff9b::7f00:1]/",
+        "http://[2002:7f00:1::]/",
+    ],
 )
 def test_a_webhook_aimed_at_an_inner_address_is_refused_at_submit(hooked: tuple[str, list[Process]], url: str) -> None:
     answer = httpx.post(f"{hooked[0]}/generate", json={"prompt": "x", "webhook_url": url})
@@ -239,23 +252,78 @@ def test_only_public_addresses_are_reachable_unless_allowed() -> None:
     assert refusal("127.0.0.1", networks(["127.0.0.0/8"])) is None
 
 
-async def test_a_host_name_is_checked_by_what_it_resolves_to() -> None:
-    sender = WebhookSender(
+def test_ipv6_forms_that_embed_an_ipv4_address_are_refused() -> None:
+    assert refusal("::7f00:1", []) == "::7f00:1 is an IPv4-compatible address (127.0.0.1 is a loopback address)"
+    assert refusal("64:ff9b::a00:8", []) == "64:ff9b::a00:8 is a NAT64 address (10.0.0.8 is a private address)"
+    assert refusal("2002:7f00:1::", []) == "2002:7f00:1:: is a 6to4 address (127.0.0.1 is a loopback address)"
+    for public_inside in ("::808:808", "64:ff9b::808:808", "64:ff9b:1::808:808", "2002:808:808::1"):
+        assert refusal(public_inside, []) is not None, public_inside
+    assert refusal("::7f00:1", networks(["127.0.0.0/8"])) is not None, "allowing 127/8 does not allow ::/96"
+    assert refusal("64:ff9b::808:808", networks(["64:ff9b::/96"])) is None, "unless allowed as such"
+
+
+def _sender(timeout_seconds: float = 1) -> WebhookSender:
+    return WebhookSender(
         None,  # type: ignore[arg-type]
         secret=SECRET,
         public_base_url="",
         allowed_networks=[],
-        timeout_seconds=1,
+        timeout_seconds=timeout_seconds,
         retry_base_seconds=1,
         retry_cap_seconds=1,
         give_up_seconds=1,
         poll_seconds=1,
     )
+
+
+async def test_a_host_name_is_checked_by_what_it_resolves_to() -> None:
+    sender = _sender()
     try:
         with pytest.raises(Refused, match="loopback"):
             await sender._address("localhost", 80)
     finally:
-        await sender.client.aclose()
+        await sender.stop()
+
+
+async def test_a_host_name_the_resolver_cannot_take_gives_the_delivery_up() -> None:
+    """`a..b` makes the resolver raise UnicodeError, not gaierror: refused (given up), not left unrecorded."""
+    sender = _sender()
+    try:
+        with pytest.raises(Refused, match=r"cannot resolve a\.\.b: UnicodeError"):
+            await sender._address("a..b", 80)
+    finally:
+        await sender.stop()
+
+
+async def test_a_slow_resolution_times_out_and_holds_only_the_resolver_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+
+    def slow_getaddrinfo(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+        release.wait(10)
+        with lock:
+            running[0] -= 1
+        raise socket.gaierror(socket.EAI_NONAME, "released")
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+    sender = _sender(timeout_seconds=0.2)
+    try:
+        started = time.monotonic()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(sender._address(f"slow{n}.example", 80) for n in range(12)), return_exceptions=True), 5
+        )
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        await sender.stop()
+
+    assert all(isinstance(result, TimeoutError) for result in results), results
+    assert took < 1.5, took
+    assert running[1] <= RESOLVER_THREADS, f"{running[1]} threads held by slow lookups"
 
 
 def test_the_receiver_refuses_a_forged_signature(receiver: Receiver) -> None:

@@ -6,6 +6,7 @@ FastAPI serializes what the route declares, so the OpenAPI document and the answ
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
@@ -54,7 +55,31 @@ def _url(value: str) -> str:
         raise ValueError("must have a valid port") from None
     if not parts.hostname:
         raise ValueError("must name a host")
+    if not _valid_host(parts.hostname):
+        raise ValueError("must name a valid host (IDNA: labels of 1 to 63 characters, none starting or ending in -)")
     return value
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a name the resolver can take: IDNA-encodable (`a..b` is not, and would make
+    every delivery fail with a UnicodeError), each label 1-63 characters, no leading or trailing hyphen."""
+    if host.startswith("[") or ":" in host:
+        return True  # an IPv6 literal: urlsplit has checked it
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = encoded.removesuffix(".").split(".")
+    return (
+        len(encoded) <= 253
+        and all(0 < len(label) <= 63 and not label.startswith("-") for label in labels)
+        and all(not label.endswith("-") for label in labels)
+    )
 
 
 WebhookUrl = Annotated[str, StringConstraints(max_length=2000, pattern=WEBHOOK_URL), AfterValidator(_url)]

@@ -174,16 +174,27 @@ def message_id(delivery_id: int) -> str:
 # --- where a webhook may go ---------------------------------------------------------------------------
 
 _METADATA = (ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd00:ec2::254/128"))
+# IPv6 forms that carry an IPv4 address inside, and may lead to it: refused unless allowed as such.
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_SIXTOFOUR = ipaddress.IPv6Network("2002::/16")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated (RFC 4291); holds :: and ::1 too
 
 
 def refusal(address: str, allowed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
     """Why a webhook may not reach `address` (an IP), or None. Only public addresses may be reached,
-    plus networks a setting allows (`MEDIAGEN_WEBHOOK_ALLOWED_NETWORKS`)."""
+    plus networks a setting allows (`MEDIAGEN_WEBHOOK_ALLOWED_NETWORKS`). IPv4-compatible (`::a.b.c.d`),
+    NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`) and 6to4 (`2002::/16`) addresses are refused, naming the
+    IPv4 address they embed when that one is itself refused."""
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if any(ip in network for network in allowed):
         return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        form, embedded = _embedded(ip)
+        if form is not None and embedded is not None:
+            inner = refusal(str(embedded), allowed)
+            return f"{ip} is {form} address" + (f" ({inner})" if inner is not None else "")
     if any(ip in network for network in _METADATA):
         return f"{ip} is a cloud metadata address"
     if ip.is_loopback:
@@ -195,6 +206,17 @@ def refusal(address: str, allowed: Sequence[ipaddress.IPv4Network | ipaddress.IP
     if not ip.is_global or ip.is_multicast:
         return f"{ip} is not a public address"
     return None
+
+
+def _embedded(ip: ipaddress.IPv6Address) -> tuple[str | None, ipaddress.IPv4Address | None]:
+    """The IPv6 form that embeds an IPv4 address, and that address (or None, None)."""
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # :: and ::1 are refused as unspecified and loopback
+        return "an IPv4-compatible", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if any(ip in network for network in _NAT64):
+        return "a NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _SIXTOFOUR:
+        return "a 6to4", ip.sixtofour
+    return None, None
 
 
 def url_refusal(url: str, allowed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:

@@ -14,6 +14,12 @@ Where a webhook may go (SSRF): the host is resolved first, and every address it 
 public, unless in `MEDIAGEN_WEBHOOK_ALLOWED_NETWORKS`; the request then goes to that very address
 (no second lookup an attacker could answer differently). Redirects are not followed, timeouts are
 short, and at most 64 KiB of the answer is read.
+
+Resolving runs on a pool of its own of `RESOLVER_THREADS` threads, under the try's timeout: a name
+that resolves slowly holds at most those threads (a thread cannot be stopped mid-lookup), never the
+loop's default executor, and a lookup still queued when its try times out is dropped. A name the
+resolver refuses (malformed, or unknown) gives the delivery up at once with the resolver's reason; a
+temporary resolver failure (EAI_AGAIN) or a lookup timeout is retried like a lost connection.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import logging
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -37,6 +44,7 @@ from mediagen.logging import log_event
 from mediagen.worker.background import Background
 
 MAX_ANSWER_BYTES = 64 * 1024
+RESOLVER_THREADS = 4
 
 
 def body(due: deliveries.Due, urls: list[str]) -> str:
@@ -97,10 +105,12 @@ class WebhookSender(Background):
             trust_env=False,
             headers={"User-Agent": "mediagen-webhooks"},
         )
+        self._resolver = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="webhook-resolver")
 
     async def stop(self) -> None:
         await super().stop()
         await self.client.aclose()
+        self._resolver.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
         while True:
@@ -216,10 +226,20 @@ class WebhookSender(Background):
 
     async def _address(self, host: str, port: int) -> str:
         """The address to connect to: every address `host` resolves to must be allowed."""
+        lookup = asyncio.get_running_loop().run_in_executor(
+            self._resolver, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM
+        )
         try:
-            found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            async with asyncio.timeout(self.timeout):
+                found = await lookup
+        except TimeoutError:
+            raise TimeoutError(f"resolving {host} took over {self.timeout:g}s") from None
         except socket.gaierror as error:
-            raise OSError(f"cannot resolve {host}: {error}") from None
+            if error.errno == socket.EAI_AGAIN:
+                raise OSError(f"cannot resolve {host} now: {error}") from None
+            raise Refused(f"cannot resolve {host}: {error}") from None
+        except (UnicodeError, ValueError, OSError) as error:  # `a..b`: UnicodeError, not gaierror
+            raise Refused(f"cannot resolve {host}: {type(error).__name__}: {error}") from None
         addresses = [str(info[4][0]) for info in found]
         for address in addresses:
             reason = deliveries.refusal(address, self.allowed)
