@@ -8,9 +8,9 @@ The attempt protocol (no lost job, no double billing):
    Replicate no longer knows it (404), note it on the attempt and go on as below. If an earlier
    create's outcome is unknown, look for its prediction in Replicate's recent list first. Only
    otherwise create one, and store its id at once, before any waiting.
-3. Wait by polling on the event loop (no thread is held busy): first after about as long as this
-   model's predictions take (mediagen.worker.polling), then in growing steps. The lease is renewed for all
-   running jobs at once by mediagen.worker.leases.
+3. Wait by polling on the event loop (no thread is held busy; mediagen.worker.waiting): first after
+   about as long as this model's predictions take (mediagen.worker.polling), then in growing steps.
+   The lease is renewed for all running jobs at once by mediagen.worker.leases.
 4. Download each image at once, check it, store it atomically; then close the attempt and the job in
    one transaction, guarded by our claim token.
 5. On error, mediagen.core.retry decides: retry (job `retrying`, a delayed message) or fail.
@@ -30,8 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -46,21 +45,19 @@ from mediagen.core.errors import (
     LeaseLost,
     MediagenError,
     PermanentProviderError,
-    ProviderOutage,
     TransientProviderError,
     WorkerStopping,
 )
 from mediagen.core.retry import prediction_failure_is_transient
 from mediagen.logging import log_event
-from mediagen.notify import Event, Subscription
 from mediagen.providers import fairshare
-from mediagen.providers.base import TERMINAL_PREDICTION, Prediction
+from mediagen.providers.base import Prediction
 from mediagen.worker import endings
 from mediagen.worker.context import WorkerContext
-from mediagen.worker.failover import FailingOver, failover_route
+from mediagen.worker.failover import FailingOver
 from mediagen.worker.leases import Hold
 from mediagen.worker.outputs import store_outputs
-from mediagen.worker.progress import ProgressReporter
+from mediagen.worker.waiting import Flight, await_webhook, check_deadline, poll, read, seconds_left, unthrottled
 
 T = TypeVar("T")
 
@@ -83,14 +80,6 @@ def model_input(claim: jobs.Claim) -> dict[str, Any]:
         if params.get(key) is not None:
             data[key] = params[key]
     return data
-
-
-@dataclass
-class _Flight:
-    """The prediction this attempt answers for, as last seen: the one it resumes (before its first
-    look), adopts or creates. Whatever ends the attempt decides what becomes of it."""
-
-    prediction: Prediction | None = None
 
 
 def _exiting(ctx: WorkerContext) -> bool:
@@ -139,7 +128,7 @@ async def run_job(ctx: WorkerContext, job_id: uuid.UUID) -> None:
 async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> bool:
     """One attempt to its end; True when the job failed over to another provider, to be claimed again now."""
     started = time.monotonic()
-    flight = _Flight()
+    flight = Flight()
     if claim.resume_prediction_id is not None:
         # Not looked at yet, but ours: a job that ends before the look still cancels it.
         flight.prediction = Prediction(claim.resume_prediction_id, "starting")
@@ -148,15 +137,15 @@ async def _attempt(ctx: WorkerContext, claim: jobs.Claim, hold: Hold) -> bool:
             raise PermanentProviderError(
                 f"gave up after {claim.max_attempts} attempts", error_class="AttemptsExhausted"
             )
-        _check_deadline(claim)
+        check_deadline(claim)
         if ctx.webhook_for(claim.provider) is None:
             created = await _start_or_resume(ctx, claim, hold, flight)
-            await _poll(ctx, claim, hold, flight, fresh=created)
+            await poll(ctx, claim, hold, flight, fresh=created)
         else:
             # Listening before the create: a webhook that beats the create's answer is not missed.
             async with ctx.notifier.listen(claim.job_id) as events:
                 await _start_or_resume(ctx, claim, hold, flight)
-                await _await_webhook(ctx, claim, hold, flight, events)
+                await await_webhook(ctx, claim, hold, flight, events)
         prediction = flight.prediction
         assert prediction is not None
         if prediction.status != "succeeded":
@@ -230,26 +219,16 @@ async def _recorded(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, write: Ca
             await hold.sleep(1.0)
 
 
-def _left(claim: jobs.Claim) -> float:
-    """Seconds until the job's deadline."""
-    return (claim.deadline_at - datetime.now(UTC)).total_seconds()
-
-
-def _check_deadline(claim: jobs.Claim) -> None:
-    if _left(claim) <= 0:
-        raise JobDeadlineExceeded("the job did not finish before its deadline")
-
-
 def _past_deadline(claim: jobs.Claim, error: Exception) -> Exception:
     """An error met once the deadline has passed (a call cut off by it, a prediction Replicate ended
     by it) ends the job as past its deadline, whatever else it would have been worth."""
-    if isinstance(error, JobDeadlineExceeded) or _left(claim) > 0:
+    if isinstance(error, JobDeadlineExceeded) or seconds_left(claim) > 0:
         return error
     cause = error.message if isinstance(error, MediagenError) else str(error) or type(error).__name__
     return JobDeadlineExceeded(f"the job did not finish before its deadline ({cause})")
 
 
-async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: _Flight) -> bool:
+async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: Flight) -> bool:
     """The attempt's prediction into `flight`; True when it was created just now (not resumed or adopted)."""
     if claim.resume_prediction_id is not None:
         flight.prediction = await _resume(ctx, claim, hold, claim.resume_prediction_id)
@@ -272,7 +251,7 @@ async def _start_or_resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, fl
     place = _Place(ctx, claim)
     share = fairshare.current.set(fairshare.Share(claim.owner, lane(claim.parameters), placed=place.told))
     try:
-        prediction = await _unthrottled(ctx, claim, hold, partial(hold.create, create), may_move=True)
+        prediction = await unthrottled(ctx, claim, hold, partial(hold.create, create), may_move=True)
     finally:
         fairshare.current.reset(share)
     if place.shown:
@@ -319,11 +298,11 @@ async def _resume(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, prediction_
     another account).
     """
     try:
-        return await _unthrottled(
+        return await unthrottled(
             ctx,
             claim,
             hold,
-            _read(hold, partial(ctx.provider_for(claim.provider).get, prediction_id, deadline=claim.deadline_at)),
+            read(hold, partial(ctx.provider_for(claim.provider).get, prediction_id, deadline=claim.deadline_at)),
         )
     except PermanentProviderError as error:
         if error.http_status != 404:
@@ -354,11 +333,11 @@ async def _reconcile(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, data: di
     assert claim.reconcile_since is not None
     since = claim.reconcile_since - CLOCK_SKEW
     try:
-        candidates = await _unthrottled(
+        candidates = await unthrottled(
             ctx,
             claim,
             hold,
-            _read(
+            read(
                 hold,
                 lambda: ctx.provider_for(claim.provider).find_recent(
                     claim.route.model, data, since, deadline=claim.deadline_at
@@ -400,114 +379,6 @@ def _webhook_of(prediction: Prediction, claim: jobs.Claim) -> bool:
     if prediction.webhook is None:
         return True
     return parse_qs(urlsplit(prediction.webhook).query).get("job") == [str(claim.job_id)]
-
-
-async def _unthrottled(
-    ctx: WorkerContext, claim: jobs.Claim, hold: Hold, call: Callable[[], Awaitable[T]], *, may_move: bool = False
-) -> T:
-    """`call()`, again after each 429 or open circuit for as long as it asks: being throttled, or waiting out
-    an outage (the job's status says `waiting_for: provider` meanwhile), is no failed attempt. The wait
-    ends early when the job must stop (canceled, taken over) or reaches its deadline.
-
-    `may_move`: the job holds no prediction anywhere, so when this provider is down (its circuit open) or
-    refuses for capacity, a job not pinned to it moves to its next route instead (`FailingOver`)."""
-    outage = False
-    while True:
-        try:
-            result = await call()
-        except TransientProviderError as error:
-            if may_move and (to := failover_route(claim, error)) is not None:
-                raise FailingOver(to, error) from error
-            wait = ctx.policy.throttle_wait(error)
-            if wait is None:
-                raise
-            if not isinstance(error, ProviderOutage):
-                log_event("job.throttled", job_id=str(claim.job_id), attempt=claim.attempt, retry_after=wait)
-            elif not outage:
-                outage = True
-                log_event("job.waiting_for_provider", job_id=str(claim.job_id), attempt=claim.attempt, retry_after=wait)
-                await _waiting_for(ctx, claim, "provider")
-            await hold.sleep(max(0.0, min(wait, _left(claim))))
-            _check_deadline(claim)
-            continue
-        if outage:
-            await _waiting_for(ctx, claim, None)
-        return result
-
-
-async def _waiting_for(ctx: WorkerContext, claim: jobs.Claim, what: str | None) -> None:
-    """Show in the job's status what the attempt waits for; only shown, so a database blip just skips it."""
-    try:
-        await jobs.record_waiting(ctx.db, claim, what)
-    except Exception as error:
-        if not is_unreachable(error):
-            raise
-
-
-def _read(hold: Hold, call: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
-    """`call` as a read given up the moment the job must stop (Hold.read): safe for reads only."""
-    return partial(hold.read, call)
-
-
-async def _poll(ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: _Flight, *, fresh: bool) -> None:
-    assert flight.prediction is not None
-    delays = ctx.polls.delays(claim.model, fresh=fresh)
-    progress = ProgressReporter(ctx.db, ctx.notifier, claim)
-    while not flight.prediction.done:
-        hold.check()
-        _check_deadline(claim)
-        await hold.sleep(max(0.0, min(next(delays), _left(claim))))
-        look = partial(ctx.provider_for(claim.provider).get, flight.prediction.id, deadline=claim.deadline_at)
-        flight.prediction = await _unthrottled(ctx, claim, hold, _read(hold, look))
-        await progress.seen(flight.prediction)
-    ctx.polls.observe(claim.model, flight.prediction)
-
-
-async def _await_webhook(
-    ctx: WorkerContext, claim: jobs.Claim, hold: Hold, flight: _Flight, events: Subscription
-) -> None:
-    """Wait for the webhook that says the prediction ended, then look at it (one GET); without one, look
-    every `webhook_poll_seconds` anyway (a lost webhook, Replicate's retries giving up), and at the
-    job's deadline."""
-    assert flight.prediction is not None
-    prediction = flight.prediction
-    progress = ProgressReporter(ctx.db, ctx.notifier, claim)
-    while not prediction.done:
-        _check_deadline(claim)
-        give_up_at = time.monotonic() + min(ctx.webhook_poll_for(claim.provider), _left(claim))
-        while (left := give_up_at - time.monotonic()) > 0:
-            event = await _next_event(events, hold, left)
-            if event is None or event.get("type") != "prediction" or not _about(event, prediction):
-                continue
-            if event.get("status") in TERMINAL_PREDICTION:
-                break
-            if event.get("progress"):  # a `logs` webhook: its tqdm bar, parsed by the receiver
-                await progress.report(event["progress"]["percentage"])
-        look = partial(ctx.provider_for(claim.provider).get, prediction.id, deadline=claim.deadline_at)
-        prediction = flight.prediction = await _unthrottled(ctx, claim, hold, _read(hold, look))
-    ctx.polls.observe(claim.model, prediction)
-
-
-def _about(event: Event, prediction: Prediction) -> bool:
-    """Is a webhook's event about this prediction? A webhook names it by the provider's own id: Replicate's
-    is the prediction's, fal's the request id that ends ours (``fal-ai/flux/<request id>``)."""
-    named = event.get("prediction_id")
-    return isinstance(named, str) and (named == prediction.id or prediction.id.endswith(f"/{named}"))
-
-
-async def _next_event(events: Subscription, hold: Hold, within: float) -> Event | None:
-    """The next event within `within` seconds, or None; raises at once when the job must stop (see Hold)."""
-    hold.check()
-    got = asyncio.ensure_future(events.next(within))
-    stop = asyncio.ensure_future(hold.wake.wait())
-    try:
-        await asyncio.wait((got, stop), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not got.done():
-            got.cancel()
-    hold.check()
-    return got.result() if got.done() and not got.cancelled() else None
 
 
 def _prediction_failure(prediction: Prediction) -> MediagenError:
