@@ -24,6 +24,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from conftest import Process, kill_group, start_api, start_worker, stop, unique, wait_http
+from mediagen.core.db import Database
 from mediagen.core.deliveries import Due, networks, refusal
 from mediagen.worker.delivery_sender import RESOLVER_THREADS, Refused, WebhookSender, body
 
@@ -219,6 +220,24 @@ def test_a_webhook_aimed_at_an_inner_address_is_refused_at_submit(hooked: tuple[
     answer = httpx.post(f"{hooked[0]}/generate", json={"prompt": "x", "webhook_url": url})
     assert answer.status_code == 422
     assert answer.json()["detail"]["fields"][0]["field"] == "webhook_url"
+
+
+async def test_a_delivery_to_a_host_the_resolver_cannot_take_is_given_up_and_recorded(
+    hooked: tuple[str, list[Process]], receiver: Receiver, db: Database
+) -> None:
+    """A URL stored before hosts were checked at submit (`a..b`): given up once, with the reason, not
+    claimed again every few seconds."""
+    job_id = generate(hooked[0], "a lighthouse nowhere", webhook_url=f"{receiver.url}/nowhere")
+    await db.execute("UPDATE job_webhooks SET url = $1 WHERE job_id = $2", "http://a..b/", uuid.UUID(job_id))
+
+    deliveries = await asyncio.to_thread(
+        receiver_view, hooked[0], job_id, lambda ds: ds and ds[0]["state"] != "pending", 15.0
+    )
+
+    assert [(d["state"], d["tries"]) for d in deliveries] == [("failed", 1)], deliveries
+    assert deliveries[0]["history"][0]["error"].startswith("refused: cannot resolve a..b: UnicodeError")
+    assert deliveries[0]["history"][0]["next_try_at"] is None
+    assert not receiver.on("/nowhere")
 
 
 def test_without_a_signing_secret_webhooks_are_refused(api_url: str) -> None:
