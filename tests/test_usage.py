@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -82,3 +83,21 @@ async def test_usage_looks_back_a_year_at_most(api: httpx.AsyncClient) -> None:
     for refused in longer:
         assert refused.status_code == 422
         assert [field["field"] for field in refused.json()["detail"]["fields"]] == ["query.since"]
+
+
+async def test_a_canceled_prediction_is_billed_for_the_seconds_it_ran(make_stack: Any) -> None:
+    stack = make_stack(MEDIAGEN_MODEL_PRICES='{"black-forest-labs/flux-schnell": {"per_second": "0.001"}}')
+    stack.start_worker()
+    async with httpx.AsyncClient(base_url=stack.start_api(), timeout=10) as api:
+        job_id = await submit(api, unique("a long render [[latency=30]]"), width=512, height=512)
+        await wait_for_job(api, job_id, until=("running",))
+        await asyncio.sleep(1.0)  # it runs, and is billed, for a second or so
+        assert (await api.post(f"/jobs/{job_id}/cancel")).status_code in (200, 202)
+        assert (await wait_for_job(api, job_id, timeout=15))["status"] == "canceled"
+        [attempt] = (await api.get(f"/jobs/{job_id}")).json()["attempt_history"]
+        report = (await api.get("/usage", params={"since": "1h"})).json()
+
+    assert attempt["outcome"] == "canceled" and attempt["predict_time"] >= 0.5
+    cost = Decimal(attempt["cost_usd"])
+    assert cost == (Decimal("0.001") * Decimal(str(attempt["predict_time"]))).quantize(Decimal("0.000001"))
+    assert Decimal(report["total"]["cost_usd"]) == cost

@@ -4,7 +4,7 @@ Failed (retried or final, as mediagen.core.retry decides), canceled, handed back
 or lost to another worker: each end is written in one statement guarded by the claim token (a worker
 that lost the job writes nothing), and only once it is committed is it logged (`job.attempt.*`),
 counted and announced to listeners (mediagen.notify). A prediction the job no longer wants is
-canceled at the provider, so it is not billed for nothing.
+canceled at the provider, so it is not billed for nothing, and what it ran for is recorded as its spend.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from mediagen.worker.context import WorkerContext
 # Sends from inside a job's own message go through the delay queue: an immediate send would reuse
 # the Redis id of the message still being processed and be deleted by its acknowledgement.
 MIN_RESEND_DELAY = 1.0
+
+# How long a cancel waits to read the prediction it canceled (its metrics: what it ran for); briefly,
+# so a provider that answers slowly does not hold up the job's end.
+CANCELED_READ_SECONDS = 1.0
 
 
 async def fail(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None, error: Exception) -> None:
@@ -174,14 +178,28 @@ async def _keep_canceling(ctx: WorkerContext, claim: jobs.Claim, prediction_id: 
 
 async def cancel(ctx: WorkerContext, claim: jobs.Claim, prediction: Prediction | None) -> None:
     status = None
+    ended = prediction
     if prediction is not None and not prediction.done:
         status = await cancel_prediction(ctx, claim, prediction)
-    held = await jobs.finish_canceled(ctx.db, claim, status)
+        if status is not None:
+            ended = await _ended(ctx, claim, prediction.id)
+    # A canceled prediction is billed for the time it ran: counted, or submit-then-cancel escapes the cap.
+    spend = spend_of(ctx, claim, ended)
+    held = await jobs.finish_canceled(ctx.db, claim, status, spend)
     if held:
+        count_spend(claim, spend)
         metrics.jobs_finished.labels("canceled").inc()
         attempt_closed(claim.job_id, claim.attempt, "canceled", "JobCanceled", error="canceled on request")
         log_event("job.canceled", job_id=str(claim.job_id), attempt=claim.attempt)
         announce(ctx, claim, "canceled")
+
+
+async def _ended(ctx: WorkerContext, claim: jobs.Claim, prediction_id: str) -> Prediction | None:
+    """The canceled prediction as it ended, with its metrics; None if the provider cannot tell us now."""
+    try:
+        return await asyncio.wait_for(ctx.provider_for(claim.provider).get(prediction_id), CANCELED_READ_SECONDS)
+    except (MediagenError, TimeoutError):
+        return None
 
 
 async def release(ctx: WorkerContext, claim: jobs.Claim, reason: str) -> None:

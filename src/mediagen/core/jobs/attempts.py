@@ -254,17 +254,29 @@ _CANCELED_SQL = """
         RETURNING id
     ), closed AS (
         UPDATE attempts SET finished_at = now(), outcome = 'canceled', error_class = 'JobCanceled',
-               error_message = 'canceled on request', prediction_status = coalesce($4, prediction_status)
+               error_message = 'canceled on request', prediction_status = coalesce($4, prediction_status),
+               predict_time = coalesce($5, predict_time), image_count = coalesce($6, image_count),
+               cost_usd = coalesce($7, cost_usd)
         WHERE id = $3 AND EXISTS (SELECT 1 FROM done)
     )
     SELECT count(*) AS held FROM done
 """
 
 
-async def finish_canceled(db: Database, claim: Claim, prediction_status: str | None) -> bool:
+async def finish_canceled(db: Database, claim: Claim, prediction_status: str | None, spend: Spend = NO_SPEND) -> bool:
     """End the job `canceled` on its client's request, and its attempt with it (`prediction_status`:
-    what became of the prediction, when it was canceled). False: the job is no longer ours."""
-    held = await db.fetchval(_CANCELED_SQL, claim.job_id, claim.token, claim.attempt_id, prediction_status)
+    what became of the prediction, when it was canceled; `spend`: what it ran for, once it ended).
+    False: the job is no longer ours."""
+    held = await db.fetchval(
+        _CANCELED_SQL,
+        claim.job_id,
+        claim.token,
+        claim.attempt_id,
+        prediction_status,
+        spend.predict_time,
+        spend.image_count,
+        spend.cost_usd,
+    )
     return bool(held)
 
 
