@@ -8,6 +8,7 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from conftest import FakeReplicate, submit, unique, wait_for_job
+from conftest import FakeReplicate, private_fake, start_api, stop, submit, unique, wait_for_job
 from mediagen.notify import Notifier
 
 
@@ -126,6 +127,55 @@ async def test_a_webhook_with_long_logs_is_taken_under_its_own_larger_body_limit
     assert taken.status_code == 200 and taken.json() == {"ignored": "nobody waits on this job"}
     assert refused.status_code == 413
     assert public.status_code == 413
+
+
+def test_a_rotated_secret_is_refetched_once_and_then_verifies(service_env: dict[str, str], workdir: Path) -> None:
+    with private_fake(workdir, "rotating-fake", latency=0.1) as fake:
+        api = start_api(service_env, workdir / "api-rotating.log", REPLICATE_BASE_URL=fake.url)
+        try:
+            url = f"{api.extra['url']}/webhooks/replicate?job={uuid.uuid4()}"
+            body = prediction_body("p-rotated")
+            old = httpx.get(f"{fake.url}/v1/webhooks/default/secret", headers={"Authorization": "Bearer x"})
+            before = httpx.post(url, content=body, headers=signed(old.json()["key"], body))
+            # When Replicate's secret is rotated
+            new = httpx.post(f"{fake.url}/_fake/webhook-secret", json={}).json()["key"]
+            after = httpx.post(url, content=body, headers=signed(new, body))
+            fetches = fake.stats()["requests"]["webhook_secrets"]
+            with_old = httpx.post(url, content=body, headers=signed(old.json()["key"], body))
+            forged = httpx.post(url, content=body, headers=signed(new[:-8] + "AAAAAAA=", body))
+            # Then a webhook signed with the new one verifies, with one refetch; later failures (within
+            # the minute) fetch nothing more
+            assert before.status_code == after.status_code == 200, after.text
+            assert new != old.json()["key"]
+            assert fetches == 3  # ours above, the API's first fetch, its one refetch
+            assert with_old.status_code == forged.status_code == 401
+            assert fake.stats()["requests"]["webhook_secrets"] == fetches
+            assert [line["event"] for line in api.log_lines()].count("webhook.secret_refetched") == 1
+        finally:
+            stop(api.proc)
+
+
+def test_a_malformed_configured_secret_is_reported_once_at_start(
+    service_env: dict[str, str], workdir: Path, secret: str
+) -> None:
+    api = start_api(
+        service_env, workdir / "api-bad-secret.log", MEDIAGEN_REPLICATE_WEBHOOK_SECRET="not-a-standard-webhooks-key"
+    )
+    try:
+        body = prediction_body("p-bad-secret")
+        answers = [
+            httpx.post(
+                f"{api.extra['url']}/webhooks/replicate?job={uuid.uuid4()}", content=body, headers=signed(secret, body)
+            )
+            for _ in range(3)
+        ]
+        events = [line.get("event") for line in api.log_lines()]
+        # The secret is fetched from Replicate instead; the bad setting is reported once, not per webhook
+        assert [answer.status_code for answer in answers] == [200, 200, 200]
+        assert events.count("webhook.secret_invalid") == 1
+        assert "webhook.rejected" not in events
+    finally:
+        stop(api.proc)
 
 
 async def _drain(events: Any) -> AsyncIterator[dict[str, Any]]:

@@ -1,10 +1,13 @@
 """The fake's own control and inspection routes under ``/_fake`` (not Replicate's; no auth): read and
-change the live config, start or end an outage, reset, statistics, health. See the package README.
+change the live config, start or end an outage, rotate the webhook secret, reset, statistics, health.
+See the package README.
 """
 
 from __future__ import annotations
 
+import base64
 import math
+import secrets
 import time
 from dataclasses import asdict
 
@@ -31,6 +34,7 @@ class ControlRoutes:
             Route("/_fake/outage", self.get_outage, methods=["GET"]),
             Route("/_fake/outage", self.post_outage, methods=["POST"]),
             Route("/_fake/reset", self.post_reset, methods=["POST"]),
+            Route("/_fake/webhook-secret", self.post_webhook_secret, methods=["POST"]),
             Route("/_fake/stats", self.get_stats, methods=["GET"]),
             Route("/_fake/health", self.health, methods=["GET"]),
         ]
@@ -64,6 +68,20 @@ class ControlRoutes:
             return error_response(400, 'the body must be {"seconds": N} with N >= 0')
         self.fake.faults.start_outage(float(seconds))
         return await self.get_outage(request)
+
+    async def post_webhook_secret(self, request: Request) -> Response:
+        """Rotate the webhook secret: to ``{"key": "whsec_..."}`` if given, else to a new random one."""
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError:
+            body = None
+        key = body.get("key") if isinstance(body, dict) else None
+        if key is None and isinstance(body, dict):
+            key = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        if not isinstance(key, str) or not key.startswith("whsec_"):
+            return error_response(400, 'the body must be {} or {"key": "whsec_..."}')
+        self.fake.webhooks.secret = key
+        return json_response({"key": key})
 
     async def post_reset(self, request: Request) -> Response:
         self.fake.reset()

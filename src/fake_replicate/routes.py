@@ -41,7 +41,7 @@ from fake_replicate.responses import (
     media_type,
     not_found,
 )
-from fake_replicate.state import WEBHOOK_SECRET, FakeReplicate
+from fake_replicate.state import FakeReplicate
 
 JSON = dict[str, Any]
 
@@ -281,7 +281,10 @@ class ReplicateRoutes:
 
     async def webhook_secret(self, request: Request) -> Response:
         denied = self.check_auth(request)
-        return denied if denied is not None else json_response({"key": WEBHOOK_SECRET})
+        if denied is not None:
+            return denied
+        self.fake.requests["webhook_secrets"] += 1
+        return json_response({"key": self.fake.webhooks.secret})
 
     # ------------------------------------------------------------------ files
 

@@ -89,7 +89,8 @@ class Settings(BaseSettings):
     replicate_webhook_tolerance_seconds: int = Field(300, ge=1)
     """A webhook whose timestamp is further than this from now is refused (replay protection)."""
     replicate_webhook_secret: SecretStr | None = None
-    """`whsec_...`; unset: fetched once from Replicate (`GET /v1/webhooks/default/secret`) and cached."""
+    """`whsec_...`; unset: fetched from Replicate (`GET /v1/webhooks/default/secret`) and cached; fetched again
+    (at most once a minute) when a signature fails. A malformed one is reported at start and not used."""
     model_prices: dict[str, Any] = {}
     """JSON: per-model prices over the defaults of mediagen.core.pricing, e.g.
     `{"owner/name": {"per_image": "0.01"}}`, `{"owner/name": {"per_second": "0.0014"}}`, or null (unknown)."""
