@@ -22,6 +22,7 @@ from mediagen.core import jobs
 from mediagen.core.db import Database
 from mediagen.core.errors import PermanentProviderError, TransientProviderError
 from mediagen.devtools.launcher import migrate
+from mediagen.providers.base import Prediction
 from mediagen.worker import recovery
 
 
@@ -448,6 +449,11 @@ class CancelingProvider:
             await asyncio.sleep(answer)  # a provider that does not answer in time
         self.canceled.append(prediction_id)
 
+    async def get(self, prediction_id: str, *, deadline: Any = None) -> Prediction:
+        """A canceled prediction as it ended: what it ran for, once it was canceled here."""
+        status = "canceled" if prediction_id in self.canceled else "processing"
+        return Prediction(prediction_id, status, metrics={"predict_time": 1.5} if status == "canceled" else None)
+
 
 class PendingDispatcher:
     def __init__(self) -> None:
@@ -476,6 +482,7 @@ async def test_the_sweep_cancels_the_prediction_of_a_canceled_job_whose_worker_d
     assert (await job_row(domain_db, claim.job_id)).status == "canceled"
     (attempt,) = await attempt_rows(domain_db, claim.job_id)
     assert attempt.prediction_status == "canceled"
+    assert attempt.predict_time == 1.5, "the seconds it ran count toward the spend cap"
 
 
 async def test_a_cancel_the_provider_could_not_take_is_tried_again_after_a_lease(domain_db: Database) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,10 @@ async def test_a_job_canceled_while_its_worker_is_dead_ends_canceled_within_a_le
     make_stack: Any, client: Any, fake_replicate: FakeReplicate
 ) -> None:
     """Given a running job whose worker was SIGKILLed, when its client cancels it and a worker runs again,
-    then it ends `canceled` within about one lease, and its prediction is canceled at Replicate."""
-    stack: Stack = make_stack(**FAST)
+    then it ends `canceled` within about one lease, and its prediction is canceled at Replicate, with
+    the seconds it ran billed to the attempt (so a canceled job counts toward the spend cap)."""
+    per_second = '{"black-forest-labs/flux-schnell": {"per_second": "0.001"}}'
+    stack: Stack = make_stack(**FAST, MEDIAGEN_MODEL_PRICES=per_second)
     api = client(stack.start_api())
     doomed = stack.start_worker()
     prompt = unique("canceled in the dark [[latency=60]]")
@@ -152,6 +155,8 @@ async def test_a_job_canceled_while_its_worker_is_dead_ends_canceled_within_a_le
     assert time.monotonic() - canceled_at < 2 * float(FAST["MEDIAGEN_LEASE_SECONDS"]) + 2
     [attempt] = await attempts_of(stack, job_id)
     assert (attempt.outcome, attempt.error_class, attempt.prediction_status) == ("abandoned", "WorkerLost", "canceled")
+    assert attempt.predict_time is not None and attempt.predict_time > 0
+    assert attempt.cost_usd == (Decimal("0.001") * Decimal(str(attempt.predict_time))).quantize(Decimal("0.000001"))
     prediction = httpx.get(
         f"{fake_replicate.url}/v1/predictions/{attempt.prediction_id}", headers={"Authorization": "Bearer t"}
     ).json()

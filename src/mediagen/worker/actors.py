@@ -158,6 +158,7 @@ class WorkerResources(Middleware):
             lease_seconds=s.lease_seconds,
             notifier=_context.notifier,
             providers=_context.providers,
+            prices=_context.prices,
         )
         self.sweeper.start()
         if s.retention_days is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -20,6 +21,7 @@ from mediagen import metrics
 from mediagen.core import jobs, pricing
 from mediagen.core.db import is_unreachable
 from mediagen.core.errors import LeaseExpired, MediagenError
+from mediagen.core.pricing import Price
 from mediagen.core.routing import Route
 from mediagen.logging import log_event
 from mediagen.providers.base import Prediction
@@ -241,6 +243,14 @@ def spend_of(
 ) -> jobs.Spend:
     """What an ended prediction reported and cost. `images`: outputs stored, for a model whose metrics
     do not count them (Replicate bills per output image)."""
+    # Priced by the model's name at the provider that ran it (a fal endpoint has fal's price).
+    return measured(prediction, claim.route.model, ctx.prices, images)
+
+
+def measured(
+    prediction: Prediction | None, model: str, prices: Mapping[str, Price | None], images: int | None = None
+) -> jobs.Spend:
+    """What an ended prediction of `model` (its name at its provider) reported, priced by `prices`."""
     if prediction is None or not prediction.done:
         return jobs.NO_SPEND
     if prediction.status == "aborted":
@@ -252,16 +262,20 @@ def spend_of(
     image_count = count if isinstance(count, int) and not isinstance(count, bool) else images
     made = reported.get("megapixels")
     megapixels = made if isinstance(made, int) and not isinstance(made, bool) else None
-    # Priced by the model's name at the provider that ran it (a fal endpoint has fal's price).
-    cost = pricing.cost(claim.route.model, image_count, predict_time, ctx.prices, megapixels)
+    cost = pricing.cost(model, image_count, predict_time, prices, megapixels)
     return jobs.Spend(predict_time, image_count, cost)
 
 
 def count_spend(claim: jobs.Claim, spend: jobs.Spend) -> None:
+    count_spend_of(claim.model, claim.provider, spend)
+
+
+def count_spend_of(model: str, provider: str, spend: jobs.Spend) -> None:
+    """Count a prediction's images and cost in the metrics of the job's `model` at `provider`."""
     if spend.image_count:
-        metrics.images_made.labels(claim.model, claim.provider).inc(spend.image_count)
+        metrics.images_made.labels(model, provider).inc(spend.image_count)
     if spend.cost_usd is not None:
-        metrics.spend_usd.labels(claim.model, claim.provider).inc(float(spend.cost_usd))
+        metrics.spend_usd.labels(model, provider).inc(float(spend.cost_usd))
 
 
 def announce(ctx: WorkerContext, claim: jobs.Claim, status: str, **fields: Any) -> None:

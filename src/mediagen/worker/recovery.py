@@ -34,13 +34,16 @@ from typing import Literal
 
 from mediagen import metrics
 from mediagen.broker import Dispatcher
-from mediagen.core import jobs
+from mediagen.core import jobs, pricing
 from mediagen.core.db import Database
 from mediagen.core.errors import MediagenError, PermanentProviderError
+from mediagen.core.pricing import Price
+from mediagen.core.routing import REPLICATE
 from mediagen.logging import log_event
 from mediagen.notify import Notifier
-from mediagen.providers.base import Provider
+from mediagen.providers.base import Prediction, Provider
 from mediagen.worker.background import Background
+from mediagen.worker.endings import CANCELED_READ_SECONDS, count_spend_of, measured
 
 Canceled = Literal["canceled", "refused", "unreachable"]
 """What became of a cancel at the provider: done; refused (a 4xx: nothing there to cancel); not done."""
@@ -65,6 +68,14 @@ async def cancel_prediction(provider: Provider, job_id: uuid.UUID, prediction_id
     return "canceled"
 
 
+async def _ended(provider: Provider, prediction_id: str) -> Prediction | None:
+    """The canceled prediction as it ended, with its metrics; None if the provider cannot tell us now."""
+    try:
+        return await asyncio.wait_for(provider.get(prediction_id), CANCELED_READ_SECONDS)
+    except (MediagenError, TimeoutError):
+        return None
+
+
 def _of(providers: Mapping[str, Provider] | None, name: str | None, default: Provider) -> Provider:
     """The adapter of the provider a prediction runs at (`default` when unknown or not configured here)."""
     return (providers or {}).get(name or "", default)
@@ -78,27 +89,39 @@ async def end_unheld(
     batch: int,
     notifier: Notifier | None = None,
     providers: Mapping[str, Provider] | None = None,
+    prices: Mapping[str, Price | None] = pricing.DEFAULT_PRICES,
 ) -> int:
     """End the running jobs whose worker is gone and that must not run again (canceled, or past their
-    deadline), after canceling their prediction at the provider. Returns how many ended."""
+    deadline), after canceling their prediction at the provider (its spend priced by `prices`).
+    Returns how many ended."""
     taken = await jobs.take_unheld(db, lease_seconds=lease_seconds, batch=batch)
     ended = await asyncio.gather(
-        *(_end(db, _of(providers, job.provider, provider), job, lease_seconds, notifier) for job in taken)
+        *(_end(db, _of(providers, job.provider, provider), job, lease_seconds, notifier, prices) for job in taken)
     )
     return sum(ended)
 
 
 async def _end(
-    db: Database, provider: Provider, job: jobs.Unheld, lease_seconds: float, notifier: Notifier | None
+    db: Database,
+    provider: Provider,
+    job: jobs.Unheld,
+    lease_seconds: float,
+    notifier: Notifier | None,
+    prices: Mapping[str, Price | None],
 ) -> bool:
     prediction_status = None
+    spend = jobs.NO_SPEND
     if job.prediction_id is not None:
         outcome = await cancel_prediction(provider, job.job_id, job.prediction_id, within=lease_seconds / 2)
         if outcome == "unreachable":
             return False  # held by this sweep until its lease runs out; a later sweep tries again
         prediction_status = "canceled" if outcome == "canceled" else None
-    if not await jobs.end_unheld(db, job, prediction_status=prediction_status):
+        if outcome == "canceled" and job.route_model is not None:
+            # Billed for the time it ran: counted, or a lost worker's canceled job escapes the spend cap.
+            spend = measured(await _ended(provider, job.prediction_id), job.route_model, prices)
+    if not await jobs.end_unheld(db, job, prediction_status=prediction_status, spend=spend):
         return False
+    count_spend_of(job.model or "", job.provider or REPLICATE, spend)
     status, error_class = ("canceled", "JobCanceled") if job.canceled else ("failed", "JobDeadlineExceeded")
     if job.status == "running" and job.attempt is not None:
         metrics.attempts.labels("abandoned", "WorkerLost").inc()
@@ -137,8 +160,10 @@ class Sweeper(Background):
         batch: int = 500,
         end_batch: int = 50,
         providers: Mapping[str, Provider] | None = None,
+        prices: Mapping[str, Price | None] = pricing.DEFAULT_PRICES,
     ) -> None:
         self.db = db
+        self.prices = prices
         self.dispatcher = dispatcher
         self.provider = provider
         self.providers = providers
@@ -179,6 +204,7 @@ class Sweeper(Background):
             batch=self.end_batch,
             notifier=self.notifier,
             providers=self.providers,
+            prices=self.prices,
         )
         stale = await jobs.take_stale(self.db, stale_seconds=self.stale_seconds, batch=self.batch)
         waiting = [s.job_id for s in stale if s.status != "running"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 
 from mediagen.core.db import Database
+from mediagen.core.jobs.attempts import NO_SPEND, Spend
 
 # A prediction its attempt may still be running at the provider (billed until it ends or is canceled).
 _LIVE_PREDICTION = """
@@ -54,6 +55,10 @@ class Overdue:
     prediction_id: str | None
     provider: str | None = field(default=None, compare=False)
     """Who runs that prediction."""
+    model: str | None = field(default=None, compare=False)
+    """The job's model (as the client named it)."""
+    route_model: str | None = field(default=None, compare=False)
+    """That prediction's model at its provider (what its spend is priced by)."""
 
 
 async def fail_overdue(db: Database, *, batch: int) -> list[Overdue]:
@@ -112,10 +117,13 @@ _TAKE_UNHELD_SQL = text(
                         OR (status = 'retrying' AND cancel_requested
                             AND (lease_until IS NULL OR lease_until < now()))
                      ORDER BY lease_until LIMIT :batch FOR UPDATE SKIP LOCKED)
-        RETURNING id, status, cancel_requested
+        RETURNING id, status, cancel_requested, model, routes
     )
     SELECT t.id, t.status, t.cancel_requested, a.id AS attempt_id, a.number AS attempt,
-           {_LIVE_PREDICTION} AS prediction_id, a.provider
+           {_LIVE_PREDICTION} AS prediction_id, a.provider, t.model,
+           -- the model's name at the attempt's provider (its route's), or the job's own (from before routes)
+           coalesce((SELECT r->>'model' FROM jsonb_array_elements(coalesce(t.routes, '[]'::jsonb)) r
+                     WHERE r->>'provider' = a.provider LIMIT 1), t.model) AS route_model
     FROM t {_LAST_ATTEMPT}
     """
 )
@@ -138,6 +146,10 @@ class Unheld:
     """The prediction its last attempt started and that may still run: to cancel at the provider."""
     provider: str | None = field(default=None, compare=False)
     """Who runs that prediction."""
+    model: str | None = field(default=None, compare=False)
+    """The job's model (as the client named it)."""
+    route_model: str | None = field(default=None, compare=False)
+    """That prediction's model at its provider (what its spend is priced by)."""
 
 
 async def take_unheld(db: Database, *, lease_seconds: float, batch: int) -> list[Unheld]:
@@ -159,6 +171,8 @@ async def take_unheld(db: Database, *, lease_seconds: float, batch: int) -> list
                 row.attempt,
                 row.prediction_id,
                 row.provider,
+                row.model,
+                row.route_model,
             )
             for row in rows
         ]
@@ -182,7 +196,10 @@ _END_UNHELD_SQL = text(
                error_message = CASE WHEN finished_at IS NULL
                                     THEN 'the worker running this attempt stopped or lost its lease'
                                     ELSE error_message END,
-               prediction_status = coalesce(CAST(:prediction_status AS text), prediction_status)
+               prediction_status = coalesce(CAST(:prediction_status AS text), prediction_status),
+               predict_time = coalesce(CAST(:predict_time AS double precision), predict_time),
+               image_count = coalesce(CAST(:image_count AS integer), image_count),
+               cost_usd = coalesce(CAST(:cost_usd AS numeric), cost_usd)
         WHERE id = :attempt_id AND EXISTS (SELECT 1 FROM ended)
     )
     SELECT count(*) AS ended FROM ended
@@ -190,10 +207,11 @@ _END_UNHELD_SQL = text(
 )
 
 
-async def end_unheld(db: Database, job: Unheld, *, prediction_status: str | None) -> bool:
+async def end_unheld(db: Database, job: Unheld, *, prediction_status: str | None, spend: Spend = NO_SPEND) -> bool:
     """End a job taken by `take_unheld`: `canceled` or `failed` by its deadline, its open attempt closed
-    as abandoned by its lost worker (`prediction_status`: what became of its prediction, if known).
-    False: the job was not ours any more (the take outlived its lease and another took it)."""
+    as abandoned by its lost worker (`prediction_status`: what became of its prediction, if known;
+    `spend`: what it ran for, once it ended). False: the job was not ours any more (the take outlived
+    its lease and another took it)."""
     async with db.transaction() as conn:
         ended = (
             await conn.execute(
@@ -204,6 +222,9 @@ async def end_unheld(db: Database, job: Unheld, *, prediction_status: str | None
                     "canceled": job.canceled,
                     "attempt_id": job.attempt_id,
                     "prediction_status": prediction_status,
+                    "predict_time": spend.predict_time,
+                    "image_count": spend.image_count,
+                    "cost_usd": spend.cost_usd,
                 },
             )
         ).scalar()
