@@ -66,7 +66,9 @@ async def test_three_workers_share_one_budget_see_no_429_and_survive_losing_one(
         db = Database(stack.database_url, pool_size=2)
         try:
             statuses: dict[str, int] = {}
-            while time.monotonic() - started < 90:
+            # A wait, not a target: with a worker lost, the run has taken from about 25 s to about 90 s on two
+            # quiet cores (why it varies is not known yet); the promise is that every job succeeds, paced.
+            while time.monotonic() - started < 150:
                 async with db.connect() as conn:
                     rows = await conn.execute(text("SELECT status, count(*) AS n FROM jobs GROUP BY status"))
                     statuses = {row.status: row.n for row in rows}
